@@ -1,0 +1,174 @@
+//! External endpoint allocation policy, run by the data path on a flow's first packet.
+//!
+//! Order of preference (RFC 4787 §4.2, RFC 7857 §9, RFC 6056):
+//! 1. keep the internal port if it is inside the range (port preservation);
+//! 2. otherwise a random start inside the range, probing sequentially among ports of the same
+//!    parity (RFC 4787 REQ-4), then among the other parity;
+//! 3. ports below 1024 map below 1024 (RFC 4787 REQ-3a).
+//!
+//! The caller claims each candidate atomically (`BPF_NOEXIST` insert of the external key), so the
+//! policy only has to propose candidates.
+
+use crate::config::{PRIVILEGED_PORT_MAX, PRIVILEGED_PORT_MIN};
+
+/// Candidates tried for one new binding (the preserved port, then random-start probes). Bounds
+/// the data path's loop; when all are taken the flow is dropped and counted as port exhaustion.
+pub const MAX_PORT_PROBES: u32 = 32;
+/// Probes (after the preservation attempt) that keep the internal port's parity before the
+/// allocator gives up on parity (RFC 4787 REQ-4 "where possible").
+pub const SAME_PARITY_PROBES: u32 = 24;
+
+/// Inclusive port range, host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// Lowest port.
+    pub min: u16,
+    /// Highest port.
+    pub max: u16,
+}
+
+impl PortRange {
+    /// Number of ports in the range.
+    pub const fn len(self) -> u32 {
+        self.max as u32 - self.min as u32 + 1
+    }
+
+    /// Never empty: ranges are validated `min <= max` before use.
+    pub const fn is_empty(self) -> bool {
+        false
+    }
+
+    /// True if `port` lies inside the range.
+    pub const fn contains(self, port: u16) -> bool {
+        port >= self.min && port <= self.max
+    }
+}
+
+/// The range an internal port is mapped into: privileged ports stay privileged (REQ-3a), all
+/// others use the configured dynamic range.
+pub const fn range_for(internal_port: u16, dynamic: PortRange) -> PortRange {
+    if internal_port <= PRIVILEGED_PORT_MAX {
+        PortRange { min: PRIVILEGED_PORT_MIN, max: PRIVILEGED_PORT_MAX }
+    } else {
+        dynamic
+    }
+}
+
+/// The `attempt`-th candidate external port (0-based) for `internal_port` in `range`.
+///
+/// Attempt 0 preserves the port when it is in range. Later attempts walk, from an offset taken
+/// from `random`, through the ports of the internal port's parity, then through the others. When
+/// a parity class has no more ports than the probes spent on it, every port of it is tried.
+pub const fn candidate_port(range: PortRange, internal_port: u16, random: u32, attempt: u32) -> u16 {
+    if attempt == 0 && range.contains(internal_port) {
+        return internal_port;
+    }
+    let probe = if attempt == 0 { 0 } else { attempt - 1 };
+    let parity = (internal_port & 1) as u32;
+    let (wanted_parity, step) = if probe < SAME_PARITY_PROBES {
+        (parity, probe)
+    } else {
+        (parity ^ 1, probe - SAME_PARITY_PROBES)
+    };
+    let min = range.min as u32;
+    let max = range.max as u32;
+    let first = if min & 1 == wanted_parity { min } else { min + 1 };
+    if first > max {
+        // A one-port range has no port of the other parity: offer its only port.
+        return range.min;
+    }
+    let count = (max - first) / 2 + 1;
+    let index = (random.wrapping_add(step)) % count;
+    (first + 2 * index) as u16
+}
+
+/// Index of the external address an internal host uses: a fixed function of the internal address,
+/// so every flow of one host leaves from the same address ("paired" pooling, RFC 4787 REQ-2,
+/// RFC 6888 REQ-2).
+pub const fn external_addr_index(internal_addr: u32, addr_count: u32) -> u32 {
+    if addr_count <= 1 {
+        return 0;
+    }
+    // Fibonacci hashing spreads neighbouring addresses over the pool.
+    (internal_addr.wrapping_mul(0x9E37_79B1) >> 16) % addr_count
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const DYNAMIC: PortRange = PortRange { min: 1024, max: 65535 };
+
+    #[test]
+    fn preserves_port_in_range() {
+        assert_eq!(candidate_port(DYNAMIC, 40000, 12345, 0), 40000);
+        assert_eq!(candidate_port(range_for(123, DYNAMIC), 123, 7, 0), 123);
+    }
+
+    #[test]
+    fn privileged_ports_stay_privileged() {
+        let range = range_for(80, DYNAMIC);
+        for attempt in 0..MAX_PORT_PROBES {
+            for random in [0, 1, 999, u32::MAX] {
+                let p = candidate_port(range, 80, random, attempt);
+                assert!((1..=1023).contains(&p), "attempt {attempt} gave {p}");
+            }
+        }
+        assert_eq!(range_for(1024, DYNAMIC), DYNAMIC);
+    }
+
+    #[test]
+    fn out_of_range_port_gets_a_port_in_range_with_parity() {
+        let range = PortRange { min: 20000, max: 20999 };
+        for random in [0, 17, 4096, u32::MAX] {
+            for internal in [40000u16, 40001] {
+                for attempt in 0..=SAME_PARITY_PROBES {
+                    let p = candidate_port(range, internal, random, attempt);
+                    assert!(range.contains(p));
+                    assert_eq!(p & 1, internal & 1, "parity kept for the first probes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_range_is_fully_covered() {
+        // A 10-port range: the probes reach every port, same parity first.
+        let range = PortRange { min: 5000, max: 5009 };
+        let tried: BTreeSet<u16> = (0..MAX_PORT_PROBES).map(|a| candidate_port(range, 40000, 3, a)).collect();
+        assert_eq!(tried, (5000..=5009).collect());
+        let first_five: BTreeSet<u16> = (1..=5).map(|a| candidate_port(range, 40000, 3, a)).collect();
+        assert!(first_five.iter().all(|p| p % 2 == 0));
+    }
+
+    #[test]
+    fn single_port_range() {
+        let range = PortRange { min: 7000, max: 7000 };
+        for attempt in 0..MAX_PORT_PROBES {
+            assert_eq!(candidate_port(range, 40001, 99, attempt), 7000);
+        }
+    }
+
+    #[test]
+    fn random_start_spreads_choices() {
+        let range = PortRange { min: 1024, max: 65535 };
+        let starts: BTreeSet<u16> = (0..64u32).map(|r| candidate_port(range, 80, r.wrapping_mul(2654435761), 1)).collect();
+        assert!(starts.len() > 32, "different random values give different starts");
+    }
+
+    #[test]
+    fn paired_pooling_is_stable_and_uses_the_pool() {
+        let mut used = BTreeSet::new();
+        for host in 0..64u32 {
+            let addr = u32::from_be_bytes([10, 0, 0, host as u8]).to_be();
+            let i = external_addr_index(addr, 3);
+            assert!(i < 3);
+            assert_eq!(i, external_addr_index(addr, 3), "same host, same address");
+            used.insert(i);
+        }
+        assert_eq!(used.len(), 3);
+        assert_eq!(external_addr_index(12345, 1), 0);
+    }
+}

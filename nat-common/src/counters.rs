@@ -1,0 +1,80 @@
+//! Event counters kept per CPU by the data path and summed by the controller.
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)+) => {
+        /// One counter per data-path event; the value is the index in the `COUNTERS` map.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+
+            /// Stable snake_case name used by `nat-ctl stats` and in JSON/metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Outbound packets translated (source rewritten).
+    TranslatedOut = "translated_out",
+    /// Inbound packets translated (destination rewritten) and delivered.
+    TranslatedIn = "translated_in",
+    /// Bindings created by the data path.
+    NewBinding = "new_binding",
+    /// Sessions (internal endpoint -> remote) created.
+    NewSession = "new_session",
+    /// Inbound packets dropped because the mode's filter rejected the remote.
+    FilteredIn = "filtered_in",
+    /// New flows dropped because no external port was free.
+    PortExhausted = "port_exhausted",
+    /// New flows dropped because a map was full.
+    TableFull = "table_full",
+    /// Inbound packets for an external address with no binding: passed to the gateway's own stack.
+    InboundNoBinding = "inbound_no_binding",
+    /// Packets not for the NAT (not IPv4, not to/from a NATed address): passed untouched.
+    PassedNotNat = "passed_not_nat",
+    /// Outbound packets from the gateway's own external address: passed untouched.
+    PassedLocal = "passed_local",
+    /// Truncated or malformed packets (short headers, bad IHL, bad length): passed untouched
+    /// inbound, dropped outbound (never translated).
+    Malformed = "malformed",
+    /// Outbound packets of a protocol the NAT cannot translate: dropped, never leaked.
+    UnsupportedProtocol = "unsupported_protocol",
+    /// ICMP errors translated outbound (internal host reporting about an inbound packet).
+    IcmpErrorOut = "icmp_error_out",
+    /// ICMP errors translated inbound (RFC 5508 REQ-4).
+    IcmpErrorIn = "icmp_error_in",
+    /// ICMP errors dropped: no matching binding or session, or a bad embedded packet.
+    IcmpErrorDropped = "icmp_error_dropped",
+    /// Non-first fragments translated (either direction).
+    FragmentTranslated = "fragment_translated",
+    /// Inbound non-first fragments dropped because their first fragment was not seen.
+    FragmentNoState = "fragment_no_state",
+}
+
+/// Number of counters (size of the `COUNTERS` per-CPU array).
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_match_order_and_names_are_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for other in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Keys and values of the NAT's kernel maps, and the names the maps are pinned under.
+//!
+//! A *binding* (RFC 4787 "mapping") ties an internal endpoint to an external endpoint; it is
+//! stored twice, once per lookup direction (`BINDINGS_OUT`, `BINDINGS_IN`). A *session* records
+//! that the internal endpoint has sent to a remote; inbound filtering (ADF/APDF) looks for one.
+
+/// Map names, as declared in nat-ebpf and pinned under the instance's bpffs directory.
+pub mod names {
+    /// `NatConfig`, one entry.
+    pub const CONFIG: &str = "NAT_CONFIG";
+    /// `BindingKey -> BindingValue`.
+    pub const BINDINGS_OUT: &str = "NAT_BINDINGS_OUT";
+    /// `ExternalKey -> ExternalValue`.
+    pub const BINDINGS_IN: &str = "NAT_BINDINGS_IN";
+    /// `SessionKey -> SessionValue`.
+    pub const SESSIONS: &str = "NAT_SESSIONS";
+    /// `FragmentKey -> FragmentValue`.
+    pub const FRAGMENTS: &str = "NAT_FRAGMENTS";
+    /// Per-CPU `u64` counters indexed by `Counter`.
+    pub const COUNTERS: &str = "NAT_COUNTERS";
+    /// Every map, for pin clean-up.
+    pub const ALL: [&str; 6] = [CONFIG, BINDINGS_OUT, BINDINGS_IN, SESSIONS, FRAGMENTS, COUNTERS];
+}
+
+/// Capacity of each binding map (both directions hold one entry per binding).
+pub const MAX_BINDINGS: u32 = 262_144;
+/// Capacity of the session map (two entries per remote a binding has talked to: one keyed by
+/// address and port, one by address only).
+pub const MAX_SESSIONS: u32 = 524_288;
+/// Capacity of the fragment-tracking map; LRU, so a flood of stray fragments only evicts other
+/// fragment state, never bindings (RFC 4787 REQ-14a).
+pub const MAX_FRAGMENTS: u32 = 8_192;
+
+/// `BindingValue::flags` / `ExternalValue::flags`: a static forward; never expires.
+pub const BINDING_FLAG_STATIC: u8 = 1 << 0;
+
+/// Lookup key for outbound packets: the internal endpoint, plus the remote endpoint when the
+/// mode maps per remote (symmetric). Remote fields are zero otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BindingKey {
+    /// Internal address (network order).
+    pub internal_addr: u32,
+    /// Remote address, or 0 for an endpoint-independent binding (network order).
+    pub remote_addr: u32,
+    /// Internal port or ICMP echo identifier (network order).
+    pub internal_port: u16,
+    /// Remote port, or 0 for an endpoint-independent binding (network order).
+    pub remote_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 3],
+}
+
+/// What an outbound packet is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BindingValue {
+    /// Last outbound packet, `bpf_ktime_get_coarse_ns` clock (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    /// External address (network order).
+    pub external_addr: u32,
+    /// External port or ICMP identifier (network order).
+    pub external_port: u16,
+    /// `BINDING_FLAG_*`.
+    pub flags: u8,
+    /// Explicit padding (always zero).
+    pub _pad: u8,
+}
+
+/// Lookup key for inbound packets: the external endpoint the packet is addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ExternalKey {
+    /// External address (network order).
+    pub external_addr: u32,
+    /// External port or ICMP identifier (network order).
+    pub external_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (always zero).
+    pub _pad: u8,
+}
+
+/// The internal endpoint behind an external endpoint, and enough to rebuild the
+/// `BindingKey` of the same binding (for deletion).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExternalValue {
+    /// Internal address (network order).
+    pub internal_addr: u32,
+    /// The `BindingKey::remote_addr` of this binding.
+    pub remote_addr: u32,
+    /// Internal port or ICMP identifier (network order).
+    pub internal_port: u16,
+    /// The `BindingKey::remote_port` of this binding.
+    pub remote_port: u16,
+    /// `BINDING_FLAG_*`.
+    pub flags: u8,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 3],
+}
+
+impl ExternalValue {
+    /// The outbound key of the binding this entry belongs to.
+    pub const fn binding_key(&self, proto: u8) -> BindingKey {
+        BindingKey {
+            internal_addr: self.internal_addr,
+            remote_addr: self.remote_addr,
+            internal_port: self.internal_port,
+            remote_port: self.remote_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `SessionKey::kind`: the remote's address and port (for APDF).
+pub const SESSION_KIND_ENDPOINT: u8 = 0;
+/// `SessionKey::kind`: the remote's address only, port zero (for ADF).
+pub const SESSION_KIND_ADDRESS: u8 = 1;
+
+/// "The internal endpoint behind this external endpoint has sent to this remote."
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SessionKey {
+    /// External address of the binding (network order).
+    pub external_addr: u32,
+    /// Remote address (network order).
+    pub remote_addr: u32,
+    /// External port of the binding (network order).
+    pub external_port: u16,
+    /// Remote port (network order); 0 for `SESSION_KIND_ADDRESS` and for ICMP.
+    pub remote_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `SESSION_KIND_*`.
+    pub kind: u8,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 2],
+}
+
+/// State of one session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SessionValue {
+    /// Last outbound packet of this session (CLOCK_MONOTONIC ns).
+    pub last_seen_ns: u64,
+    /// `tcp_state::TcpState` as `u8` (TCP sessions only).
+    pub tcp_state: u8,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 7],
+}
+
+/// Identifies the fragments of one datagram (RFC 791: source, destination, protocol, ID).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    /// Source address as received (network order).
+    pub src_addr: u32,
+    /// Destination address as received (network order).
+    pub dst_addr: u32,
+    /// IP identification (network order).
+    pub id: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (always zero).
+    pub _pad: u8,
+}
+
+/// Where the non-first fragments of an inbound datagram go: learnt from its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentValue {
+    /// The internal address the first fragment was translated to (network order).
+    pub internal_addr: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
+}
