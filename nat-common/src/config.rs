@@ -39,7 +39,36 @@ pub struct NatConfig {
     pub flags: u8,
     /// Explicit padding (always zero).
     pub _pad: [u8; 2],
+    /// Idle timeouts in seconds, indexed by `Timeout`. Enforced by the controller's expiry
+    /// sweep; kept here so every CLI process sees the running values.
+    pub timeouts_secs: [u32; TIMEOUT_COUNT],
 }
+
+/// Idle timeouts, as indices into `NatConfig::timeouts_secs`.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// UDP binding/session idle timeout.
+    Udp = 0,
+    /// TCP session idle timeout once established.
+    TcpEstablished = 1,
+    /// TCP session idle timeout while opening or closing (and after RST).
+    TcpTransitory = 2,
+    /// ICMP query idle timeout.
+    Icmp = 3,
+}
+
+/// Number of `Timeout` kinds.
+pub const TIMEOUT_COUNT: usize = 4;
+
+/// RFC 4787 REQ-5c: at least 5 minutes by default.
+pub const DEFAULT_UDP_TIMEOUT_SECS: u32 = 300;
+/// RFC 5382 REQ-5: at least 2 hours 4 minutes.
+pub const DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS: u32 = 7440;
+/// RFC 5382 REQ-5, RFC 7857 §2.1: at least 4 minutes.
+pub const DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS: u32 = 240;
+/// RFC 5508 REQ-2: at least 60 seconds.
+pub const DEFAULT_ICMP_TIMEOUT_SECS: u32 = 60;
 
 impl NatConfig {
     /// A config with no addresses, the default port range, and the ready flag clear.
@@ -52,6 +81,12 @@ impl NatConfig {
             mode: Mode::PortRestricted as u8,
             flags: 0,
             _pad: [0; 2],
+            timeouts_secs: [
+                DEFAULT_UDP_TIMEOUT_SECS,
+                DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS,
+                DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS,
+                DEFAULT_ICMP_TIMEOUT_SECS,
+            ],
         }
     }
 
@@ -76,5 +111,30 @@ impl NatConfig {
             i += 1;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_meet_the_rfc_minimums() {
+        let t = NatConfig::empty().timeouts_secs;
+        assert!(t[Timeout::Udp as usize] >= 300, "RFC 4787 REQ-5c");
+        assert!(t[Timeout::TcpEstablished as usize] >= 7440, "RFC 5382 REQ-5");
+        assert!(t[Timeout::TcpTransitory as usize] >= 240, "RFC 5382 REQ-5");
+        assert!(t[Timeout::Icmp as usize] >= 60, "RFC 5508 REQ-2");
+    }
+
+    #[test]
+    fn external_address_membership() {
+        let mut cfg = NatConfig::empty();
+        cfg.external_addrs[0] = 7;
+        cfg.external_addrs[1] = 9;
+        cfg.external_addr_count = 1;
+        assert!(cfg.is_external_addr(7));
+        assert!(!cfg.is_external_addr(9), "entries past the count are ignored");
+        assert!(!cfg.is_external_addr(0));
     }
 }

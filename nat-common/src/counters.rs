@@ -44,8 +44,8 @@ counters! {
     PassedNotNat = "passed_not_nat",
     /// Outbound packets from the gateway's own external address: passed untouched.
     PassedLocal = "passed_local",
-    /// Truncated or malformed packets (short headers, bad IHL, bad length): passed untouched
-    /// inbound, dropped outbound (never translated).
+    /// Truncated or malformed IPv4 packets (short headers, bad IHL, bad length) to or from a
+    /// NATed address: dropped, never translated.
     Malformed = "malformed",
     /// Outbound packets of a protocol the NAT cannot translate: dropped, never leaked.
     UnsupportedProtocol = "unsupported_protocol",

@@ -15,6 +15,7 @@ pub mod config;
 pub mod counters;
 pub mod maps;
 pub mod mode;
+pub mod packet;
 pub mod tcp_state;
 
 #[cfg(feature = "user")]

@@ -169,12 +169,13 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
-/// Where the non-first fragments of an inbound datagram go: learnt from its first fragment.
+/// How to translate the non-first fragments of a datagram, learnt from its first fragment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragmentValue {
-    /// The internal address the first fragment was translated to (network order).
-    pub internal_addr: u32,
+    /// The address the first fragment was translated to: the new destination of an inbound
+    /// datagram, the new source of an outbound one (network order).
+    pub translated_addr: u32,
     /// Explicit padding (always zero).
     pub _pad: u32,
 }

@@ -1,1 +1,44 @@
+//! The NAT's eBPF programs: XDP ingress (inbound translation) and TC egress (outbound
+//! translation) on the external interface. Each entry point is a thin wrapper; the modules
+//! own one concern each.
+#![no_std]
+#![no_main]
 
+mod access;
+mod bindings;
+mod egress;
+mod fragments;
+mod icmp;
+mod ingress;
+mod maps;
+mod rewrite;
+mod sessions;
+mod stats;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+/// Inbound translation on the external interface.
+#[xdp]
+pub fn nat_ingress(ctx: XdpContext) -> u32 {
+    ingress::handle(&ctx)
+}
+
+/// Outbound translation on the external interface.
+#[classifier]
+pub fn nat_egress(ctx: TcContext) -> i32 {
+    egress::handle(&ctx)
+}
+
+/// GPL-compatible, for the GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,195 @@
+//! Bindings: finding the external endpoint of an outbound flow, and creating one on a flow's
+//! first packet with the allocation policy from `nat_common::alloc`.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
+use nat_common::{
+    alloc::{candidate_port, external_addr_index, range_for, PortRange, MAX_PORT_PROBES},
+    config::MAX_EXTERNAL_ADDRS,
+    maps::{BINDING_FLAG_STATIC, SESSION_KIND_ENDPOINT},
+    BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig,
+};
+
+use crate::{maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT}, sessions, stats::count};
+
+/// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
+const EEXIST: i32 = 17;
+
+/// Timestamps are written back only when they are at least this stale, so established flows
+/// do not bounce a cache line between CPUs on every packet. Far below any timeout.
+pub const REFRESH_GRANULARITY_NS: u64 = 100_000_000;
+
+/// Why a packet could not get a binding.
+#[derive(Clone, Copy)]
+pub enum BindingError {
+    /// No binding exists and the caller may not create one.
+    Missing,
+    /// Every candidate port was taken (counted).
+    Exhausted,
+    /// A map was full (counted).
+    TableFull,
+}
+
+/// The clock shared by data path and controller (CLOCK_MONOTONIC, coarse).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper with no arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The endpoints of an outbound flow as the internal host sent it (ports in network order; for
+/// ICMP echo the identifier is `internal_port` and `remote_port` is zero).
+#[derive(Clone, Copy)]
+pub struct OutboundFlow {
+    /// IP protocol.
+    pub proto: u8,
+    /// Internal host address.
+    pub internal_addr: u32,
+    /// Internal port or echo identifier.
+    pub internal_port: u16,
+    /// Remote address.
+    pub remote_addr: u32,
+    /// Remote port, zero for ICMP.
+    pub remote_port: u16,
+}
+
+impl OutboundFlow {
+    #[inline(always)]
+    fn key(&self, with_remote: bool) -> BindingKey {
+        BindingKey {
+            internal_addr: self.internal_addr,
+            remote_addr: if with_remote { self.remote_addr } else { 0 },
+            internal_port: self.internal_port,
+            remote_port: if with_remote { self.remote_port } else { 0 },
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The binding for `flow`, creating it when `create` is set.
+///
+/// The key follows the mode: endpoint-independent (no remote) in the cone modes, per remote in
+/// symmetric mode. On a miss the other form is tried too, so a run-time mode switch keeps the
+/// flows that already exist: a per-remote binding always belongs to this exact flow; an
+/// endpoint-independent one is reused in symmetric mode only for a static forward or for a
+/// remote that binding has already talked to.
+#[inline(always)]
+pub fn outbound_binding(cfg: &NatConfig, flow: &OutboundFlow, create: bool) -> Result<*mut BindingValue, BindingError> {
+    let symmetric = cfg.mode().mapping_is_remote_dependent();
+    let primary = flow.key(symmetric);
+    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(&primary) {
+        return Ok(binding);
+    }
+    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(&flow.key(!symmetric)) {
+        if !symmetric {
+            return Ok(binding);
+        }
+        // SAFETY: map value pointer from a successful lookup.
+        let value = unsafe { *binding };
+        if value.flags & BINDING_FLAG_STATIC != 0
+            || sessions::exists(
+                flow.proto,
+                value.external_addr,
+                value.external_port,
+                flow.remote_addr,
+                flow.remote_port,
+                SESSION_KIND_ENDPOINT,
+            )
+        {
+            return Ok(binding);
+        }
+    }
+    if !create {
+        return Err(BindingError::Missing);
+    }
+    allocate(cfg, &primary)
+}
+
+/// The external address an internal host uses (paired pooling, RFC 4787 REQ-2).
+#[inline(always)]
+pub fn external_addr_for(cfg: &NatConfig, internal_addr: u32) -> u32 {
+    let index = external_addr_index(internal_addr, cfg.external_addr_count) as usize;
+    if index < MAX_EXTERNAL_ADDRS {
+        cfg.external_addrs[index]
+    } else {
+        cfg.external_addrs[0]
+    }
+}
+
+/// Creates a binding for `key`: claims an external port by inserting its inbound entry with
+/// `BPF_NOEXIST` (so no two CPUs can hand one external endpoint to two internal endpoints,
+/// RFC 4787 REQ-3), then publishes the outbound entry.
+#[inline(never)]
+fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, BindingError> {
+    let external_addr = external_addr_for(cfg, key.internal_addr);
+    let internal_port = u16::from_be(key.internal_port);
+    let range = range_for(internal_port, PortRange { min: cfg.port_min, max: cfg.port_max });
+    // SAFETY: helper with no arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let inbound = ExternalValue {
+        internal_addr: key.internal_addr,
+        remote_addr: key.remote_addr,
+        internal_port: key.internal_port,
+        remote_port: key.remote_port,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    let mut claimed: Option<ExternalKey> = None;
+    for attempt in 0..MAX_PORT_PROBES {
+        let external_key = ExternalKey {
+            external_addr,
+            external_port: candidate_port(range, internal_port, random, attempt).to_be(),
+            proto: key.proto,
+            _pad: 0,
+        };
+        match NAT_BINDINGS_IN.insert(&external_key, &inbound, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                claimed = Some(external_key);
+                break;
+            }
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => {
+                count(Counter::TableFull);
+                return Err(BindingError::TableFull);
+            }
+        }
+    }
+    let Some(external_key) = claimed else {
+        count(Counter::PortExhausted);
+        return Err(BindingError::Exhausted);
+    };
+    let outbound = BindingValue {
+        last_seen_ns: now_ns(),
+        external_addr,
+        external_port: external_key.external_port,
+        flags: 0,
+        _pad: 0,
+    };
+    match NAT_BINDINGS_OUT.insert(key, &outbound, BPF_NOEXIST as u64) {
+        Ok(()) => count(Counter::NewBinding),
+        Err(e) => {
+            // Lost a race with another CPU creating the same binding (use theirs), or the map
+            // is full: either way give the claimed port back.
+            let _ = NAT_BINDINGS_IN.remove(&external_key);
+            if e != -EEXIST {
+                count(Counter::TableFull);
+                return Err(BindingError::TableFull);
+            }
+        }
+    }
+    NAT_BINDINGS_OUT.get_ptr_mut(key).ok_or(BindingError::TableFull)
+}
+
+/// Marks a binding as used now (outbound refresh, RFC 4787 REQ-6).
+#[inline(always)]
+pub fn refresh(binding: *mut BindingValue, now: u64) {
+    // SAFETY: map value pointer from a successful lookup; a racing write of a timestamp is benign.
+    unsafe {
+        if now.wrapping_sub((*binding).last_seen_ns) > REFRESH_GRANULARITY_NS {
+            (*binding).last_seen_ns = now;
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! XDP on the external interface: inbound translation (remote -> internal host).
+//!
+//! Packets addressed to one of the NAT's external addresses are looked up by external endpoint,
+//! filtered by the mode, rewritten to the internal endpoint and handed to the kernel, which
+//! routes them to the internal interface. Everything else passes untouched. A packet the filter
+//! rejects is dropped here, so it can never reach an internal host.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    programs::XdpContext,
+};
+use nat_common::{
+    checksum::replace_u16,
+    maps::{BINDING_FLAG_STATIC, SESSION_KIND_ENDPOINT},
+    packet::{
+        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN, ETH_P_IP_BE,
+        ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, TCP_FLAGS_OFF,
+    },
+    proto, Counter, ExternalKey, ExternalValue, NatConfig,
+};
+
+use crate::{
+    access::{read_at, write_at},
+    fragments, icmp,
+    maps::{NAT_BINDINGS_IN, NAT_CONFIG},
+    rewrite::{set_ipv4_addr, transport_check_off, update_transport_checksum},
+    sessions,
+    stats::count,
+};
+
+/// Offset of the EtherType in the Ethernet header.
+const ETH_TYPE_OFF: usize = 12;
+
+/// Entry point logic: returns the XDP action.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(cfg) = NAT_CONFIG.get(0) else { return XDP_PASS };
+    if !cfg.is_ready() {
+        return XDP_PASS;
+    }
+    let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else { return XDP_PASS };
+    if eth_type != ETH_P_IP_BE {
+        count(Counter::PassedNotNat);
+        return XDP_PASS;
+    }
+    let Some(ip) = read_at::<Ipv4Header>(start, end, ETH_HLEN) else {
+        count(Counter::PassedNotNat);
+        return XDP_PASS;
+    };
+    if !cfg.is_external_addr(ip.daddr) {
+        count(Counter::PassedNotNat);
+        return XDP_PASS;
+    }
+    let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, end - start - ETH_HLEN) {
+        Ok(shape) if check_transport(&shape, ip.proto).is_ok() => shape,
+        _ => {
+            count(Counter::Malformed);
+            return XDP_DROP;
+        }
+    };
+    if shape.fragment == Fragment::NonFirst {
+        return non_first_fragment(start, end, &ip);
+    }
+    let l4 = ETH_HLEN + shape.header_len;
+    match ip.proto {
+        proto::UDP | proto::TCP => transport(cfg, start, end, &ip, &shape, l4),
+        proto::ICMP => match read_at::<u8>(start, end, l4) {
+            Some(icmp_type::ECHO_REPLY) => echo_reply(cfg, start, end, &ip, l4),
+            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, start, end, l4),
+            // Echo requests and other ICMP to the gateway itself.
+            _ => {
+                count(Counter::PassedNotNat);
+                XDP_PASS
+            }
+        },
+        _ => {
+            count(Counter::PassedNotNat);
+            XDP_PASS
+        }
+    }
+}
+
+/// Finds the binding of external endpoint `external_addr:external_port` and applies the mode's
+/// filter to the remote. Static forwards admit every remote.
+#[inline(always)]
+fn admit(cfg: &NatConfig, proto: u8, external_addr: u32, external_port: u16, remote_addr: u32, remote_port: u16) -> Result<ExternalValue, u32> {
+    let key = ExternalKey { external_addr, external_port, proto, _pad: 0 };
+    // SAFETY: plain data copied out at once.
+    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else {
+        // Not ours: the gateway's own sockets and services get it; it cannot be forwarded,
+        // since its destination is the gateway's own address.
+        count(Counter::InboundNoBinding);
+        return Err(XDP_PASS);
+    };
+    if binding.flags & BINDING_FLAG_STATIC == 0
+        && !sessions::filter_allows(cfg, proto, external_addr, external_port, remote_addr, remote_port)
+    {
+        count(Counter::FilteredIn);
+        return Err(XDP_DROP);
+    }
+    Ok(binding)
+}
+
+/// UDP and TCP (whole datagrams and first fragments).
+#[inline(always)]
+fn transport(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, shape: &Ipv4Shape, l4: usize) -> u32 {
+    let Some(head) = read_at::<L4Head>(start, end, l4) else { return malformed() };
+    let binding = match admit(cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
+        Ok(binding) => binding,
+        Err(action) => return action,
+    };
+    if ip.proto == proto::TCP {
+        let Some(flags) = read_at::<u8>(start, end, l4 + TCP_FLAGS_OFF) else { return malformed() };
+        sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, flags);
+    }
+    let rewritten = set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
+        write_at(start, end, l4 + 2, binding.internal_port)?;
+        update_transport_checksum(
+            start,
+            end,
+            ip.proto,
+            l4 + transport_check_off(ip.proto),
+            (ip.daddr, binding.internal_addr),
+            (head.dst, binding.internal_port),
+        )
+    });
+    if rewritten.is_none() {
+        return malformed();
+    }
+    if shape.fragment == Fragment::First {
+        fragments::remember(ip, binding.internal_addr);
+    }
+    count(Counter::TranslatedIn);
+    XDP_PASS
+}
+
+/// ICMP echo replies: the identifier plays the port (RFC 5508 REQ-1).
+#[inline(always)]
+fn echo_reply(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, l4: usize) -> u32 {
+    let Some(id) = read_at::<u16>(start, end, l4 + ICMP_ID_OFF) else { return malformed() };
+    let binding = match admit(cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
+        Ok(binding) => binding,
+        Err(action) => return action,
+    };
+    let rewritten = set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
+        let check: u16 = read_at(start, end, l4 + ICMP_CHECK_OFF)?;
+        write_at(start, end, l4 + ICMP_ID_OFF, binding.internal_port)?;
+        write_at(start, end, l4 + ICMP_CHECK_OFF, replace_u16(check, id, binding.internal_port))
+    });
+    if rewritten.is_none() {
+        return malformed();
+    }
+    count(Counter::TranslatedIn);
+    XDP_PASS
+}
+
+/// ICMP errors about a packet we sent out (RFC 5508 REQ-4). The error may come from any router
+/// on the path, so its source is not filtered (RFC 4787 REQ-12a); but the embedded packet must
+/// match a binding *and* a session with its destination, so a forged error about a mapping or
+/// remote that does not exist is dropped. Errors never change or delete state (RFC 4787 REQ-12).
+#[inline(always)]
+fn icmp_error(cfg: &NatConfig, start: usize, end: usize, l4: usize) -> u32 {
+    let Some(emb) = icmp::parse_embedded(start, end, l4) else { return icmp_error_dropped() };
+    if !cfg.is_external_addr(emb.ip.saddr) {
+        return icmp_error_dropped();
+    }
+    let key = ExternalKey { external_addr: emb.ip.saddr, external_port: emb.src_port, proto: emb.ip.proto, _pad: 0 };
+    // SAFETY: plain data copied out at once.
+    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else { return icmp_error_dropped() };
+    if !sessions::exists(emb.ip.proto, emb.ip.saddr, emb.src_port, emb.ip.daddr, emb.dst_port, SESSION_KIND_ENDPOINT) {
+        return icmp_error_dropped();
+    }
+    if icmp::rewrite(start, end, ETH_HLEN, l4, &emb, icmp::Side::Inbound, binding.internal_addr, binding.internal_port)
+        .is_none()
+    {
+        return icmp_error_dropped();
+    }
+    count(Counter::IcmpErrorIn);
+    XDP_PASS
+}
+
+/// Non-first fragments carry no ports: they follow their first fragment, or are dropped when
+/// it has not been seen (they cannot be attributed to a binding).
+#[inline(always)]
+fn non_first_fragment(start: usize, end: usize, ip: &Ipv4Header) -> u32 {
+    let Some(internal_addr) = fragments::translated_addr(ip) else {
+        count(Counter::FragmentNoState);
+        return XDP_DROP;
+    };
+    if set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, internal_addr).is_none() {
+        return malformed();
+    }
+    count(Counter::FragmentTranslated);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn malformed() -> u32 {
+    count(Counter::Malformed);
+    XDP_DROP
+}
+
+#[inline(always)]
+fn icmp_error_dropped() -> u32 {
+    count(Counter::IcmpErrorDropped);
+    XDP_DROP
+}

@@ -1,0 +1,39 @@
+//! The NAT's kernel maps. All are pinned by name under the instance's bpffs directory, so the
+//! controller's CLI can read them while the daemon runs.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use nat_common::{
+    counters::COUNTER_COUNT,
+    maps::{MAX_BINDINGS, MAX_FRAGMENTS, MAX_SESSIONS},
+    BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
+    SessionValue,
+};
+
+/// `NatConfig`, written by the controller.
+#[map]
+pub static NAT_CONFIG: Array<NatConfig> = Array::pinned(1, 0);
+
+/// Outbound lookups: internal endpoint (and remote, in symmetric mode) -> external endpoint.
+#[map]
+pub static NAT_BINDINGS_OUT: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// Inbound lookups: external endpoint -> internal endpoint. Inserted first, with `BPF_NOEXIST`,
+/// to claim an external port atomically.
+#[map]
+pub static NAT_BINDINGS_IN: HashMap<ExternalKey, ExternalValue> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// Remotes each binding has sent to (filter state), with TCP state and last use.
+#[map]
+pub static NAT_SESSIONS: HashMap<SessionKey, SessionValue> = HashMap::pinned(MAX_SESSIONS, 0);
+
+/// Inbound fragmented datagrams whose first fragment was translated. LRU: a flood of stray
+/// fragments can only evict other fragment state (RFC 4787 REQ-14a).
+#[map]
+pub static NAT_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+
+/// Per-CPU event counters, indexed by `nat_common::Counter`.
+#[map]
+pub static NAT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);

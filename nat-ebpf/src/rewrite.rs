@@ -1,0 +1,55 @@
+//! Header rewrites with incremental checksum updates (RFC 1624), on directly accessible packet
+//! memory (XDP, or TC after `bpf_skb_pull_data`).
+
+use nat_common::{
+    checksum::{replace_u16, replace_u32, udp_nonzero},
+    packet::{IPV4_CHECK_OFF, UDP_CHECK_OFF},
+    proto,
+};
+
+use crate::access::{read_at, write_at};
+
+/// Replaces the IPv4 address at `ip + addr_off` with `new` and updates the header checksum.
+/// Returns the old address.
+#[inline(always)]
+pub fn set_ipv4_addr(start: usize, end: usize, ip: usize, addr_off: usize, new: u32) -> Option<u32> {
+    let old: u32 = read_at(start, end, ip + addr_off)?;
+    let check: u16 = read_at(start, end, ip + IPV4_CHECK_OFF)?;
+    write_at(start, end, ip + addr_off, new)?;
+    write_at(start, end, ip + IPV4_CHECK_OFF, replace_u32(check, old, new))?;
+    Some(old)
+}
+
+/// Updates a TCP or UDP checksum at `check_at` for an address change and a port change (both
+/// covered by it, the address through the pseudo-header). A zero UDP checksum means "none" and
+/// stays zero; a computed zero is sent as all ones (RFC 768). Returns (old, new) checksum.
+#[inline(always)]
+pub fn update_transport_checksum(
+    start: usize,
+    end: usize,
+    l4_proto: u8,
+    check_at: usize,
+    addrs: (u32, u32),
+    ports: (u16, u16),
+) -> Option<(u16, u16)> {
+    let old: u16 = read_at(start, end, check_at)?;
+    if l4_proto == proto::UDP && old == 0 {
+        return Some((0, 0));
+    }
+    let mut new = replace_u16(replace_u32(old, addrs.0, addrs.1), ports.0, ports.1);
+    if l4_proto == proto::UDP {
+        new = udp_nonzero(new);
+    }
+    write_at(start, end, check_at, new)?;
+    Some((old, new))
+}
+
+/// Offset of the transport checksum field inside a TCP or UDP header.
+#[inline(always)]
+pub const fn transport_check_off(l4_proto: u8) -> usize {
+    if l4_proto == proto::UDP {
+        UDP_CHECK_OFF
+    } else {
+        nat_common::packet::TCP_CHECK_OFF
+    }
+}
