@@ -1,1 +1,89 @@
-fn main(){}
+//! Developer tasks for the NAT gateway: `cargo xtask <command>`.
+//!
+//! Every command installs what it needs when it is missing (see `setup`), prints each command
+//! it runs on one line, and fails with one sentence saying what went wrong.
+
+mod build;
+mod check;
+mod cmd;
+mod demo;
+mod ebpf;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, set up, test and demo the eBPF NAT gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker; mount bpffs.
+    Setup,
+    /// Build the eBPF object (target/bpfel-unknown-none/release/nat) with the nightly toolchain.
+    BuildEbpf {
+        /// Build the dev profile instead (target/bpfel-unknown-none/debug/nat).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the eBPF object, then nat-ctl and vm-tests in release mode.
+    Build,
+    /// Run the whole suite: unit tests, then the end-to-end tests (root). Neither flag means both.
+    Test {
+        /// Run the unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Run the end-to-end tests in vm-tests (needs root).
+        #[arg(long)]
+        e2e: bool,
+        /// libtest filters, passed to every test binary.
+        #[arg(last = true)]
+        filters: Vec<String>,
+    },
+    /// Build everything and run the demo: a lab of namespaces, the NAT, real traffic (root).
+    Demo {
+        /// Arguments passed to the demo binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and run clippy, for the workspace and for nat-ebpf.
+    Check,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Setup => setup::ensure(setup::ALL),
+        Command::BuildEbpf { debug } => {
+            setup::ensure(setup::EBPF_BUILD)?;
+            ebpf::build(debug).map(drop)
+        }
+        Command::Build => {
+            setup::ensure(setup::EBPF_BUILD)?;
+            build::build_all()
+        }
+        Command::Test { unit, e2e, filters } => test::run(test::Selection { unit, e2e, filters }),
+        Command::Demo { args } => demo::run(&args),
+        Command::Check => check::run(),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            cmd::flush();
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
