@@ -48,7 +48,10 @@ impl PortRange {
 /// others use the configured dynamic range.
 pub const fn range_for(internal_port: u16, dynamic: PortRange) -> PortRange {
     if internal_port <= PRIVILEGED_PORT_MAX {
-        PortRange { min: PRIVILEGED_PORT_MIN, max: PRIVILEGED_PORT_MAX }
+        PortRange {
+            min: PRIVILEGED_PORT_MIN,
+            max: PRIVILEGED_PORT_MAX,
+        }
     } else {
         dynamic
     }
@@ -99,7 +102,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    const DYNAMIC: PortRange = PortRange { min: 1024, max: 65535 };
+    const DYNAMIC: PortRange = PortRange {
+        min: 1024,
+        max: 65535,
+    };
 
     #[test]
     fn preserves_port_in_range() {
@@ -121,7 +127,10 @@ mod tests {
 
     #[test]
     fn out_of_range_port_gets_a_port_in_range_with_parity() {
-        let range = PortRange { min: 20000, max: 20999 };
+        let range = PortRange {
+            min: 20000,
+            max: 20999,
+        };
         for random in [0, 17, 4096, u32::MAX] {
             for internal in [40000u16, 40001] {
                 for attempt in 0..=SAME_PARITY_PROBES {
@@ -137,7 +146,9 @@ mod tests {
     fn small_range_is_fully_covered() {
         // A 10-port range: the probes reach every port, same parity first.
         let range = PortRange { min: 5000, max: 5009 };
-        let tried: BTreeSet<u16> = (0..MAX_PORT_PROBES).map(|a| candidate_port(range, 40000, 3, a)).collect();
+        let tried: BTreeSet<u16> = (0..MAX_PORT_PROBES)
+            .map(|a| candidate_port(range, 40000, 3, a))
+            .collect();
         assert_eq!(tried, (5000..=5009).collect());
         let first_five: BTreeSet<u16> = (1..=5).map(|a| candidate_port(range, 40000, 3, a)).collect();
         assert!(first_five.iter().all(|p| p % 2 == 0));
@@ -153,8 +164,13 @@ mod tests {
 
     #[test]
     fn random_start_spreads_choices() {
-        let range = PortRange { min: 1024, max: 65535 };
-        let starts: BTreeSet<u16> = (0..64u32).map(|r| candidate_port(range, 80, r.wrapping_mul(2654435761), 1)).collect();
+        let range = PortRange {
+            min: 1024,
+            max: 65535,
+        };
+        let starts: BTreeSet<u16> = (0..64u32)
+            .map(|r| candidate_port(range, 80, r.wrapping_mul(2654435761), 1))
+            .collect();
         assert!(starts.len() > 32, "different random values give different starts");
     }
 

@@ -68,8 +68,8 @@ mod tests {
     /// A UDP-like 20-byte header with its checksum in bytes 10..12.
     fn sample() -> [u8; 20] {
         [
-            0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 0xac, 0x10, 0x0a, 0x63, 0xac,
-            0x10, 0x0a, 0x0c,
+            0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 0xac, 0x10, 0x0a, 0x63,
+            0xac, 0x10, 0x0a, 0x0c,
         ]
     }
 
@@ -96,7 +96,12 @@ mod tests {
     #[test]
     fn incremental_u32_matches_full_recompute() {
         let before = with_checksum(sample());
-        for new_addr in [[10, 0, 0, 2], [198, 51, 100, 254], [255, 255, 255, 255], [0, 0, 0, 0]] {
+        for new_addr in [
+            [10, 0, 0, 2],
+            [198, 51, 100, 254],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+        ] {
             let mut after = before;
             let old = u32::from_ne_bytes(after[16..20].try_into().unwrap());
             after[16..20].copy_from_slice(&new_addr);

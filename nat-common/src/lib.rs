@@ -23,7 +23,10 @@ mod pod;
 
 pub use config::NatConfig;
 pub use counters::Counter;
-pub use maps::{BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, SessionKey, SessionValue};
+pub use maps::{
+    BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, SessionKey,
+    SessionValue,
+};
 pub use mode::Mode;
 
 /// IP protocol numbers the data path translates.

@@ -34,7 +34,12 @@ pub enum Filtering {
 
 impl Mode {
     /// All modes, in the order the CLI lists them.
-    pub const ALL: [Mode; 4] = [Mode::FullCone, Mode::RestrictedCone, Mode::PortRestricted, Mode::Symmetric];
+    pub const ALL: [Mode; 4] = [
+        Mode::FullCone,
+        Mode::RestrictedCone,
+        Mode::PortRestricted,
+        Mode::Symmetric,
+    ];
 
     /// Decodes the value stored in the config map; unknown values read as the strictest mode.
     pub const fn from_u8(value: u8) -> Mode {
@@ -101,7 +106,10 @@ mod tests {
     fn filtering_per_mode() {
         assert_eq!(Mode::FullCone.filtering(), Filtering::EndpointIndependent);
         assert_eq!(Mode::RestrictedCone.filtering(), Filtering::AddressDependent);
-        assert_eq!(Mode::PortRestricted.filtering(), Filtering::AddressAndPortDependent);
+        assert_eq!(
+            Mode::PortRestricted.filtering(),
+            Filtering::AddressAndPortDependent
+        );
         assert_eq!(Mode::Symmetric.filtering(), Filtering::AddressAndPortDependent);
     }
 }

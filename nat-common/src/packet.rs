@@ -22,6 +22,10 @@ pub const ICMP_HLEN: usize = 8;
 /// Bytes of the embedded transport header an ICMP error must carry (RFC 792: 64 bits).
 pub const ICMP_EMBEDDED_L4_MIN: usize = 8;
 
+/// Offset of the source port inside a UDP or TCP header.
+pub const L4_SRC_PORT_OFF: usize = 0;
+/// Offset of the destination port inside a UDP or TCP header.
+pub const L4_DST_PORT_OFF: usize = 2;
 /// Offset of the checksum field inside a UDP header.
 pub const UDP_CHECK_OFF: usize = 6;
 /// Offset of the flags byte inside a TCP header.
@@ -139,7 +143,12 @@ pub struct Ipv4Shape {
 
 /// Checks an IPv4 header against the bytes actually received from it onwards (`received`,
 /// which may exceed `tot_len` because of link-layer padding).
-pub const fn ipv4_shape(version_ihl: u8, tot_len_be: u16, frag_off_be: u16, received: usize) -> Result<Ipv4Shape, Malformed> {
+pub const fn ipv4_shape(
+    version_ihl: u8,
+    tot_len_be: u16,
+    frag_off_be: u16,
+    received: usize,
+) -> Result<Ipv4Shape, Malformed> {
     if version_ihl >> 4 != 4 {
         return Err(Malformed::NotIpv4);
     }
@@ -159,7 +168,11 @@ pub const fn ipv4_shape(version_ihl: u8, tot_len_be: u16, frag_off_be: u16, rece
     } else {
         Fragment::None
     };
-    Ok(Ipv4Shape { header_len, total_len, fragment })
+    Ok(Ipv4Shape {
+        header_len,
+        total_len,
+        fragment,
+    })
 }
 
 /// Minimum transport header the NAT needs to read and rewrite for `proto`, or `None` for a
@@ -197,7 +210,14 @@ mod tests {
     #[test]
     fn plain_header() {
         let s = ipv4_shape(0x45, be(60), 0, 60).unwrap();
-        assert_eq!(s, Ipv4Shape { header_len: 20, total_len: 60, fragment: Fragment::None });
+        assert_eq!(
+            s,
+            Ipv4Shape {
+                header_len: 20,
+                total_len: 60,
+                fragment: Fragment::None
+            }
+        );
         assert_eq!(check_transport(&s, proto::TCP), Ok(()));
     }
 
@@ -219,18 +239,36 @@ mod tests {
         assert_eq!(ipv4_shape(0x65, be(40), 0, 40), Err(Malformed::NotIpv4));
         assert_eq!(ipv4_shape(0x44, be(40), 0, 40), Err(Malformed::BadHeaderLength));
         assert_eq!(ipv4_shape(0x45, be(19), 0, 40), Err(Malformed::BadTotalLength));
-        assert_eq!(ipv4_shape(0x45, be(100), 0, 40), Err(Malformed::BadTotalLength), "truncated");
-        assert_eq!(ipv4_shape(0x4f, be(40), 0, 40), Err(Malformed::BadTotalLength), "IHL 15 > total");
+        assert_eq!(
+            ipv4_shape(0x45, be(100), 0, 40),
+            Err(Malformed::BadTotalLength),
+            "truncated"
+        );
+        assert_eq!(
+            ipv4_shape(0x4f, be(40), 0, 40),
+            Err(Malformed::BadTotalLength),
+            "IHL 15 > total"
+        );
     }
 
     #[test]
     fn truncated_transport_is_refused() {
         let s = ipv4_shape(0x45, be(24), 0, 24).unwrap();
-        assert_eq!(check_transport(&s, proto::UDP), Err(Malformed::TruncatedTransport));
+        assert_eq!(
+            check_transport(&s, proto::UDP),
+            Err(Malformed::TruncatedTransport)
+        );
         let s = ipv4_shape(0x45, be(36), 0, 36).unwrap();
-        assert_eq!(check_transport(&s, proto::TCP), Err(Malformed::TruncatedTransport));
+        assert_eq!(
+            check_transport(&s, proto::TCP),
+            Err(Malformed::TruncatedTransport)
+        );
         assert_eq!(check_transport(&s, proto::UDP), Ok(()));
-        assert_eq!(check_transport(&s, 47), Ok(()), "other protocols are not the NAT's to judge");
+        assert_eq!(
+            check_transport(&s, 47),
+            Ok(()),
+            "other protocols are not the NAT's to judge"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `aya::Pod` for the map types, so the controller can read and write them (feature `user`).
 
-use crate::{BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey, SessionValue};
+use crate::{
+    BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
+    SessionValue,
+};
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers with explicit padding fields,
 // so every bit pattern is valid and no byte is uninitialised.

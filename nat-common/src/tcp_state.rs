@@ -149,7 +149,16 @@ mod tests {
 
     #[test]
     fn states_round_trip() {
-        for s in [None, SynSent, SynReceived, Established, FinOut, FinIn, Closing, Reset] {
+        for s in [
+            None,
+            SynSent,
+            SynReceived,
+            Established,
+            FinOut,
+            FinIn,
+            Closing,
+            Reset,
+        ] {
             assert_eq!(TcpState::from_u8(s as u8), s);
         }
     }

@@ -1,1 +1,41 @@
-fn main(){}
+//! `nat-ctl`: thin binary over the `nat_ctl` library.
+
+use std::process::ExitCode;
+
+use clap::{error::ErrorKind, Parser};
+use nat_ctl::{
+    cli::{Cli, Command},
+    commands, daemon,
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            // One line: bad input gets a clear error, not a usage screen.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("nat-ctl: error: {first}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &cli.command {
+        Command::Attach(args) => daemon::attach(args),
+        Command::Mappings(args) => commands::mappings(args),
+        Command::Stats(args) => commands::stats(args),
+        Command::Status(args) => commands::status(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nat-ctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

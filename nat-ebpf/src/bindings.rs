@@ -2,7 +2,7 @@
 //! first packet with the allocation policy from `nat_common::alloc`.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use nat_common::{
@@ -12,7 +12,11 @@ use nat_common::{
     BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig,
 };
 
-use crate::{maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT}, sessions, stats::count};
+use crate::{
+    maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT},
+    sessions,
+    stats::count,
+};
 
 /// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
 const EEXIST: i32 = 17;
@@ -77,13 +81,17 @@ impl OutboundFlow {
 /// endpoint-independent one is reused in symmetric mode only for a static forward or for a
 /// remote that binding has already talked to.
 #[inline(always)]
-pub fn outbound_binding(cfg: &NatConfig, flow: &OutboundFlow, create: bool) -> Result<*mut BindingValue, BindingError> {
+pub fn outbound_binding(
+    cfg: &NatConfig,
+    flow: &OutboundFlow,
+    create: bool,
+) -> Result<*mut BindingValue, BindingError> {
     let symmetric = cfg.mode().mapping_is_remote_dependent();
     let primary = flow.key(symmetric);
-    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(&primary) {
+    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(primary) {
         return Ok(binding);
     }
-    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(&flow.key(!symmetric)) {
+    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(!symmetric)) {
         if !symmetric {
             return Ok(binding);
         }
@@ -126,7 +134,13 @@ pub fn external_addr_for(cfg: &NatConfig, internal_addr: u32) -> u32 {
 fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, BindingError> {
     let external_addr = external_addr_for(cfg, key.internal_addr);
     let internal_port = u16::from_be(key.internal_port);
-    let range = range_for(internal_port, PortRange { min: cfg.port_min, max: cfg.port_max });
+    let range = range_for(
+        internal_port,
+        PortRange {
+            min: cfg.port_min,
+            max: cfg.port_max,
+        },
+    );
     // SAFETY: helper with no arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     let inbound = ExternalValue {
@@ -145,7 +159,7 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, Bind
             proto: key.proto,
             _pad: 0,
         };
-        match NAT_BINDINGS_IN.insert(&external_key, &inbound, BPF_NOEXIST as u64) {
+        match NAT_BINDINGS_IN.insert(external_key, inbound, BPF_NOEXIST as u64) {
             Ok(()) => {
                 claimed = Some(external_key);
                 break;
@@ -168,12 +182,12 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, Bind
         flags: 0,
         _pad: 0,
     };
-    match NAT_BINDINGS_OUT.insert(key, &outbound, BPF_NOEXIST as u64) {
+    match NAT_BINDINGS_OUT.insert(key, outbound, BPF_NOEXIST as u64) {
         Ok(()) => count(Counter::NewBinding),
         Err(e) => {
             // Lost a race with another CPU creating the same binding (use theirs), or the map
             // is full: either way give the claimed port back.
-            let _ = NAT_BINDINGS_IN.remove(&external_key);
+            let _ = NAT_BINDINGS_IN.remove(external_key);
             if e != -EEXIST {
                 count(Counter::TableFull);
                 return Err(BindingError::TableFull);

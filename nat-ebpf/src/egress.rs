@@ -11,15 +11,15 @@ use aya_ebpf::{
 };
 use nat_common::{
     packet::{
-        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN, ETH_P_IP_BE,
-        ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF, IPV4_MAX_HLEN, IPV4_SRC_OFF, TCP_FLAGS_OFF,
-        TCP_MIN_HLEN,
+        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
+        ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF, IPV4_MAX_HLEN,
+        IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN,
     },
     proto, Counter, NatConfig,
 };
 
 use crate::{
-    access::{read_at, write_at},
+    access::{ptr_at, read_at, read_u8_at, write_at},
     bindings::{self, external_addr_for, now_ns, OutboundFlow},
     fragments, icmp,
     maps::NAT_CONFIG,
@@ -42,7 +42,9 @@ const MULTICAST_FIRST_OCTET_MIN: u8 = 224;
 /// Entry point logic: returns the TC action.
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> i32 {
-    let Some(cfg) = NAT_CONFIG.get(0) else { return TC_ACT_OK };
+    let Some(cfg) = NAT_CONFIG.get(0) else {
+        return TC_ACT_OK;
+    };
     if !cfg.is_ready() {
         return TC_ACT_OK;
     }
@@ -50,12 +52,16 @@ pub fn handle(ctx: &TcContext) -> i32 {
     // Best effort: a short packet cannot be pulled further; the bounds checks below catch it.
     let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else { return TC_ACT_OK };
+    let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else {
+        return TC_ACT_OK;
+    };
     if eth_type != ETH_P_IP_BE {
         count(Counter::PassedNotNat);
         return TC_ACT_OK;
     }
-    let Some(ip) = read_at::<Ipv4Header>(start, end, ETH_HLEN) else { return dropped(Counter::Malformed) };
+    let Some(ip) = read_at::<Ipv4Header>(start, end, ETH_HLEN) else {
+        return dropped(Counter::Malformed);
+    };
     if cfg.is_external_addr(ip.saddr) {
         // The gateway's own traffic.
         count(Counter::PassedLocal);
@@ -66,19 +72,30 @@ pub fn handle(ctx: &TcContext) -> i32 {
         count(Counter::PassedNotNat);
         return TC_ACT_OK;
     }
-    let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, (len as usize).saturating_sub(ETH_HLEN)) {
+    let shape = match ipv4_shape(
+        ip.version_ihl,
+        ip.tot_len,
+        ip.frag_off,
+        (len as usize).saturating_sub(ETH_HLEN),
+    ) {
         Ok(shape) if check_transport(&shape, ip.proto).is_ok() => shape,
         _ => return dropped(Counter::Malformed),
     };
+    let l3 = start + ETH_HLEN;
     if shape.fragment == Fragment::NonFirst {
-        return non_first_fragment(cfg, start, end, &ip);
+        return non_first_fragment(cfg, l3, end, &ip);
     }
-    let l4 = ETH_HLEN + shape.header_len;
+    // The one pointer every transport-header access is made from (see `access`).
+    let Some(l4) = ptr_at::<L4Head>(l3, end, shape.header_len) else {
+        return dropped(Counter::Malformed);
+    };
+    let l4 = l4 as usize;
+    let l4_off = ETH_HLEN + shape.header_len;
     match ip.proto {
-        proto::UDP | proto::TCP => transport(ctx, cfg, &ip, &shape, l4),
-        proto::ICMP => match read_at::<u8>(start, end, l4) {
-            Some(icmp_type::ECHO_REQUEST) => echo_request(ctx, cfg, &ip, l4),
-            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, start, end, &shape, l4),
+        proto::UDP | proto::TCP => transport(ctx, cfg, (l3, l4, end), l4_off, &ip, &shape),
+        proto::ICMP => match read_u8_at(l4, end, 0) {
+            Some(icmp_type::ECHO_REQUEST) => echo_request(ctx, cfg, (l3, l4, end), l4_off, &ip),
+            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, (l3, l4, end), &shape),
             _ => dropped(Counter::UnsupportedProtocol),
         },
         _ => dropped(Counter::UnsupportedProtocol),
@@ -94,18 +111,40 @@ fn bind(cfg: &NatConfig, flow: &OutboundFlow, tcp_flags: u8) -> Option<(u32, u16
     bindings::refresh(binding, now);
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
-    sessions::touch_outbound(flow.proto, external_addr, external_port, flow.remote_addr, flow.remote_port, tcp_flags, now)
-        .ok()?;
+    sessions::touch_outbound(
+        flow.proto,
+        external_addr,
+        external_port,
+        flow.remote_addr,
+        flow.remote_port,
+        tcp_flags,
+        now,
+    )
+    .ok()?;
     Some((external_addr, external_port))
 }
 
-/// UDP and TCP (whole datagrams and first fragments).
+/// Pointers to the IPv4 header, the transport header, and the packet end.
+type Headers = (usize, usize, usize);
+
+/// UDP and TCP (whole datagrams and first fragments). `l4_off` is the transport header's
+/// offset from the packet start, for the checksum helper.
 #[inline(always)]
-fn transport(ctx: &TcContext, cfg: &NatConfig, ip: &Ipv4Header, shape: &Ipv4Shape, l4: usize) -> i32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(head) = read_at::<L4Head>(start, end, l4) else { return dropped(Counter::Malformed) };
+fn transport(
+    ctx: &TcContext,
+    cfg: &NatConfig,
+    (l3, l4, end): Headers,
+    l4_off: usize,
+    ip: &Ipv4Header,
+    shape: &Ipv4Shape,
+) -> i32 {
+    let Some(head) = read_at::<L4Head>(l4, end, 0) else {
+        return dropped(Counter::Malformed);
+    };
     let tcp_flags = if ip.proto == proto::TCP {
-        let Some(flags) = read_at::<u8>(start, end, l4 + TCP_FLAGS_OFF) else { return dropped(Counter::Malformed) };
+        let Some(flags) = read_u8_at(l4, end, TCP_FLAGS_OFF) else {
+            return dropped(Counter::Malformed);
+        };
         flags
     } else {
         0
@@ -118,27 +157,40 @@ fn transport(ctx: &TcContext, cfg: &NatConfig, ip: &Ipv4Header, shape: &Ipv4Shap
         remote_port: head.dst,
     };
     // Failures were counted where they happened (port exhaustion, table full).
-    let Some((external_addr, external_port)) = bind(cfg, &flow, tcp_flags) else { return TC_ACT_SHOT };
+    let Some((external_addr, external_port)) = bind(cfg, &flow, tcp_flags) else {
+        return TC_ACT_SHOT;
+    };
     if shape.fragment == Fragment::First {
         fragments::remember(ip, external_addr);
     }
-    if set_ipv4_addr(start, end, ETH_HLEN, IPV4_SRC_OFF, external_addr).is_none()
-        || write_at(start, end, l4, external_port).is_none()
+    if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()
+        || write_at(l4, end, L4_SRC_PORT_OFF, external_port).is_none()
     {
         return dropped(Counter::Malformed);
     }
     // The kernel helper, unlike a plain incremental update, also handles skbs whose transport
     // checksum is still to be completed by offload (CHECKSUM_PARTIAL): there only the
     // pseudo-header part may change. UDP's zero checksum stays zero (MARK_MANGLED_0).
-    let check_off = l4 + transport_check_off(ip.proto);
-    let mangled = if ip.proto == proto::UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let check_off = l4_off + transport_check_off(ip.proto);
+    let mangled = if ip.proto == proto::UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let fixed = ctx.l4_csum_replace(
         check_off,
         ip.saddr as u64,
         external_addr as u64,
         BPF_F_PSEUDO_HDR as u64 | CSUM_SIZE_U32 | mangled,
     );
-    let fixed = fixed.and_then(|_| ctx.l4_csum_replace(check_off, head.src as u64, external_port as u64, CSUM_SIZE_U16 | mangled));
+    let fixed = fixed.and_then(|_| {
+        ctx.l4_csum_replace(
+            check_off,
+            head.src as u64,
+            external_port as u64,
+            CSUM_SIZE_U16 | mangled,
+        )
+    });
     if fixed.is_err() {
         return dropped(Counter::Malformed);
     }
@@ -148,17 +200,40 @@ fn transport(ctx: &TcContext, cfg: &NatConfig, ip: &Ipv4Header, shape: &Ipv4Shap
 
 /// ICMP echo requests: the identifier plays the port (RFC 5508 REQ-1, REQ-1a).
 #[inline(always)]
-fn echo_request(ctx: &TcContext, cfg: &NatConfig, ip: &Ipv4Header, l4: usize) -> i32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(id) = read_at::<u16>(start, end, l4 + ICMP_ID_OFF) else { return dropped(Counter::Malformed) };
-    let flow = OutboundFlow { proto: proto::ICMP, internal_addr: ip.saddr, internal_port: id, remote_addr: ip.daddr, remote_port: 0 };
-    let Some((external_addr, external_id)) = bind(cfg, &flow, 0) else { return TC_ACT_SHOT };
-    if set_ipv4_addr(start, end, ETH_HLEN, IPV4_SRC_OFF, external_addr).is_none()
-        || write_at(start, end, l4 + ICMP_ID_OFF, external_id).is_none()
+fn echo_request(
+    ctx: &TcContext,
+    cfg: &NatConfig,
+    (l3, l4, end): Headers,
+    l4_off: usize,
+    ip: &Ipv4Header,
+) -> i32 {
+    let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
+        return dropped(Counter::Malformed);
+    };
+    let flow = OutboundFlow {
+        proto: proto::ICMP,
+        internal_addr: ip.saddr,
+        internal_port: id,
+        remote_addr: ip.daddr,
+        remote_port: 0,
+    };
+    let Some((external_addr, external_id)) = bind(cfg, &flow, 0) else {
+        return TC_ACT_SHOT;
+    };
+    if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()
+        || write_at(l4, end, ICMP_ID_OFF, external_id).is_none()
     {
         return dropped(Counter::Malformed);
     }
-    if ctx.l4_csum_replace(l4 + ICMP_CHECK_OFF, id as u64, external_id as u64, CSUM_SIZE_U16).is_err() {
+    if ctx
+        .l4_csum_replace(
+            l4_off + ICMP_CHECK_OFF,
+            id as u64,
+            external_id as u64,
+            CSUM_SIZE_U16,
+        )
+        .is_err()
+    {
         return dropped(Counter::Malformed);
     }
     count(Counter::TranslatedOut);
@@ -169,11 +244,15 @@ fn echo_request(ctx: &TcContext, cfg: &NatConfig, ip: &Ipv4Header, l4: usize) ->
 /// (RFC 5508 REQ-5). They do not refresh the binding (RFC 7857 §7.1): an error answering
 /// inbound traffic must not keep a mapping alive. Errors about unknown bindings are dropped.
 #[inline(always)]
-fn icmp_error(cfg: &NatConfig, start: usize, end: usize, shape: &Ipv4Shape, l4: usize) -> i32 {
-    if shape.total_len < shape.header_len + ICMP_HLEN + nat_common::packet::IPV4_MIN_HLEN + ICMP_EMBEDDED_L4_MIN {
+fn icmp_error(cfg: &NatConfig, (l3, l4, end): Headers, shape: &Ipv4Shape) -> i32 {
+    if shape.total_len
+        < shape.header_len + ICMP_HLEN + nat_common::packet::IPV4_MIN_HLEN + ICMP_EMBEDDED_L4_MIN
+    {
         return dropped(Counter::IcmpErrorDropped);
     }
-    let Some(emb) = icmp::parse_embedded(start, end, l4) else { return dropped(Counter::IcmpErrorDropped) };
+    let Some(emb) = icmp::parse_embedded(l4, end) else {
+        return dropped(Counter::IcmpErrorDropped);
+    };
     if emb.ip.proto == proto::ICMP {
         // An internal host never receives echo requests through the NAT to complain about.
         return dropped(Counter::IcmpErrorDropped);
@@ -185,10 +264,22 @@ fn icmp_error(cfg: &NatConfig, start: usize, end: usize, shape: &Ipv4Shape, l4: 
         remote_addr: emb.ip.saddr,
         remote_port: emb.src_port,
     };
-    let Ok(binding) = bindings::outbound_binding(cfg, &flow, false) else { return dropped(Counter::IcmpErrorDropped) };
+    let Ok(binding) = bindings::outbound_binding(cfg, &flow, false) else {
+        return dropped(Counter::IcmpErrorDropped);
+    };
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
-    if icmp::rewrite(start, end, ETH_HLEN, l4, &emb, icmp::Side::Outbound, external_addr, external_port).is_none() {
+    if icmp::rewrite(
+        l3,
+        l4,
+        end,
+        &emb,
+        icmp::Side::Outbound,
+        external_addr,
+        external_port,
+    )
+    .is_none()
+    {
         return dropped(Counter::IcmpErrorDropped);
     }
     count(Counter::IcmpErrorOut);
@@ -198,9 +289,9 @@ fn icmp_error(cfg: &NatConfig, start: usize, end: usize, shape: &Ipv4Shape, l4: 
 /// Non-first fragments: same source address as their first fragment, or, if it has not been
 /// seen yet, the host's paired external address (which is what the first fragment will get).
 #[inline(always)]
-fn non_first_fragment(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header) -> i32 {
+fn non_first_fragment(cfg: &NatConfig, l3: usize, end: usize, ip: &Ipv4Header) -> i32 {
     let external_addr = fragments::translated_addr(ip).unwrap_or_else(|| external_addr_for(cfg, ip.saddr));
-    if set_ipv4_addr(start, end, ETH_HLEN, IPV4_SRC_OFF, external_addr).is_none() {
+    if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none() {
         return dropped(Counter::Malformed);
     }
     count(Counter::FragmentTranslated);

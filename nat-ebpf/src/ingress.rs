@@ -13,17 +13,17 @@ use nat_common::{
     checksum::replace_u16,
     maps::{BINDING_FLAG_STATIC, SESSION_KIND_ENDPOINT},
     packet::{
-        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN, ETH_P_IP_BE,
-        ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, TCP_FLAGS_OFF,
+        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
+        ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF, TCP_FLAGS_OFF,
     },
     proto, Counter, ExternalKey, ExternalValue, NatConfig,
 };
 
 use crate::{
-    access::{read_at, write_at},
+    access::{ptr_at, read_at, read_u8_at, write_at},
     fragments, icmp,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
-    rewrite::{set_ipv4_addr, transport_check_off, update_transport_checksum},
+    rewrite::{set_ipv4_addr, update_transport_checksum},
     sessions,
     stats::count,
 };
@@ -35,11 +35,15 @@ const ETH_TYPE_OFF: usize = 12;
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(cfg) = NAT_CONFIG.get(0) else { return XDP_PASS };
+    let Some(cfg) = NAT_CONFIG.get(0) else {
+        return XDP_PASS;
+    };
     if !cfg.is_ready() {
         return XDP_PASS;
     }
-    let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else { return XDP_PASS };
+    let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else {
+        return XDP_PASS;
+    };
     if eth_type != ETH_P_IP_BE {
         count(Counter::PassedNotNat);
         return XDP_PASS;
@@ -59,15 +63,20 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             return XDP_DROP;
         }
     };
+    let l3 = start + ETH_HLEN;
     if shape.fragment == Fragment::NonFirst {
-        return non_first_fragment(start, end, &ip);
+        return non_first_fragment(l3, end, &ip);
     }
-    let l4 = ETH_HLEN + shape.header_len;
+    // The one pointer every transport-header access is made from (see `access`).
+    let Some(l4) = ptr_at::<L4Head>(l3, end, shape.header_len) else {
+        return malformed();
+    };
+    let l4 = l4 as usize;
     match ip.proto {
-        proto::UDP | proto::TCP => transport(cfg, start, end, &ip, &shape, l4),
-        proto::ICMP => match read_at::<u8>(start, end, l4) {
-            Some(icmp_type::ECHO_REPLY) => echo_reply(cfg, start, end, &ip, l4),
-            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, start, end, l4),
+        proto::UDP | proto::TCP => transport(cfg, l3, l4, end, &ip, &shape),
+        proto::ICMP => match read_u8_at(l4, end, 0) {
+            Some(icmp_type::ECHO_REPLY) => echo_reply(cfg, l3, l4, end, &ip),
+            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, l3, l4, end),
             // Echo requests and other ICMP to the gateway itself.
             _ => {
                 count(Counter::PassedNotNat);
@@ -84,10 +93,22 @@ pub fn handle(ctx: &XdpContext) -> u32 {
 /// Finds the binding of external endpoint `external_addr:external_port` and applies the mode's
 /// filter to the remote. Static forwards admit every remote.
 #[inline(always)]
-fn admit(cfg: &NatConfig, proto: u8, external_addr: u32, external_port: u16, remote_addr: u32, remote_port: u16) -> Result<ExternalValue, u32> {
-    let key = ExternalKey { external_addr, external_port, proto, _pad: 0 };
+fn admit(
+    cfg: &NatConfig,
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) -> Result<ExternalValue, u32> {
+    let key = ExternalKey {
+        external_addr,
+        external_port,
+        proto,
+        _pad: 0,
+    };
     // SAFETY: plain data copied out at once.
-    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else {
+    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
         // Not ours: the gateway's own sockets and services get it; it cannot be forwarded,
         // since its destination is the gateway's own address.
         count(Counter::InboundNoBinding);
@@ -102,25 +123,28 @@ fn admit(cfg: &NatConfig, proto: u8, external_addr: u32, external_port: u16, rem
     Ok(binding)
 }
 
-/// UDP and TCP (whole datagrams and first fragments).
+/// UDP and TCP (whole datagrams and first fragments); `l3` and `l4` point at the headers.
 #[inline(always)]
-fn transport(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, shape: &Ipv4Shape, l4: usize) -> u32 {
-    let Some(head) = read_at::<L4Head>(start, end, l4) else { return malformed() };
+fn transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header, shape: &Ipv4Shape) -> u32 {
+    let Some(head) = read_at::<L4Head>(l4, end, 0) else {
+        return malformed();
+    };
     let binding = match admit(cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
         Ok(binding) => binding,
         Err(action) => return action,
     };
     if ip.proto == proto::TCP {
-        let Some(flags) = read_at::<u8>(start, end, l4 + TCP_FLAGS_OFF) else { return malformed() };
+        let Some(flags) = read_u8_at(l4, end, TCP_FLAGS_OFF) else {
+            return malformed();
+        };
         sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, flags);
     }
-    let rewritten = set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
-        write_at(start, end, l4 + 2, binding.internal_port)?;
+    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
+        write_at(l4, end, L4_DST_PORT_OFF, binding.internal_port)?;
         update_transport_checksum(
-            start,
+            l4,
             end,
             ip.proto,
-            l4 + transport_check_off(ip.proto),
             (ip.daddr, binding.internal_addr),
             (head.dst, binding.internal_port),
         )
@@ -137,16 +161,23 @@ fn transport(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, shape: 
 
 /// ICMP echo replies: the identifier plays the port (RFC 5508 REQ-1).
 #[inline(always)]
-fn echo_reply(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, l4: usize) -> u32 {
-    let Some(id) = read_at::<u16>(start, end, l4 + ICMP_ID_OFF) else { return malformed() };
+fn echo_reply(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header) -> u32 {
+    let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
+        return malformed();
+    };
     let binding = match admit(cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
         Ok(binding) => binding,
         Err(action) => return action,
     };
-    let rewritten = set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
-        let check: u16 = read_at(start, end, l4 + ICMP_CHECK_OFF)?;
-        write_at(start, end, l4 + ICMP_ID_OFF, binding.internal_port)?;
-        write_at(start, end, l4 + ICMP_CHECK_OFF, replace_u16(check, id, binding.internal_port))
+    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
+        let check: u16 = read_at(l4, end, ICMP_CHECK_OFF)?;
+        write_at(l4, end, ICMP_ID_OFF, binding.internal_port)?;
+        write_at(
+            l4,
+            end,
+            ICMP_CHECK_OFF,
+            replace_u16(check, id, binding.internal_port),
+        )
     });
     if rewritten.is_none() {
         return malformed();
@@ -160,19 +191,43 @@ fn echo_reply(cfg: &NatConfig, start: usize, end: usize, ip: &Ipv4Header, l4: us
 /// match a binding *and* a session with its destination, so a forged error about a mapping or
 /// remote that does not exist is dropped. Errors never change or delete state (RFC 4787 REQ-12).
 #[inline(always)]
-fn icmp_error(cfg: &NatConfig, start: usize, end: usize, l4: usize) -> u32 {
-    let Some(emb) = icmp::parse_embedded(start, end, l4) else { return icmp_error_dropped() };
+fn icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 {
+    let Some(emb) = icmp::parse_embedded(l4, end) else {
+        return icmp_error_dropped();
+    };
     if !cfg.is_external_addr(emb.ip.saddr) {
         return icmp_error_dropped();
     }
-    let key = ExternalKey { external_addr: emb.ip.saddr, external_port: emb.src_port, proto: emb.ip.proto, _pad: 0 };
+    let key = ExternalKey {
+        external_addr: emb.ip.saddr,
+        external_port: emb.src_port,
+        proto: emb.ip.proto,
+        _pad: 0,
+    };
     // SAFETY: plain data copied out at once.
-    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else { return icmp_error_dropped() };
-    if !sessions::exists(emb.ip.proto, emb.ip.saddr, emb.src_port, emb.ip.daddr, emb.dst_port, SESSION_KIND_ENDPOINT) {
+    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
+        return icmp_error_dropped();
+    };
+    if !sessions::exists(
+        emb.ip.proto,
+        emb.ip.saddr,
+        emb.src_port,
+        emb.ip.daddr,
+        emb.dst_port,
+        SESSION_KIND_ENDPOINT,
+    ) {
         return icmp_error_dropped();
     }
-    if icmp::rewrite(start, end, ETH_HLEN, l4, &emb, icmp::Side::Inbound, binding.internal_addr, binding.internal_port)
-        .is_none()
+    if icmp::rewrite(
+        l3,
+        l4,
+        end,
+        &emb,
+        icmp::Side::Inbound,
+        binding.internal_addr,
+        binding.internal_port,
+    )
+    .is_none()
     {
         return icmp_error_dropped();
     }
@@ -183,12 +238,12 @@ fn icmp_error(cfg: &NatConfig, start: usize, end: usize, l4: usize) -> u32 {
 /// Non-first fragments carry no ports: they follow their first fragment, or are dropped when
 /// it has not been seen (they cannot be attributed to a binding).
 #[inline(always)]
-fn non_first_fragment(start: usize, end: usize, ip: &Ipv4Header) -> u32 {
+fn non_first_fragment(l3: usize, end: usize, ip: &Ipv4Header) -> u32 {
     let Some(internal_addr) = fragments::translated_addr(ip) else {
         count(Counter::FragmentNoState);
         return XDP_DROP;
     };
-    if set_ipv4_addr(start, end, ETH_HLEN, IPV4_DST_OFF, internal_addr).is_none() {
+    if set_ipv4_addr(l3, end, IPV4_DST_OFF, internal_addr).is_none() {
         return malformed();
     }
     count(Counter::FragmentTranslated);

@@ -9,30 +9,31 @@ use nat_common::{
 
 use crate::access::{read_at, write_at};
 
-/// Replaces the IPv4 address at `ip + addr_off` with `new` and updates the header checksum.
-/// Returns the old address.
+/// Replaces the address at `addr_off` in the IPv4 header at `ip` with `new` and updates the
+/// header checksum. Returns the old address.
 #[inline(always)]
-pub fn set_ipv4_addr(start: usize, end: usize, ip: usize, addr_off: usize, new: u32) -> Option<u32> {
-    let old: u32 = read_at(start, end, ip + addr_off)?;
-    let check: u16 = read_at(start, end, ip + IPV4_CHECK_OFF)?;
-    write_at(start, end, ip + addr_off, new)?;
-    write_at(start, end, ip + IPV4_CHECK_OFF, replace_u32(check, old, new))?;
+pub fn set_ipv4_addr(ip: usize, end: usize, addr_off: usize, new: u32) -> Option<u32> {
+    let old: u32 = read_at(ip, end, addr_off)?;
+    let check: u16 = read_at(ip, end, IPV4_CHECK_OFF)?;
+    write_at(ip, end, addr_off, new)?;
+    write_at(ip, end, IPV4_CHECK_OFF, replace_u32(check, old, new))?;
     Some(old)
 }
 
-/// Updates a TCP or UDP checksum at `check_at` for an address change and a port change (both
-/// covered by it, the address through the pseudo-header). A zero UDP checksum means "none" and
-/// stays zero; a computed zero is sent as all ones (RFC 768). Returns (old, new) checksum.
+/// Updates the checksum of the TCP or UDP header at `l4` for an address change and a port
+/// change (both covered by it, the address through the pseudo-header). A zero UDP checksum
+/// means "none" and stays zero; a computed zero is sent as all ones (RFC 768). Returns the old
+/// and new checksum.
 #[inline(always)]
 pub fn update_transport_checksum(
-    start: usize,
+    l4: usize,
     end: usize,
     l4_proto: u8,
-    check_at: usize,
     addrs: (u32, u32),
     ports: (u16, u16),
 ) -> Option<(u16, u16)> {
-    let old: u16 = read_at(start, end, check_at)?;
+    let check_at = transport_check_off(l4_proto);
+    let old: u16 = read_at(l4, end, check_at)?;
     if l4_proto == proto::UDP && old == 0 {
         return Some((0, 0));
     }
@@ -40,7 +41,7 @@ pub fn update_transport_checksum(
     if l4_proto == proto::UDP {
         new = udp_nonzero(new);
     }
-    write_at(start, end, check_at, new)?;
+    write_at(l4, end, check_at, new)?;
     Some((old, new))
 }
 

@@ -1,0 +1,119 @@
+//! The read-only subcommands: `mappings`, `stats`, `status`. They open the running NAT's
+//! pinned maps directly, so they work from any shell in the same network namespace.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use nat_common::{
+    maps::{MAX_BINDINGS, MAX_SESSIONS},
+    Mode, NatConfig,
+};
+
+use crate::{
+    cli::{MappingsArgs, QueryArgs},
+    clock::monotonic_ns,
+    instance::{read_info, Instance},
+    pinned::PinnedMaps,
+    settings::Timeouts,
+    table,
+};
+
+fn open(query: &QueryArgs) -> Result<(Instance, PinnedMaps)> {
+    let instance = Instance::find(query.iface.as_deref())?;
+    let maps = PinnedMaps::open(&instance.pin_dir())?;
+    Ok((instance, maps))
+}
+
+/// `nat-ctl mappings`.
+pub fn mappings(args: &MappingsArgs) -> Result<()> {
+    let (_, maps) = open(&args.query)?;
+    let config = maps.read_config()?;
+    let mut rows = table::build(
+        monotonic_ns(),
+        &maps.bindings()?,
+        &maps.sessions()?,
+        &Timeouts(config.timeouts_secs),
+    );
+    if let Some(proto) = &args.proto {
+        rows.retain(|r| r.proto == proto);
+    }
+    if let Some(internal) = args.internal {
+        let prefix = format!("{internal}:");
+        rows.retain(|r| r.internal.starts_with(&prefix));
+    }
+    if args.query.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table::render(&rows));
+    }
+    Ok(())
+}
+
+/// `nat-ctl stats`.
+pub fn stats(query: &QueryArgs) -> Result<()> {
+    let (_, maps) = open(query)?;
+    let counters = maps.counters()?;
+    if query.json {
+        let object: serde_json::Map<String, serde_json::Value> = counters
+            .iter()
+            .map(|(c, v)| (c.name().to_string(), (*v).into()))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&object)?);
+    } else {
+        let width = counters.iter().map(|(c, _)| c.name().len()).max().unwrap_or(0);
+        for (counter, value) in counters {
+            println!("{:<width$}  {value}", counter.name());
+        }
+    }
+    Ok(())
+}
+
+/// The external addresses in a config, in order.
+pub fn external_addrs(config: &NatConfig) -> Vec<Ipv4Addr> {
+    config.external_addrs[..config.external_addr_count as usize]
+        .iter()
+        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
+        .collect()
+}
+
+/// `nat-ctl status`.
+pub fn status(query: &QueryArgs) -> Result<()> {
+    let (instance, maps) = open(query)?;
+    let config = maps.read_config()?;
+    let (pid, programs) = read_info(&instance).unwrap_or_else(|| ("-".into(), "no daemon running".into()));
+    let bindings = maps.bindings_out.keys().count();
+    let sessions = maps.sessions.keys().count();
+    let addrs: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
+    let mode: Mode = config.mode();
+    let t = config.timeouts_secs;
+    if query.json {
+        let value = serde_json::json!({
+            "iface": instance.iface,
+            "pid": pid,
+            "mode": mode.name(),
+            "external_addrs": addrs,
+            "ports": format!("{}-{}", config.port_min, config.port_max),
+            "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
+            "programs": programs,
+            "bindings": bindings, "bindings_max": MAX_BINDINGS,
+            "sessions": sessions, "sessions_max": MAX_SESSIONS,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("interface:  {} (daemon pid {pid})", instance.iface);
+        println!("mode:       {}", mode.name());
+        println!("external:   {}", addrs.join(", "));
+        println!(
+            "ports:      {}-{} (source ports < 1024 map to 1-1023)",
+            config.port_min, config.port_max
+        );
+        println!(
+            "timeouts:   udp {}s, tcp established {}s, tcp transitory {}s, icmp {}s",
+            t[0], t[1], t[2], t[3]
+        );
+        println!("programs:   {programs}");
+        println!("bindings:   {bindings} / {MAX_BINDINGS}");
+        println!("sessions:   {sessions} / {MAX_SESSIONS}");
+    }
+    Ok(())
+}

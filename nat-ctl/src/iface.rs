@@ -1,0 +1,50 @@
+//! Network interface facts: index and IPv4 addresses.
+
+use std::{ffi::CString, net::Ipv4Addr};
+
+use anyhow::{bail, Result};
+
+/// The interface index of `name` in the current network namespace.
+pub fn index(name: &str) -> Result<u32> {
+    let c_name =
+        CString::new(name).map_err(|_| anyhow::anyhow!("interface name {name:?} contains a NUL byte"))?;
+    // SAFETY: valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {name} does not exist");
+    }
+    Ok(index)
+}
+
+/// The IPv4 addresses assigned to `name`, primary first (kernel order).
+pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        bail!(
+            "cannot list interface addresses: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut addrs = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list returned by getifaddrs.
+        let entry = unsafe { &*cursor };
+        // SAFETY: ifa_name is a valid C string for every entry.
+        let entry_name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        if entry_name.to_bytes() == name.as_bytes() && !entry.ifa_addr.is_null() {
+            // SAFETY: non-null sockaddr; its family says whether it is a sockaddr_in.
+            let family = unsafe { (*entry.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+                addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cursor = entry.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addrs)
+}

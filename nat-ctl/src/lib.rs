@@ -1,0 +1,15 @@
+//! Controller of the eBPF/XDP NAT gateway: loads and attaches the data path, owns the policy
+//! (mode, addresses, port range, timeouts), expires idle state, and reads the NAT table and
+//! counters from the pinned maps.
+
+pub mod cli;
+pub mod clock;
+pub mod commands;
+pub mod daemon;
+pub mod expiry;
+pub mod iface;
+pub mod instance;
+pub mod loader;
+pub mod pinned;
+pub mod settings;
+pub mod table;

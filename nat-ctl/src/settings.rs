@@ -1,0 +1,243 @@
+//! Validated settings of one NAT instance, and the parsers for their command-line forms.
+//!
+//! Everything is checked here, before anything is loaded or attached, so bad input never
+//! leaves a half-installed NAT behind.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+use nat_common::{
+    alloc::PortRange,
+    config::{
+        Timeout, CONFIG_FLAG_READY, DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN,
+        DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS, DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS,
+        MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
+    },
+    Mode, NatConfig,
+};
+
+/// Idle timeouts in seconds, per `Timeout` kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts(pub [u32; TIMEOUT_COUNT]);
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts([
+            DEFAULT_UDP_TIMEOUT_SECS,
+            DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS,
+            DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS,
+            DEFAULT_ICMP_TIMEOUT_SECS,
+        ])
+    }
+}
+
+impl Timeouts {
+    /// The timeout of `kind` in seconds.
+    pub fn get(&self, kind: Timeout) -> u32 {
+        self.0[kind as usize]
+    }
+
+    /// Overrides `kind` when `value` is given.
+    pub fn set(&mut self, kind: Timeout, value: Option<u32>) {
+        if let Some(v) = value {
+            self.0[kind as usize] = v;
+        }
+    }
+}
+
+/// Everything `nat-ctl attach` needs to know, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// External interface.
+    pub iface: String,
+    /// NAT type.
+    pub mode: Mode,
+    /// External addresses; empty means "the interface's primary IPv4 address".
+    pub external_addrs: Vec<Ipv4Addr>,
+    /// Dynamic port range for internal ports >= 1024.
+    pub ports: PortRange,
+    /// Idle timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Settings {
+    /// Settings with the defaults for everything but the interface.
+    pub fn new(iface: &str) -> Self {
+        Settings {
+            iface: iface.to_string(),
+            mode: Mode::PortRestricted,
+            external_addrs: Vec::new(),
+            ports: PortRange {
+                min: DEFAULT_PORT_MIN,
+                max: DEFAULT_PORT_MAX,
+            },
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    /// Checks the settings that parsers cannot check one value at a time.
+    pub fn validate(&self) -> Result<()> {
+        validate_external_addrs(&self.external_addrs)?;
+        for (kind, name) in [
+            (Timeout::Udp, "--udp-timeout"),
+            (Timeout::TcpEstablished, "--tcp-established-timeout"),
+            (Timeout::TcpTransitory, "--tcp-transitory-timeout"),
+            (Timeout::Icmp, "--icmp-timeout"),
+        ] {
+            if self.timeouts.get(kind) == 0 {
+                bail!("{name} must be at least 1 second");
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel config record for these settings with the resolved external addresses.
+    pub fn to_config(&self, external_addrs: &[Ipv4Addr]) -> NatConfig {
+        let mut config = NatConfig::empty();
+        for (slot, addr) in config.external_addrs.iter_mut().zip(external_addrs) {
+            *slot = u32::from(*addr).to_be();
+        }
+        config.external_addr_count = external_addrs.len().min(MAX_EXTERNAL_ADDRS) as u32;
+        config.port_min = self.ports.min;
+        config.port_max = self.ports.max;
+        config.mode = self.mode as u8;
+        config.timeouts_secs = self.timeouts.0;
+        config.flags = CONFIG_FLAG_READY;
+        config
+    }
+}
+
+/// Parses `MIN-MAX` (inclusive, 1..=65535, MIN <= MAX).
+pub fn parse_port_range(text: &str) -> Result<PortRange> {
+    let Some((min, max)) = text.split_once('-') else {
+        bail!("port range {text:?} is not of the form MIN-MAX");
+    };
+    let parse = |s: &str| -> Result<u16> {
+        match s.trim().parse::<u16>() {
+            Ok(0) | Err(_) => bail!("port range {text:?}: {s:?} is not a port number from 1 to 65535"),
+            Ok(p) => Ok(p),
+        }
+    };
+    let (min, max) = (parse(min)?, parse(max)?);
+    if min > max {
+        bail!("port range {text:?} is inverted (MIN is above MAX)");
+    }
+    Ok(PortRange { min, max })
+}
+
+/// Parses an IPv4 address, with a message that says what was wrong.
+pub fn parse_ipv4(text: &str) -> Result<Ipv4Addr> {
+    match text.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(addr)) => Ok(addr),
+        Ok(std::net::IpAddr::V6(_)) => bail!("{text} is an IPv6 address; this NAT translates IPv4 only"),
+        Err(_) => bail!("{text:?} is not an IPv4 address"),
+    }
+}
+
+/// Parses a mode name.
+pub fn parse_mode(text: &str) -> Result<Mode> {
+    Mode::from_name(text).ok_or_else(|| {
+        let names: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+        anyhow::anyhow!("unknown mode {text:?} (expected one of: {})", names.join(", "))
+    })
+}
+
+/// An external address list must be usable unicast addresses, without repeats, and fit the
+/// kernel's table.
+pub fn validate_external_addrs(addrs: &[Ipv4Addr]) -> Result<()> {
+    if addrs.len() > MAX_EXTERNAL_ADDRS {
+        bail!(
+            "at most {MAX_EXTERNAL_ADDRS} external addresses are supported, {} given",
+            addrs.len()
+        );
+    }
+    for (i, addr) in addrs.iter().enumerate() {
+        if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback() {
+            bail!("external address {addr} is not a unicast address");
+        }
+        if addrs[..i].contains(addr) {
+            bail!("external address {addr} is listed twice");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            parse_port_range("1024-65535").unwrap(),
+            PortRange {
+                min: 1024,
+                max: 65535
+            }
+        );
+        assert_eq!(
+            parse_port_range("7000-7000").unwrap(),
+            PortRange { min: 7000, max: 7000 }
+        );
+        for bad in ["5000-4000", "0-10", "10", "-", "a-b", "1-65536", ""] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(parse_port_range("5000-4000")
+            .unwrap_err()
+            .to_string()
+            .contains("inverted"));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_ipv4("198.51.100.1").unwrap(),
+            Ipv4Addr::new(198, 51, 100, 1)
+        );
+        assert!(parse_ipv4("2001:db8::1")
+            .unwrap_err()
+            .to_string()
+            .contains("IPv6"));
+        assert!(parse_ipv4("foo").is_err());
+        let a = Ipv4Addr::new(198, 51, 100, 1);
+        assert!(validate_external_addrs(&[a, a]).is_err(), "duplicates refused");
+        assert!(validate_external_addrs(&[Ipv4Addr::UNSPECIFIED]).is_err());
+        assert!(validate_external_addrs(&[Ipv4Addr::new(224, 0, 0, 1)]).is_err());
+        assert!(validate_external_addrs(&[a]).is_ok());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("symmetric").unwrap(), Mode::Symmetric);
+        assert!(parse_mode("cone")
+            .unwrap_err()
+            .to_string()
+            .contains("port-restricted"));
+    }
+
+    #[test]
+    fn config_record() {
+        let mut s = Settings::new("eth0");
+        s.timeouts.set(Timeout::Udp, Some(4));
+        s.validate().unwrap();
+        let addrs = [Ipv4Addr::new(198, 51, 100, 254), Ipv4Addr::new(198, 51, 100, 253)];
+        let c = s.to_config(&addrs);
+        assert_eq!(c.external_addr_count, 2);
+        assert_eq!(
+            c.external_addrs[0].to_ne_bytes(),
+            [198, 51, 100, 254],
+            "network byte order in memory"
+        );
+        assert!(c.is_ready());
+        assert_eq!(c.mode(), Mode::PortRestricted);
+        assert_eq!(c.timeouts_secs[Timeout::Udp as usize], 4);
+        assert_eq!(c.timeouts_secs[Timeout::TcpEstablished as usize], 7440);
+    }
+
+    #[test]
+    fn zero_timeout_refused() {
+        let mut s = Settings::new("eth0");
+        s.timeouts.set(Timeout::Icmp, Some(0));
+        assert!(s.validate().is_err());
+    }
+}
