@@ -59,6 +59,12 @@ counters! {
     FragmentTranslated = "fragment_translated",
     /// Inbound non-first fragments dropped because their first fragment was not seen.
     FragmentNoState = "fragment_no_state",
+    /// Inbound TCP SYNs with no binding and no listener on the gateway: dropped without any
+    /// reply (RFC 5382 REQ-4, REQ-4a).
+    UnsolicitedSyn = "unsolicited_syn",
+    /// Packets (and ICMP errors) from an internal host to another internal host's external
+    /// endpoint, translated on both sides and sent back in (RFC 4787 REQ-9).
+    Hairpinned = "hairpinned",
 }
 
 /// Number of counters (size of the `COUNTERS` per-CPU array).

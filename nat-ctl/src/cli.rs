@@ -27,6 +27,19 @@ pub enum Command {
     Stats(QueryArgs),
     /// Print interface, mode, addresses, attached programs and table fill.
     Status(QueryArgs),
+    /// Switch a running NAT to another mode, keeping its bindings.
+    Mode(ModeArgs),
+}
+
+/// `nat-ctl mode`.
+#[derive(Debug, Args)]
+pub struct ModeArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// The new mode: full-cone, restricted-cone, port-restricted or symmetric.
+    #[arg(value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()))]
+    pub mode: Mode,
 }
 
 /// `nat-ctl attach`.
@@ -55,6 +68,10 @@ pub struct AttachArgs {
     /// ICMP query idle timeout in seconds (default 60, RFC 5508 REQ-2).
     #[arg(long, value_name = "SECS")]
     pub icmp_timeout: Option<u32>,
+    /// Internal interface (repeatable): gets the hairpinning program, so internal hosts can
+    /// reach each other through their external endpoints.
+    #[arg(long = "internal-iface", value_name = "IFACE")]
+    pub internal_ifaces: Vec<String>,
     /// How often the expiry sweep runs, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub sweep_interval_ms: u64,

@@ -10,7 +10,7 @@ use nat_common::{
 };
 
 use crate::{
-    cli::{MappingsArgs, QueryArgs},
+    cli::{MappingsArgs, ModeArgs, QueryArgs},
     clock::monotonic_ns,
     instance::{read_info, Instance},
     pinned::PinnedMaps,
@@ -115,5 +115,25 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         println!("bindings:   {bindings} / {MAX_BINDINGS}");
         println!("sessions:   {sessions} / {MAX_SESSIONS}");
     }
+    Ok(())
+}
+
+/// `nat-ctl mode`: switches the filtering and mapping behaviour of a running NAT. Existing
+/// bindings and sessions stay; see the README for how each switch treats them.
+pub fn mode(args: &ModeArgs) -> Result<()> {
+    let instance = Instance::find(args.iface.as_deref())?;
+    let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let mut config = maps.read_config()?;
+    let old = config.mode();
+    if old == args.mode {
+        anyhow::bail!(
+            "{} already runs in {} mode; nothing changed",
+            instance.iface,
+            old.name()
+        );
+    }
+    config.mode = args.mode as u8;
+    maps.write_config(&config)?;
+    println!("{}: mode {} -> {}", instance.iface, old.name(), args.mode.name());
     Ok(())
 }

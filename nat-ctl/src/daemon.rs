@@ -33,6 +33,7 @@ pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
         .timeouts
         .set(Timeout::TcpTransitory, args.tcp_transitory_timeout);
     settings.timeouts.set(Timeout::Icmp, args.icmp_timeout);
+    settings.internal_ifaces = args.internal_ifaces.clone();
     settings.validate()?;
     Ok(settings)
 }
@@ -41,6 +42,9 @@ pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
 pub fn attach(args: &AttachArgs) -> Result<()> {
     let settings = settings_from_args(args)?;
     iface::index(&settings.iface)?;
+    for internal in &settings.internal_ifaces {
+        iface::index(internal)?;
+    }
     let addrs = if settings.external_addrs.is_empty() {
         match iface::ipv4_addrs(&settings.iface)?.first() {
             Some(primary) => vec![*primary],
@@ -59,7 +63,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     instance.remove_pins()?;
 
     let config = settings.to_config(&addrs);
-    let attached = Attached::attach(&instance, &config)?;
+    let attached = Attached::attach(&instance, &config, &settings.internal_ifaces)?;
     let mut maps = PinnedMaps::open(&instance.pin_dir())?;
     lock.write_info(&attached.description)?;
 

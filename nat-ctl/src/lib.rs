@@ -12,4 +12,5 @@ pub mod instance;
 pub mod loader;
 pub mod pinned;
 pub mod settings;
+pub mod sysctl;
 pub mod table;

@@ -12,13 +12,15 @@ use aya::{
 };
 use nat_common::NatConfig;
 
-use crate::{instance::Instance, pinned::PinnedMaps};
+use crate::{instance::Instance, pinned::PinnedMaps, sysctl};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat.bpf.o"));
 
 /// Name of the XDP (inbound) program in the object.
 const INGRESS_PROGRAM: &str = "nat_ingress";
+/// Name of the internal-side XDP (hairpinning) program in the object.
+const INTERNAL_PROGRAM: &str = "nat_internal";
 /// Name of the TC egress (outbound) program in the object.
 const EGRESS_PROGRAM: &str = "nat_egress";
 /// First kernel with TCX; older ones need a clsact qdisc (added by us, removed by us).
@@ -29,15 +31,16 @@ pub struct Attached {
     instance: Instance,
     ebpf: Option<Ebpf>,
     added_clsact: bool,
+    sysctls: Vec<sysctl::Changed>,
     /// How the programs are attached, for `nat-ctl status`.
     pub description: String,
 }
 
 impl Attached {
     /// Loads the programs with maps pinned in the instance's directory, writes `config`, and
-    /// attaches XDP ingress and TC egress to the interface. On error everything done so far
-    /// is undone.
-    pub fn attach(instance: &Instance, config: &NatConfig) -> Result<Attached> {
+    /// attaches XDP ingress and TC egress to the interface, and the hairpinning XDP program to
+    /// each internal interface. On error everything done so far is undone.
+    pub fn attach(instance: &Instance, config: &NatConfig, internal_ifaces: &[String]) -> Result<Attached> {
         if EBPF_OBJECT.is_empty() {
             bail!("this nat-ctl was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild nat-ctl");
         }
@@ -47,6 +50,7 @@ impl Attached {
             instance: instance.clone(),
             ebpf: None,
             added_clsact: false,
+            sysctls: Vec::new(),
             description: String::new(),
         };
         let ebpf = EbpfLoader::new()
@@ -83,7 +87,26 @@ impl Attached {
         egress
             .attach(iface, TcAttachType::Egress)
             .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
-        attached.description = format!("xdp ingress + {} egress", if tcx { "tcx" } else { "tc clsact" });
+        let mut description = format!(
+            "xdp ingress + {} egress on {iface}",
+            if tcx { "tcx" } else { "tc clsact" }
+        );
+        if !internal_ifaces.is_empty() {
+            let internal: &mut Xdp = ebpf
+                .program_mut(INTERNAL_PROGRAM)
+                .context("internal XDP program missing")?
+                .try_into()?;
+            internal.load().map_err(|e| rejected("internal XDP", e))?;
+            for lan in internal_ifaces {
+                let changed = sysctl::accept_local(lan)?;
+                attached.sysctls.push(changed);
+                internal
+                    .attach(lan, XdpMode::default())
+                    .with_context(|| format!("cannot attach XDP to {lan}"))?;
+            }
+            description += &format!("; xdp hairpinning on {}", internal_ifaces.join(", "));
+        }
+        attached.description = description;
         Ok(attached)
     }
 }
@@ -118,6 +141,9 @@ impl Drop for Attached {
     fn drop(&mut self) {
         // Dropping the loaded object detaches the links and unloads the programs.
         drop(self.ebpf.take());
+        for changed in &self.sysctls {
+            changed.restore();
+        }
         if self.added_clsact {
             let _ = Command::new("tc")
                 .args(["qdisc", "del", "dev", &self.instance.iface, "clsact"])

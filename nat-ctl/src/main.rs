@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Mappings(args) => commands::mappings(args),
         Command::Stats(args) => commands::stats(args),
         Command::Status(args) => commands::status(args),
+        Command::Mode(args) => commands::mode(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

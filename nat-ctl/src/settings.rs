@@ -58,6 +58,8 @@ pub struct Settings {
     pub ports: PortRange,
     /// Idle timeouts.
     pub timeouts: Timeouts,
+    /// Internal interfaces that get the hairpinning program.
+    pub internal_ifaces: Vec<String>,
 }
 
 impl Settings {
@@ -72,12 +74,21 @@ impl Settings {
                 max: DEFAULT_PORT_MAX,
             },
             timeouts: Timeouts::default(),
+            internal_ifaces: Vec::new(),
         }
     }
 
     /// Checks the settings that parsers cannot check one value at a time.
     pub fn validate(&self) -> Result<()> {
         validate_external_addrs(&self.external_addrs)?;
+        for (i, internal) in self.internal_ifaces.iter().enumerate() {
+            if *internal == self.iface {
+                bail!("{internal} is the external interface; it cannot also be an internal one");
+            }
+            if self.internal_ifaces[..i].contains(internal) {
+                bail!("internal interface {internal} is listed twice");
+            }
+        }
         for (kind, name) in [
             (Timeout::Udp, "--udp-timeout"),
             (Timeout::TcpEstablished, "--tcp-established-timeout"),
@@ -232,6 +243,17 @@ mod tests {
         assert_eq!(c.mode(), Mode::PortRestricted);
         assert_eq!(c.timeouts_secs[Timeout::Udp as usize], 4);
         assert_eq!(c.timeouts_secs[Timeout::TcpEstablished as usize], 7440);
+    }
+
+    #[test]
+    fn internal_interfaces_checked() {
+        let mut s = Settings::new("eth0");
+        s.internal_ifaces = vec!["eth0".into()];
+        assert!(s.validate().is_err(), "external cannot be internal");
+        s.internal_ifaces = vec!["lan0".into(), "lan0".into()];
+        assert!(s.validate().is_err(), "duplicates refused");
+        s.internal_ifaces = vec!["lan0".into(), "lan1".into()];
+        assert!(s.validate().is_ok());
     }
 
     #[test]

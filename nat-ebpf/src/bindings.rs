@@ -207,3 +207,64 @@ pub fn refresh(binding: *mut BindingValue, now: u64) {
         }
     }
 }
+
+/// Everything an outbound packet does to NAT state: finds or creates its binding, refreshes it,
+/// and records the remote as a session. Returns the external endpoint, or `None` when the flow
+/// must be dropped (already counted).
+#[inline(always)]
+pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, tcp_flags: u8) -> Option<(u32, u16)> {
+    let binding = outbound_binding(cfg, flow, true).ok()?;
+    let now = now_ns();
+    refresh(binding, now);
+    // SAFETY: map value pointer from a successful lookup.
+    let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
+    sessions::touch_outbound(
+        flow.proto,
+        external_addr,
+        external_port,
+        flow.remote_addr,
+        flow.remote_port,
+        tcp_flags,
+        now,
+    )
+    .ok()?;
+    Some((external_addr, external_port))
+}
+
+/// Why an inbound packet found no way in.
+#[derive(Clone, Copy)]
+pub enum Refusal {
+    /// No binding has this external endpoint.
+    NoBinding,
+    /// A binding exists but the mode's filter rejects this remote.
+    Filtered,
+}
+
+/// The binding behind external endpoint `external_addr:external_port`, if the mode's filter
+/// lets `remote_addr:remote_port` use it (RFC 4787 §5). Static forwards admit every remote.
+#[inline(always)]
+pub fn inbound_binding(
+    cfg: &NatConfig,
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) -> Result<ExternalValue, Refusal> {
+    let key = ExternalKey {
+        external_addr,
+        external_port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data copied out at once.
+    let binding = unsafe { NAT_BINDINGS_IN.get(&key) }
+        .copied()
+        .ok_or(Refusal::NoBinding)?;
+    if binding.flags & BINDING_FLAG_STATIC == 0
+        && !sessions::filter_allows(cfg, proto, external_addr, external_port, remote_addr, remote_port)
+    {
+        return Err(Refusal::Filtered);
+    }
+    Ok(binding)
+}

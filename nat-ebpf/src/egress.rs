@@ -20,11 +20,10 @@ use nat_common::{
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
-    bindings::{self, external_addr_for, now_ns, OutboundFlow},
+    bindings::{self, external_addr_for, OutboundFlow},
     fragments, icmp,
     maps::NAT_CONFIG,
     rewrite::{set_ipv4_addr, transport_check_off},
-    sessions,
     stats::count,
 };
 
@@ -102,28 +101,6 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
 }
 
-/// Binding lookup or creation plus session bookkeeping for an outbound packet; returns the
-/// external endpoint.
-#[inline(always)]
-fn bind(cfg: &NatConfig, flow: &OutboundFlow, tcp_flags: u8) -> Option<(u32, u16)> {
-    let binding = bindings::outbound_binding(cfg, flow, true).ok()?;
-    let now = now_ns();
-    bindings::refresh(binding, now);
-    // SAFETY: map value pointer from a successful lookup.
-    let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
-    sessions::touch_outbound(
-        flow.proto,
-        external_addr,
-        external_port,
-        flow.remote_addr,
-        flow.remote_port,
-        tcp_flags,
-        now,
-    )
-    .ok()?;
-    Some((external_addr, external_port))
-}
-
 /// Pointers to the IPv4 header, the transport header, and the packet end.
 type Headers = (usize, usize, usize);
 
@@ -157,7 +134,7 @@ fn transport(
         remote_port: head.dst,
     };
     // Failures were counted where they happened (port exhaustion, table full).
-    let Some((external_addr, external_port)) = bind(cfg, &flow, tcp_flags) else {
+    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
         return TC_ACT_SHOT;
     };
     if shape.fragment == Fragment::First {
@@ -217,7 +194,7 @@ fn echo_request(
         remote_addr: ip.daddr,
         remote_port: 0,
     };
-    let Some((external_addr, external_id)) = bind(cfg, &flow, 0) else {
+    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, 0) else {
         return TC_ACT_SHOT;
     };
     if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()

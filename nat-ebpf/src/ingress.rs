@@ -11,17 +11,20 @@ use aya_ebpf::{
 };
 use nat_common::{
     checksum::replace_u16,
-    maps::{BINDING_FLAG_STATIC, SESSION_KIND_ENDPOINT},
+    maps::SESSION_KIND_ENDPOINT,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
         ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF, TCP_FLAGS_OFF,
     },
-    proto, Counter, ExternalKey, ExternalValue, NatConfig,
+    proto,
+    tcp_state::flags as tcp_flags,
+    Counter, ExternalKey, ExternalValue, NatConfig,
 };
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
-    fragments, icmp,
+    bindings::{self, Refusal},
+    fragments, icmp, local,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
     rewrite::{set_ipv4_addr, update_transport_checksum},
     sessions,
@@ -73,7 +76,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     let l4 = l4 as usize;
     match ip.proto {
-        proto::UDP | proto::TCP => transport(cfg, l3, l4, end, &ip, &shape),
+        proto::UDP | proto::TCP => transport(ctx, cfg, (l3, l4, end), &ip, &shape),
         proto::ICMP => match read_u8_at(l4, end, 0) {
             Some(icmp_type::ECHO_REPLY) => echo_reply(cfg, l3, l4, end, &ip),
             Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, l3, l4, end),
@@ -90,8 +93,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Finds the binding of external endpoint `external_addr:external_port` and applies the mode's
-/// filter to the remote. Static forwards admit every remote.
+/// The binding an inbound packet may use, or the action for a packet that has none: the
+/// gateway's own stack gets packets for endpoints the NAT does not own (they are addressed to
+/// the gateway, so the kernel never forwards them); filtered packets are dropped.
 #[inline(always)]
 fn admit(
     cfg: &NatConfig,
@@ -101,43 +105,59 @@ fn admit(
     remote_addr: u32,
     remote_port: u16,
 ) -> Result<ExternalValue, u32> {
-    let key = ExternalKey {
-        external_addr,
-        external_port,
-        proto,
-        _pad: 0,
-    };
-    // SAFETY: plain data copied out at once.
-    let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
-        // Not ours: the gateway's own sockets and services get it; it cannot be forwarded,
-        // since its destination is the gateway's own address.
-        count(Counter::InboundNoBinding);
-        return Err(XDP_PASS);
-    };
-    if binding.flags & BINDING_FLAG_STATIC == 0
-        && !sessions::filter_allows(cfg, proto, external_addr, external_port, remote_addr, remote_port)
-    {
-        count(Counter::FilteredIn);
-        return Err(XDP_DROP);
-    }
-    Ok(binding)
+    bindings::inbound_binding(cfg, proto, external_addr, external_port, remote_addr, remote_port).map_err(
+        |refusal| match refusal {
+            Refusal::NoBinding => {
+                count(Counter::InboundNoBinding);
+                XDP_PASS
+            }
+            Refusal::Filtered => {
+                count(Counter::FilteredIn);
+                XDP_DROP
+            }
+        },
+    )
 }
 
-/// UDP and TCP (whole datagrams and first fragments); `l3` and `l4` point at the headers.
+/// Pointers to the IPv4 header, the transport header, and the packet end.
+type Headers = (usize, usize, usize);
+
+/// UDP and TCP (whole datagrams and first fragments).
 #[inline(always)]
-fn transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header, shape: &Ipv4Shape) -> u32 {
+fn transport(
+    ctx: &XdpContext,
+    cfg: &NatConfig,
+    (l3, l4, end): Headers,
+    ip: &Ipv4Header,
+    shape: &Ipv4Shape,
+) -> u32 {
     let Some(head) = read_at::<L4Head>(l4, end, 0) else {
         return malformed();
     };
-    let binding = match admit(cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
-        Ok(binding) => binding,
-        Err(action) => return action,
-    };
-    if ip.proto == proto::TCP {
+    let tcp_flags = if ip.proto == proto::TCP {
         let Some(flags) = read_u8_at(l4, end, TCP_FLAGS_OFF) else {
             return malformed();
         };
-        sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, flags);
+        flags
+    } else {
+        0
+    };
+    let binding = match admit(cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
+        Ok(binding) => binding,
+        // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners still
+        // get theirs; anything else would be answered with a RST by the gateway's stack.
+        Err(XDP_PASS)
+            if ip.proto == proto::TCP
+                && tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+                && !local::tcp_socket_exists(ctx, ip, head.src, head.dst) =>
+        {
+            count(Counter::UnsolicitedSyn);
+            return XDP_DROP;
+        }
+        Err(action) => return action,
+    };
+    if ip.proto == proto::TCP {
+        sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, tcp_flags);
     }
     let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
         write_at(l4, end, L4_DST_PORT_OFF, binding.internal_port)?;

@@ -10,6 +10,8 @@ mod egress;
 mod fragments;
 mod icmp;
 mod ingress;
+mod internal;
+mod local;
 mod maps;
 mod rewrite;
 mod sessions;
@@ -24,6 +26,12 @@ use aya_ebpf::{
 #[xdp]
 pub fn nat_ingress(ctx: XdpContext) -> u32 {
     ingress::handle(&ctx)
+}
+
+/// Hairpinning on the internal interface(s).
+#[xdp]
+pub fn nat_internal(ctx: XdpContext) -> u32 {
+    internal::handle(&ctx)
 }
 
 /// Outbound translation on the external interface.

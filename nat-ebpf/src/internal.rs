@@ -1,0 +1,204 @@
+//! XDP on the internal interface(s): hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8,
+//! RFC 5508 REQ-7).
+//!
+//! An internal host that sends to another internal host's *external* endpoint addresses the
+//! gateway itself, so the kernel would deliver it locally. Here such a packet is translated on
+//! both sides, exactly as if it had left and come back: the source becomes the sender's own
+//! external endpoint (created or refreshed like any outbound flow, REQ-9a), the destination
+//! the target's internal endpoint, subject to the target binding's filter. The kernel then
+//! routes it back out to the target. Everything else passes untouched.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    programs::XdpContext,
+};
+use nat_common::{
+    packet::{
+        check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, L4Head, ETH_HLEN, ETH_P_IP_BE,
+        IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF,
+    },
+    proto, Counter, ExternalKey, NatConfig,
+};
+
+use crate::{
+    access::{ptr_at, read_at, read_u8_at, write_at},
+    bindings::{self, OutboundFlow, Refusal},
+    icmp,
+    maps::{NAT_BINDINGS_IN, NAT_CONFIG},
+    rewrite::{set_ipv4_addr, update_transport_checksum},
+    sessions,
+    stats::count,
+};
+
+/// Offset of the EtherType in the Ethernet header.
+const ETH_TYPE_OFF: usize = 12;
+
+/// Entry point logic: returns the XDP action.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(cfg) = NAT_CONFIG.get(0) else {
+        return XDP_PASS;
+    };
+    if !cfg.is_ready() || read_at::<u16>(start, end, ETH_TYPE_OFF) != Some(ETH_P_IP_BE) {
+        return XDP_PASS;
+    }
+    let l3 = start + ETH_HLEN;
+    let Some(ip) = read_at::<Ipv4Header>(l3, end, 0) else {
+        return XDP_PASS;
+    };
+    // Only traffic to the gateway's external addresses can be hairpinned.
+    if !cfg.is_external_addr(ip.daddr) || cfg.is_external_addr(ip.saddr) {
+        return XDP_PASS;
+    }
+    let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, end - l3) {
+        // Fragments are left to the gateway's stack (hairpinning fragments is not supported).
+        Ok(shape) if shape.fragment == Fragment::None && check_transport(&shape, ip.proto).is_ok() => shape,
+        _ => return XDP_PASS,
+    };
+    let Some(l4) = ptr_at::<L4Head>(l3, end, shape.header_len) else {
+        return XDP_PASS;
+    };
+    let l4 = l4 as usize;
+    match ip.proto {
+        proto::UDP | proto::TCP => hairpin_transport(cfg, l3, l4, end, &ip),
+        proto::ICMP => match read_u8_at(l4, end, 0) {
+            Some(ty) if icmp_type::is_error(ty) => hairpin_icmp_error(cfg, l3, l4, end),
+            // Echo requests to an external address are for the gateway itself.
+            _ => XDP_PASS,
+        },
+        _ => XDP_PASS,
+    }
+}
+
+/// UDP and TCP from one internal host to another's external endpoint.
+#[inline(always)]
+fn hairpin_transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header) -> u32 {
+    let Some(head) = read_at::<L4Head>(l4, end, 0) else {
+        return XDP_PASS;
+    };
+    let key = ExternalKey {
+        external_addr: ip.daddr,
+        external_port: head.dst,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    if NAT_BINDINGS_IN.get_ptr(&key).is_none() {
+        // A service of the gateway itself, not another host's binding.
+        return XDP_PASS;
+    }
+    let tcp_flags = if ip.proto == proto::TCP {
+        read_u8_at(l4, end, TCP_FLAGS_OFF).unwrap_or(0)
+    } else {
+        0
+    };
+    let flow = OutboundFlow {
+        proto: ip.proto,
+        internal_addr: ip.saddr,
+        internal_port: head.src,
+        remote_addr: ip.daddr,
+        remote_port: head.dst,
+    };
+    let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
+        return XDP_DROP;
+    };
+    let target = match bindings::inbound_binding(cfg, ip.proto, ip.daddr, head.dst, src_addr, src_port) {
+        Ok(target) => target,
+        Err(Refusal::NoBinding) => return XDP_PASS,
+        Err(Refusal::Filtered) => {
+            count(Counter::FilteredIn);
+            return XDP_DROP;
+        }
+    };
+    if ip.proto == proto::TCP {
+        sessions::track_inbound_tcp(ip.daddr, head.dst, src_addr, src_port, tcp_flags);
+    }
+    let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, src_addr)
+        .and_then(|_| set_ipv4_addr(l3, end, IPV4_DST_OFF, target.internal_addr))
+        .and_then(|_| write_at(l4, end, L4_SRC_PORT_OFF, src_port))
+        .and_then(|_| write_at(l4, end, L4_DST_PORT_OFF, target.internal_port))
+        .and_then(|_| {
+            update_transport_checksum(l4, end, ip.proto, (ip.saddr, src_addr), (head.src, src_port))
+        })
+        .and_then(|_| {
+            update_transport_checksum(
+                l4,
+                end,
+                ip.proto,
+                (ip.daddr, target.internal_addr),
+                (head.dst, target.internal_port),
+            )
+        });
+    if rewritten.is_none() {
+        count(Counter::Malformed);
+        return XDP_DROP;
+    }
+    count(Counter::Hairpinned);
+    XDP_PASS
+}
+
+/// An ICMP error from internal host T about a hairpinned packet from S (RFC 5508 REQ-7):
+/// seen from T it goes out (its embedded destination, T, becomes T's external endpoint, the
+/// outer source T's external address), seen from S it comes in (the embedded source, S's
+/// external endpoint, becomes S again, and so does the outer destination, REQ-7a).
+#[inline(always)]
+fn hairpin_icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 {
+    let Some(emb) = icmp::parse_embedded(l4, end) else {
+        return XDP_PASS;
+    };
+    let reporter = OutboundFlow {
+        proto: emb.ip.proto,
+        internal_addr: emb.ip.daddr,
+        internal_port: emb.dst_port,
+        remote_addr: emb.ip.saddr,
+        remote_port: emb.src_port,
+    };
+    let Ok(reporter_binding) = bindings::outbound_binding(cfg, &reporter, false) else {
+        // Not about a hairpinned packet: the gateway's own business.
+        return XDP_PASS;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let (reporter_addr, reporter_port) = unsafe {
+        (
+            (*reporter_binding).external_addr,
+            (*reporter_binding).external_port,
+        )
+    };
+    let key = ExternalKey {
+        external_addr: emb.ip.saddr,
+        external_port: emb.src_port,
+        proto: emb.ip.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data copied out at once.
+    let Some(origin) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else {
+        count(Counter::IcmpErrorDropped);
+        return XDP_DROP;
+    };
+    let rewritten = icmp::rewrite(
+        l3,
+        l4,
+        end,
+        &emb,
+        icmp::Side::Outbound,
+        reporter_addr,
+        reporter_port,
+    )
+    .and_then(|_| {
+        icmp::rewrite(
+            l3,
+            l4,
+            end,
+            &emb,
+            icmp::Side::Inbound,
+            origin.internal_addr,
+            origin.internal_port,
+        )
+    });
+    if rewritten.is_none() {
+        count(Counter::IcmpErrorDropped);
+        return XDP_DROP;
+    }
+    count(Counter::Hairpinned);
+    XDP_PASS
+}
