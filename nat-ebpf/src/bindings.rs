@@ -258,7 +258,7 @@ pub fn inbound_binding(
         _pad: 0,
     };
     // SAFETY: plain data copied out at once.
-    let binding = unsafe { NAT_BINDINGS_IN.get(&key) }
+    let binding = unsafe { NAT_BINDINGS_IN.get(key) }
         .copied()
         .ok_or(Refusal::NoBinding)?;
     if binding.flags & BINDING_FLAG_STATIC == 0

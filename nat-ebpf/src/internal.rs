@@ -83,7 +83,7 @@ fn hairpin_transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv
         proto: ip.proto,
         _pad: 0,
     };
-    if NAT_BINDINGS_IN.get_ptr(&key).is_none() {
+    if NAT_BINDINGS_IN.get_ptr(key).is_none() {
         // A service of the gateway itself, not another host's binding.
         return XDP_PASS;
     }
@@ -171,7 +171,7 @@ fn hairpin_icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 
         _pad: 0,
     };
     // SAFETY: plain data copied out at once.
-    let Some(origin) = (unsafe { NAT_BINDINGS_IN.get(&key) }).copied() else {
+    let Some(origin) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
         count(Counter::IcmpErrorDropped);
         return XDP_DROP;
     };
