@@ -42,6 +42,10 @@ pub struct NatConfig {
     /// Idle timeouts in seconds, indexed by `Timeout`. Enforced by the controller's expiry
     /// sweep; kept here so every CLI process sees the running values.
     pub timeouts_secs: [u32; TIMEOUT_COUNT],
+    /// Most dynamic bindings at once (RFC 6888 REQ-5); static forwards do not count.
+    pub max_bindings: u32,
+    /// Most dynamic bindings one internal host may hold, 0 for no limit (RFC 6888 REQ-4).
+    pub max_bindings_per_host: u32,
 }
 
 /// Idle timeouts, as indices into `NatConfig::timeouts_secs`.
@@ -87,6 +91,8 @@ impl NatConfig {
                 DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS,
                 DEFAULT_ICMP_TIMEOUT_SECS,
             ],
+            max_bindings: crate::maps::DEFAULT_MAX_BINDINGS,
+            max_bindings_per_host: 0,
         }
     }
 

@@ -36,8 +36,10 @@ counters! {
     FilteredIn = "filtered_in",
     /// New flows dropped because no external port was free.
     PortExhausted = "port_exhausted",
-    /// New flows dropped because a map was full.
+    /// New flows dropped because the binding limit (`--max-bindings`) or a map was full.
     TableFull = "table_full",
+    /// New flows dropped because their internal host holds its limit of bindings.
+    HostLimit = "host_limit",
     /// Inbound packets for an external address with no binding: passed to the gateway's own stack.
     InboundNoBinding = "inbound_no_binding",
     /// Packets not for the NAT (not IPv4, not to/from a NATed address): passed untouched.

@@ -18,15 +18,44 @@ pub mod names {
     pub const FRAGMENTS: &str = "NAT_FRAGMENTS";
     /// Per-CPU `u64` counters indexed by `Counter`.
     pub const COUNTERS: &str = "NAT_COUNTERS";
+    /// `u32` internal address (0 = all hosts) -> bindings created by the data path.
+    pub const USAGE_CREATED: &str = "NAT_USAGE_CREATED";
+    /// `u32` internal address (0 = all hosts) -> bindings removed by the controller.
+    pub const USAGE_RELEASED: &str = "NAT_USAGE_RELEASED";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 6] = [CONFIG, BINDINGS_OUT, BINDINGS_IN, SESSIONS, FRAGMENTS, COUNTERS];
+    pub const ALL: [&str; 8] = [
+        CONFIG,
+        BINDINGS_OUT,
+        BINDINGS_IN,
+        SESSIONS,
+        FRAGMENTS,
+        COUNTERS,
+        USAGE_CREATED,
+        USAGE_RELEASED,
+    ];
 }
 
-/// Capacity of each binding map (both directions hold one entry per binding).
-pub const MAX_BINDINGS: u32 = 262_144;
-/// Capacity of the session map (two entries per remote a binding has talked to: one keyed by
-/// address and port, one by address only).
-pub const MAX_SESSIONS: u32 = 524_288;
+/// Default limit on dynamic bindings (`--max-bindings`).
+pub const DEFAULT_MAX_BINDINGS: u32 = 262_144;
+/// Room kept in the binding maps beyond the dynamic limit, so static forwards always fit.
+pub const STATIC_FORWARD_RESERVE: u32 = 4_096;
+/// Session map entries per allowed binding (each remote a binding talks to takes two: one
+/// keyed by address and port, one by address only).
+pub const SESSIONS_PER_BINDING: u32 = 4;
+/// Capacity of the per-host usage maps: how many internal hosts can hold bindings at once.
+pub const MAX_USAGE_HOSTS: u32 = 65_536;
+/// Key of the all-hosts total in the usage maps (0.0.0.0 is never an internal host).
+pub const USAGE_ALL_HOSTS: u32 = 0;
+
+/// Capacity of each binding map for a dynamic-binding limit.
+pub const fn binding_map_capacity(max_bindings: u32) -> u32 {
+    max_bindings.saturating_add(STATIC_FORWARD_RESERVE)
+}
+
+/// Capacity of the session map for a dynamic-binding limit.
+pub const fn session_map_capacity(max_bindings: u32) -> u32 {
+    binding_map_capacity(max_bindings).saturating_mul(SESSIONS_PER_BINDING)
+}
 /// Capacity of the fragment-tracking map; LRU, so a flood of stray fragments only evicts other
 /// fragment state, never bindings (RFC 4787 REQ-14a).
 pub const MAX_FRAGMENTS: u32 = 8_192;

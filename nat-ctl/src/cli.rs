@@ -72,6 +72,12 @@ pub struct AttachArgs {
     /// reach each other through their external endpoints.
     #[arg(long = "internal-iface", value_name = "IFACE")]
     pub internal_ifaces: Vec<String>,
+    /// Most dynamic bindings at once; new flows beyond it are dropped (table_full).
+    #[arg(long, value_name = "N")]
+    pub max_bindings: Option<u32>,
+    /// Most dynamic bindings per internal host (RFC 6888 REQ-4); 0 = no limit.
+    #[arg(long, value_name = "N")]
+    pub max_bindings_per_host: Option<u32>,
     /// How often the expiry sweep runs, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub sweep_interval_ms: u64,

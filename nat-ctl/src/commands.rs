@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use nat_common::{
-    maps::{MAX_BINDINGS, MAX_SESSIONS},
+    maps::{binding_map_capacity, session_map_capacity, USAGE_ALL_HOSTS},
     Mode, NatConfig,
 };
 
@@ -82,7 +82,13 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let config = maps.read_config()?;
     let (pid, programs) = read_info(&instance).unwrap_or_else(|| ("-".into(), "no daemon running".into()));
     let bindings = maps.bindings_out.keys().count();
+    let dynamic = maps.usage(USAGE_ALL_HOSTS);
     let sessions = maps.sessions.keys().count();
+    let sessions_max = session_map_capacity(config.max_bindings);
+    let per_host = match config.max_bindings_per_host {
+        0 => "no limit".to_string(),
+        n => n.to_string(),
+    };
     let addrs: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
     let mode: Mode = config.mode();
     let t = config.timeouts_secs;
@@ -95,8 +101,10 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "ports": format!("{}-{}", config.port_min, config.port_max),
             "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
             "programs": programs,
-            "bindings": bindings, "bindings_max": MAX_BINDINGS,
-            "sessions": sessions, "sessions_max": MAX_SESSIONS,
+            "bindings": bindings, "bindings_capacity": binding_map_capacity(config.max_bindings),
+            "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
+            "max_bindings_per_host": config.max_bindings_per_host,
+            "sessions": sessions, "sessions_capacity": sessions_max,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -112,8 +120,11 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             t[0], t[1], t[2], t[3]
         );
         println!("programs:   {programs}");
-        println!("bindings:   {bindings} / {MAX_BINDINGS}");
-        println!("sessions:   {sessions} / {MAX_SESSIONS}");
+        println!(
+            "bindings:   {dynamic} dynamic / {} allowed ({per_host} per host); {bindings} entries in all",
+            config.max_bindings
+        );
+        println!("sessions:   {sessions} / {sessions_max}");
     }
     Ok(())
 }

@@ -34,6 +34,12 @@ pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
         .set(Timeout::TcpTransitory, args.tcp_transitory_timeout);
     settings.timeouts.set(Timeout::Icmp, args.icmp_timeout);
     settings.internal_ifaces = args.internal_ifaces.clone();
+    if let Some(n) = args.max_bindings {
+        settings.max_bindings = n;
+    }
+    if let Some(n) = args.max_bindings_per_host {
+        settings.max_bindings_per_host = n;
+    }
     settings.validate()?;
     Ok(settings)
 }

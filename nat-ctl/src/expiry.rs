@@ -153,6 +153,7 @@ pub fn sweep(maps: &mut PinnedMaps, now_ns: u64, timeouts: &Timeouts) -> Result<
         // Outbound entry first, so no new packet can find the binding; then free the port.
         if maps.bindings_out.remove(out_key).is_ok() {
             let _ = maps.bindings_in.remove(in_key);
+            maps.record_released(out_key.internal_addr)?;
             report.bindings += 1;
         }
     }

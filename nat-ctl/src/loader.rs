@@ -10,7 +10,10 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use nat_common::NatConfig;
+use nat_common::{
+    maps::{binding_map_capacity, names, session_map_capacity},
+    NatConfig,
+};
 
 use crate::{instance::Instance, pinned::PinnedMaps, sysctl};
 
@@ -53,8 +56,12 @@ impl Attached {
             sysctls: Vec::new(),
             description: String::new(),
         };
+        let bindings = binding_map_capacity(config.max_bindings);
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(names::BINDINGS_OUT, bindings)
+            .map_max_entries(names::BINDINGS_IN, bindings)
+            .map_max_entries(names::SESSIONS, session_map_capacity(config.max_bindings))
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF programs")?;
         let ebpf = attached.ebpf.insert(ebpf);

@@ -21,6 +21,10 @@ pub struct PinnedMaps {
     pub sessions: HashMap<MapData, SessionKey, SessionValue>,
     /// Per-CPU counters.
     pub counters: PerCpuArray<MapData, u64>,
+    /// Bindings created per internal host (written by the data path).
+    pub usage_created: HashMap<MapData, u32, u64>,
+    /// Bindings removed per internal host (written only by the controller's sweep).
+    pub usage_released: HashMap<MapData, u32, u64>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -37,6 +41,8 @@ impl PinnedMaps {
             bindings_in: HashMap::try_from(Map::HashMap(open(dir, names::BINDINGS_IN)?))?,
             sessions: HashMap::try_from(Map::HashMap(open(dir, names::SESSIONS)?))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(dir, names::COUNTERS)?))?,
+            usage_created: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_CREATED)?))?,
+            usage_released: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_RELEASED)?))?,
         })
     }
 
@@ -69,5 +75,22 @@ impl PinnedMaps {
                 Ok((c, per_cpu.iter().sum()))
             })
             .collect()
+    }
+}
+
+impl PinnedMaps {
+    /// Dynamic bindings `internal_addr` holds now (`USAGE_ALL_HOSTS` for the total).
+    pub fn usage(&self, internal_addr: u32) -> u64 {
+        let created = self.usage_created.get(&internal_addr, 0).unwrap_or(0);
+        created.saturating_sub(self.usage_released.get(&internal_addr, 0).unwrap_or(0))
+    }
+
+    /// Records that the controller removed one dynamic binding of `internal_addr`.
+    pub fn record_released(&mut self, internal_addr: u32) -> Result<()> {
+        for key in [nat_common::maps::USAGE_ALL_HOSTS, internal_addr] {
+            let released = self.usage_released.get(&key, 0).unwrap_or(0);
+            self.usage_released.insert(key, released + 1, 0)?;
+        }
+        Ok(())
     }
 }

@@ -13,8 +13,13 @@ use nat_common::{
         DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS, DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS,
         MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
+    maps::DEFAULT_MAX_BINDINGS,
     Mode, NatConfig,
 };
+
+/// Largest accepted `--max-bindings`: the session map gets four entries per binding, and the
+/// kernel must allocate all of it up front.
+pub const MAX_BINDINGS_LIMIT: u32 = 4_000_000;
 
 /// Idle timeouts in seconds, per `Timeout` kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +65,10 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Internal interfaces that get the hairpinning program.
     pub internal_ifaces: Vec<String>,
+    /// Most dynamic bindings at once.
+    pub max_bindings: u32,
+    /// Most dynamic bindings per internal host; 0 means no limit.
+    pub max_bindings_per_host: u32,
 }
 
 impl Settings {
@@ -75,12 +84,17 @@ impl Settings {
             },
             timeouts: Timeouts::default(),
             internal_ifaces: Vec::new(),
+            max_bindings: DEFAULT_MAX_BINDINGS,
+            max_bindings_per_host: 0,
         }
     }
 
     /// Checks the settings that parsers cannot check one value at a time.
     pub fn validate(&self) -> Result<()> {
         validate_external_addrs(&self.external_addrs)?;
+        if !(1..=MAX_BINDINGS_LIMIT).contains(&self.max_bindings) {
+            bail!("--max-bindings must be between 1 and {MAX_BINDINGS_LIMIT}");
+        }
         for (i, internal) in self.internal_ifaces.iter().enumerate() {
             if *internal == self.iface {
                 bail!("{internal} is the external interface; it cannot also be an internal one");
@@ -113,6 +127,8 @@ impl Settings {
         config.port_max = self.ports.max;
         config.mode = self.mode as u8;
         config.timeouts_secs = self.timeouts.0;
+        config.max_bindings = self.max_bindings;
+        config.max_bindings_per_host = self.max_bindings_per_host;
         config.flags = CONFIG_FLAG_READY;
         config
     }

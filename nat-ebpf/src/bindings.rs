@@ -16,6 +16,7 @@ use crate::{
     maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT},
     sessions,
     stats::count,
+    usage,
 };
 
 /// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
@@ -132,6 +133,9 @@ pub fn external_addr_for(cfg: &NatConfig, internal_addr: u32) -> u32 {
 /// RFC 4787 REQ-3), then publishes the outbound entry.
 #[inline(never)]
 fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, BindingError> {
+    if !usage::may_create(cfg, key.internal_addr) {
+        return Err(BindingError::TableFull);
+    }
     let external_addr = external_addr_for(cfg, key.internal_addr);
     let internal_port = u16::from_be(key.internal_port);
     let range = range_for(
@@ -183,7 +187,10 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, Bind
         _pad: 0,
     };
     match NAT_BINDINGS_OUT.insert(key, outbound, BPF_NOEXIST as u64) {
-        Ok(()) => count(Counter::NewBinding),
+        Ok(()) => {
+            usage::record_created(key.internal_addr);
+            count(Counter::NewBinding);
+        }
         Err(e) => {
             // Lost a race with another CPU creating the same binding (use theirs), or the map
             // is full: either way give the claimed port back.

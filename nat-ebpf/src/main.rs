@@ -3,6 +3,7 @@
 //! own one concern each.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod access;
 mod bindings;
@@ -16,6 +17,7 @@ mod maps;
 mod rewrite;
 mod sessions;
 mod stats;
+mod usage;
 
 use aya_ebpf::{
     macros::{classifier, xdp},

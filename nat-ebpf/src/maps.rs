@@ -7,7 +7,9 @@ use aya_ebpf::{
 };
 use nat_common::{
     counters::COUNTER_COUNT,
-    maps::{MAX_BINDINGS, MAX_FRAGMENTS, MAX_SESSIONS},
+    maps::{
+        binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FRAGMENTS, MAX_USAGE_HOSTS,
+    },
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
 };
@@ -18,21 +20,34 @@ pub static NAT_CONFIG: Array<NatConfig> = Array::pinned(1, 0);
 
 /// Outbound lookups: internal endpoint (and remote, in symmetric mode) -> external endpoint.
 #[map]
-pub static NAT_BINDINGS_OUT: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, 0);
+pub static NAT_BINDINGS_OUT: HashMap<BindingKey, BindingValue> =
+    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), 0);
 
 /// Inbound lookups: external endpoint -> internal endpoint. Inserted first, with `BPF_NOEXIST`,
 /// to claim an external port atomically.
 #[map]
-pub static NAT_BINDINGS_IN: HashMap<ExternalKey, ExternalValue> = HashMap::pinned(MAX_BINDINGS, 0);
+pub static NAT_BINDINGS_IN: HashMap<ExternalKey, ExternalValue> =
+    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), 0);
 
 /// Remotes each binding has sent to (filter state), with TCP state and last use.
 #[map]
-pub static NAT_SESSIONS: HashMap<SessionKey, SessionValue> = HashMap::pinned(MAX_SESSIONS, 0);
+pub static NAT_SESSIONS: HashMap<SessionKey, SessionValue> =
+    HashMap::pinned(session_map_capacity(DEFAULT_MAX_BINDINGS), 0);
 
 /// Inbound fragmented datagrams whose first fragment was translated. LRU: a flood of stray
 /// fragments can only evict other fragment state (RFC 4787 REQ-14a).
 #[map]
 pub static NAT_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
+
+/// Bindings created per internal host (key 0: all hosts). Only the data path writes it, with
+/// atomic adds. (Capacities here are defaults; the controller sizes the maps at load time.)
+#[map]
+pub static NAT_USAGE_CREATED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
+
+/// Bindings removed per internal host (key 0: all hosts). Only the controller writes it, so
+/// `created - released` is exact without any read-modify-write race.
+#[map]
+pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
 
 /// Per-CPU event counters, indexed by `nat_common::Counter`.
 #[map]
