@@ -1,0 +1,200 @@
+//! The `nat-ctl attach` life cycle as a user sees it: a clean stop leaves nothing behind, and
+//! bad input fails with one line on stderr and attaches nothing. Root only.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use vm_tests::lab::WAN_IP;
+use vm_tests::nat::{nat_ctl, Leftovers};
+use vm_tests::proc::{poll, Output, Proc};
+use vm_tests::tools;
+use vm_tests::{Lab, NatProcess};
+
+fn stderr_lines(o: &Output) -> Vec<&str> {
+    o.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// Runs an `attach` that must fail. If it attaches instead (prints `attached `), it is stopped
+/// at once and the returned output has that line in stdout.
+fn attach_expecting_failure(ns: &vm_tests::netns::Netns, args: &[&str]) -> Result<Output> {
+    let mut p = Proc::spawn(&format!("nat-ctl {}", args.join(" ")), nat_ctl(ns, args))?;
+    let done = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+        if p.stdout().contains("attached ") {
+            return Some(false);
+        }
+        matches!(p.try_wait(), Ok(Some(_))).then_some(true)
+    });
+    match done {
+        Some(true) => p.finish(Duration::from_secs(5)),
+        _ => {
+            let _ = p.terminate(Duration::from_secs(20));
+            let status = p.terminate(Duration::from_secs(1))?;
+            Ok(Output {
+                status,
+                stdout: p.stdout(),
+                stderr: p.stderr(),
+            })
+        }
+    }
+}
+
+fn ping_ok(lab: &Lab) -> Result<()> {
+    let out = tools::ping(&lab.lan, WAN_IP, 2, &[])?;
+    ensure!(
+        tools::ping_received(&out) == 2,
+        "ping lan -> wan through the NAT:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn stop_removes_programs_qdisc_and_pins() -> Result<()> {
+    let lab = Lab::new("stop")?;
+    let clean = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(clean.is_clean(), "fresh interface not clean: {clean:?}");
+
+    let mut nat = NatProcess::attach(&lab, &[])?;
+    let attached = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(
+        attached.xdp_in_ip_link.is_some(),
+        "no XDP program on {} while attached",
+        lab.wan_if
+    );
+    ensure!(
+        attached.bpftool.is_some(),
+        "bpftool lists no program on {} while attached",
+        lab.wan_if
+    );
+    ping_ok(&lab)?;
+    // Status works while attached.
+    nat.ctl_ok("status", &[])?;
+
+    let st = nat.terminate()?;
+    ensure!(
+        st.success(),
+        "nat-ctl attach exited with {st} after SIGTERM; stderr:\n{}",
+        nat.stderr()
+    );
+    let left = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "left behind after SIGTERM: {left:#?}");
+    Ok(())
+}
+
+#[test]
+fn sigint_also_detaches_cleanly() -> Result<()> {
+    let lab = Lab::new("sigint")?;
+    let mut nat = NatProcess::attach(&lab, &[])?;
+    ping_ok(&lab)?;
+    let pid = nat.pid() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid.
+    ensure!(unsafe { libc::kill(pid, libc::SIGINT) } == 0, "kill -INT failed");
+    let exited = vm_tests::proc::poll(Duration::from_secs(20), Duration::from_millis(50), || {
+        (!nat.is_running()).then_some(())
+    });
+    ensure!(exited.is_some(), "nat-ctl attach still runs 20 s after SIGINT");
+    let st = nat.terminate()?;
+    ensure!(
+        st.success(),
+        "exit status {st} after SIGINT; stderr:\n{}",
+        nat.stderr()
+    );
+    let left = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "left behind after SIGINT: {left:#?}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_attaches_nothing() -> Result<()> {
+    let lab = Lab::new("badin")?;
+    let missing = lab.names.iface("zz");
+    let wan = lab.wan_if.as_str();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("nonexistent interface", vec!["attach", &missing]),
+        (
+            "IPv6 external address",
+            vec!["attach", wan, "--external-addr", "2001:db8::1"],
+        ),
+        (
+            "non-address external address",
+            vec!["attach", wan, "--external-addr", "foo"],
+        ),
+        ("inverted port range", vec!["attach", wan, "--ports", "5000-4000"]),
+    ];
+    let mut failures = Vec::new();
+    for (what, args) in &cases {
+        let out = attach_expecting_failure(&lab.nat, args)?;
+        let lines = stderr_lines(&out);
+        if out.status.success() {
+            failures.push(format!("{what}: exited 0"));
+        }
+        if lines.len() != 1 {
+            failures.push(format!(
+                "{what}: {} non-empty stderr lines, expected 1:\n{}",
+                lines.len(),
+                out.stderr
+            ));
+        }
+        if out.stdout.contains("attached ") {
+            failures.push(format!("{what}: printed an attached line: {}", out.stdout));
+        }
+        let left = Leftovers::inspect(&lab.nat, wan)?;
+        if !left.is_clean() {
+            failures.push(format!("{what}: left behind {left:?}"));
+        }
+        let missing_pins = Leftovers::inspect_pins(&missing);
+        if !missing_pins.is_empty() {
+            failures.push(format!("{what}: left pin directories {missing_pins:?}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "bad input handling:\n{}",
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+#[test]
+fn second_attach_fails_and_the_first_keeps_working() -> Result<()> {
+    let lab = Lab::new("twice")?;
+    let mut nat = NatProcess::attach(&lab, &[])?;
+    ping_ok(&lab)?;
+    let out = attach_expecting_failure(&lab.nat, &["attach", &lab.wan_if])?;
+    let lines = stderr_lines(&out);
+    ensure!(
+        !out.status.success(),
+        "second attach exited 0; stdout: {} stderr: {}",
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        lines.len() == 1,
+        "second attach wrote {} non-empty stderr lines:\n{}",
+        lines.len(),
+        out.stderr
+    );
+    ensure!(
+        !out.stdout.contains("attached "),
+        "second attach printed {}",
+        out.stdout
+    );
+
+    let still = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(
+        still.xdp_in_ip_link.is_some(),
+        "the failed second attach removed the first one's XDP program"
+    );
+    ensure!(
+        !still.pin_dirs.is_empty(),
+        "the failed second attach removed the first one's pins"
+    );
+    ensure!(nat.is_running(), "the first attach exited: {}", nat.stderr());
+    ping_ok(&lab)?;
+    nat.mappings()?;
+    nat.stop()?;
+    let left = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "left behind after stop: {left:#?}");
+    Ok(())
+}

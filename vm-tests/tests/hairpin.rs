@@ -1,0 +1,157 @@
+//! Hairpinning (RFC 4787 REQ-9/9a) with `--internal-iface`, and switching the mode of a
+//! running NAT (`nat-ctl mode`). Root only.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use vm_tests::lab::{LAN2_IP, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP};
+use vm_tests::tools::{udp_bind, udp_expect, udp_recv, udp_whoami, whoami};
+use vm_tests::{Lab, LabOptions, NatProcess};
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn hairpin_lab(tag: &str) -> Result<Lab> {
+    Lab::with(
+        tag,
+        LabOptions {
+            lan2: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn internal_hosts_reach_each_other_through_their_external_endpoints() -> Result<()> {
+    let lab = hairpin_lab("hpin")?;
+    let lan2_if = lab.lan2_if.clone().unwrap();
+    let nat = NatProcess::attach(
+        &lab,
+        &[
+            "--mode",
+            "full-cone",
+            "--internal-iface",
+            &lab.lan_if,
+            "--internal-iface",
+            &lan2_if,
+        ],
+    )?;
+    let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let s1 = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let s2 = udp_bind(lab.lan2(), sa(LAN2_IP, 40000))?;
+    let x1 = whoami(&s1, sa(WAN_IP, 9999))?;
+    let x2 = whoami(&s2, sa(WAN_IP, 9999))?;
+    ensure!(
+        *x1.ip() == NAT_EXT && *x2.ip() == NAT_EXT && x1 != x2,
+        "mappings {x1} and {x2}"
+    );
+
+    // lan -> lan2's external endpoint arrives at lan2 from lan's external endpoint (REQ-9a).
+    s1.send_to(b"hairpin 1->2", x2)?;
+    let from = udp_expect(&s2, b"hairpin 1->2", Duration::from_secs(3))?
+        .with_context(|| format!("lan's datagram to lan2's external endpoint {x2} never reached lan2"))?;
+    ensure!(
+        from == SocketAddr::V4(x1),
+        "lan2 saw the hairpinned datagram from {from}, expected lan's external {x1}"
+    );
+
+    // And the answer goes back the same way.
+    s2.send_to(b"hairpin 2->1", x1)?;
+    let from = udp_expect(&s1, b"hairpin 2->1", Duration::from_secs(3))?
+        .with_context(|| format!("lan2's answer to {x1} never reached lan"))?;
+    ensure!(
+        from == SocketAddr::V4(x2),
+        "lan saw the answer from {from}, expected lan2's external {x2}"
+    );
+    nat.stop()
+}
+
+#[test]
+fn hole_punching_between_internal_hosts_works_in_port_restricted_mode() -> Result<()> {
+    let lab = hairpin_lab("hpunch")?;
+    let lan2_if = lab.lan2_if.clone().unwrap();
+    let nat = NatProcess::attach(
+        &lab,
+        &["--internal-iface", &lab.lan_if, "--internal-iface", &lan2_if],
+    )?;
+    let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let s1 = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let s2 = udp_bind(lab.lan2(), sa(LAN2_IP, 40000))?;
+    let x1 = whoami(&s1, sa(WAN_IP, 9999))?;
+    let x2 = whoami(&s2, sa(WAN_IP, 9999))?;
+
+    // Each side sends to the other's external endpoint; the first may be filtered, but after
+    // both have sent, each one's datagrams reach the other (what P2P applications rely on).
+    s1.send_to(b"punch 1", x2)?;
+    s2.send_to(b"punch 2", x1)?;
+    let _ = udp_recv(&s1, Duration::from_millis(500))?;
+    let _ = udp_recv(&s2, Duration::from_millis(500))?;
+    s1.send_to(b"after punch 1->2", x2)?;
+    let from = udp_expect(&s2, b"after punch 1->2", Duration::from_secs(3))?
+        .context("after hole punching, lan's datagram did not reach lan2")?;
+    ensure!(
+        from == SocketAddr::V4(x1),
+        "lan2 saw it from {from}, expected {x1}"
+    );
+    s2.send_to(b"after punch 2->1", x1)?;
+    let from = udp_expect(&s1, b"after punch 2->1", Duration::from_secs(3))?
+        .context("after hole punching, lan2's datagram did not reach lan")?;
+    ensure!(
+        from == SocketAddr::V4(x2),
+        "lan saw it from {from}, expected {x2}"
+    );
+    nat.stop()
+}
+
+#[test]
+fn mode_switch_changes_filtering_and_keeps_bindings() -> Result<()> {
+    let lab = Lab::new("modesw")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    let lan = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 9999))?;
+    let stranger = udp_bind(&lab.wan2, sa(WAN2_IP, 9999))?;
+    lan.send_to(b"hello", sa(WAN_IP, 9999))?;
+    let (_, ext) = udp_recv(&remote, Duration::from_secs(5))?.context("remote got nothing")?;
+    let SocketAddr::V4(ext) = ext else {
+        anyhow::bail!("IPv6 source {ext}")
+    };
+
+    stranger.send_to(b"stranger 1", ext)?;
+    ensure!(
+        udp_expect(&lan, b"stranger 1", Duration::from_secs(2))?.is_none(),
+        "port-restricted NAT let an unrelated host through"
+    );
+
+    nat.ctl_ok("mode", &["full-cone"])?;
+    let status = nat.ctl_ok("status", &[])?;
+    ensure!(
+        status.contains("full-cone"),
+        "status after `mode full-cone`:\n{status}"
+    );
+    ensure!(
+        nat.mappings()?
+            .iter()
+            .any(|m| m.internal == sa(LAN_IP, 40000) && m.external == ext),
+        "the binding {ext} was lost by the mode switch"
+    );
+    stranger.send_to(b"stranger 2", ext)?;
+    ensure!(
+        udp_expect(&lan, b"stranger 2", Duration::from_secs(3))?.is_some(),
+        "after `mode full-cone`, an unrelated host still cannot reach the existing binding {ext}"
+    );
+
+    nat.ctl_ok("mode", &["port-restricted"])?;
+    stranger.send_to(b"stranger 3", ext)?;
+    ensure!(
+        udp_expect(&lan, b"stranger 3", Duration::from_secs(2))?.is_none(),
+        "after switching back to port-restricted, an unrelated host still gets through"
+    );
+    remote.send_to(b"remote", ext)?;
+    ensure!(
+        udp_expect(&lan, b"remote", Duration::from_secs(3))?.is_some(),
+        "the original remote was cut off"
+    );
+    nat.stop()
+}
