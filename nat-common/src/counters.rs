@@ -1,12 +1,12 @@
 //! Event counters kept per CPU by the data path and summed by the controller.
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal,)+) => {
+    ($($(#[doc = $doc:literal])+ $variant:ident = $name:literal,)+) => {
         /// One counter per data-path event; the value is the index in the `COUNTERS` map.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
-            $($(#[$doc])* $variant,)+
+            $($(#[doc = $doc])+ $variant,)+
         }
 
         impl Counter {
@@ -17,6 +17,13 @@ macro_rules! counters {
             pub const fn name(self) -> &'static str {
                 match self {
                     $(Counter::$variant => $name,)+
+                }
+            }
+
+            /// What the counter counts (its documentation), for metrics help text.
+            pub const fn help(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!($($doc),+),)+
                 }
             }
         }

@@ -29,6 +29,56 @@ pub enum Command {
     Status(QueryArgs),
     /// Switch a running NAT to another mode, keeping its bindings.
     Mode(ModeArgs),
+    /// Static port forwards to servers behind the NAT.
+    #[command(subcommand)]
+    Forward(ForwardCommand),
+    /// Validate a config file without attaching anything.
+    Check(CheckArgs),
+    /// Remove a NAT left running by `attach --persist` (programs, pins, everything).
+    Detach(DetachArgs),
+}
+
+/// `nat-ctl forward ...`.
+#[derive(Debug, Subcommand)]
+pub enum ForwardCommand {
+    /// Forward EXTERNAL_PORT (tcp or udp) to INTERNAL_IP:PORT.
+    Add(ForwardAddArgs),
+    /// Remove the forward on EXTERNAL_PORT.
+    Del(ForwardDelArgs),
+    /// List the forwards.
+    List(QueryArgs),
+}
+
+/// `nat-ctl forward add`.
+#[derive(Debug, Args)]
+pub struct ForwardAddArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// tcp or udp.
+    pub proto: String,
+    /// External port.
+    pub external_port: String,
+    /// Internal server, IP:PORT.
+    pub internal: String,
+    /// External address (default: the NAT's first).
+    #[arg(long = "external-addr", value_name = "ADDR", value_parser = |s: &str| parse_ipv4(s).map_err(|e| e.to_string()))]
+    pub external_addr: Option<Ipv4Addr>,
+}
+
+/// `nat-ctl forward del`.
+#[derive(Debug, Args)]
+pub struct ForwardDelArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// tcp or udp.
+    pub proto: String,
+    /// External port.
+    pub external_port: String,
+    /// External address (default: the NAT's first).
+    #[arg(long = "external-addr", value_name = "ADDR", value_parser = |s: &str| parse_ipv4(s).map_err(|e| e.to_string()))]
+    pub external_addr: Option<Ipv4Addr>,
 }
 
 /// `nat-ctl mode`.
@@ -42,14 +92,24 @@ pub struct ModeArgs {
     pub mode: Mode,
 }
 
+/// Shortest accepted expiry sweep interval.
+pub const SWEEP_INTERVAL_MS_MIN: u64 = 10;
+/// Longest accepted expiry sweep interval.
+pub const SWEEP_INTERVAL_MS_MAX: u64 = 60_000;
+/// Default expiry sweep interval: timers are honoured to within about a second.
+pub const SWEEP_INTERVAL_MS_DEFAULT: u64 = 1_000;
+
 /// `nat-ctl attach`.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// External interface (the one facing the remotes).
-    pub iface: String,
-    /// NAT type: full-cone, restricted-cone, port-restricted or symmetric.
-    #[arg(long, value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()), default_value = "port-restricted")]
-    pub mode: Mode,
+    /// External interface (the one facing the remotes); may come from the config file.
+    pub iface: Option<String>,
+    /// TOML config file; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// NAT type: full-cone, restricted-cone, port-restricted (default) or symmetric.
+    #[arg(long, value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()))]
+    pub mode: Option<Mode>,
     /// External address (repeatable for a pool); default: the interface's primary IPv4 address.
     #[arg(long = "external-addr", value_name = "ADDR", value_parser = |s: &str| parse_ipv4(s).map_err(|e| e.to_string()))]
     pub external_addrs: Vec<Ipv4Addr>,
@@ -78,9 +138,34 @@ pub struct AttachArgs {
     /// Most dynamic bindings per internal host (RFC 6888 REQ-4); 0 = no limit.
     #[arg(long, value_name = "N")]
     pub max_bindings_per_host: Option<u32>,
-    /// How often the expiry sweep runs, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
-    pub sweep_interval_ms: u64,
+    /// How often the expiry sweep runs, in milliseconds (default 1000).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(SWEEP_INTERVAL_MS_MIN..=SWEEP_INTERVAL_MS_MAX))]
+    pub sweep_interval_ms: Option<u64>,
+    /// Serve the counters and table fill in the Prometheus text format at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep the data path translating when the daemon exits; a later attach adopts it with all
+    /// bindings, sessions and forwards. `nat-ctl detach IFACE` removes it.
+    #[arg(long)]
+    pub persist: bool,
+    /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// `nat-ctl check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The TOML config file to validate.
+    #[arg(long, value_name = "FILE")]
+    pub config: std::path::PathBuf,
+}
+
+/// `nat-ctl detach`.
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// External interface of the NAT to remove.
+    pub iface: String,
 }
 
 /// Selects a running NAT.

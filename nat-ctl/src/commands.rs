@@ -10,8 +10,9 @@ use nat_common::{
 };
 
 use crate::{
-    cli::{MappingsArgs, ModeArgs, QueryArgs},
+    cli::{ForwardAddArgs, ForwardCommand, ForwardDelArgs, MappingsArgs, ModeArgs, QueryArgs},
     clock::monotonic_ns,
+    forwards::{self, Forward, ForwardRow},
     instance::{read_info, Instance},
     pinned::PinnedMaps,
     settings::Timeouts,
@@ -146,5 +147,96 @@ pub fn mode(args: &ModeArgs) -> Result<()> {
     config.mode = args.mode as u8;
     maps.write_config(&config)?;
     println!("{}: mode {} -> {}", instance.iface, old.name(), args.mode.name());
+    Ok(())
+}
+
+/// `nat-ctl forward ...`.
+pub fn forward(command: &ForwardCommand) -> Result<()> {
+    match command {
+        ForwardCommand::Add(args) => forward_add(args),
+        ForwardCommand::Del(args) => forward_del(args),
+        ForwardCommand::List(query) => forward_list(query),
+    }
+}
+
+fn forward_add(args: &ForwardAddArgs) -> Result<()> {
+    // Everything is parsed before the NAT is touched.
+    let proto = forwards::parse_proto(&args.proto)?;
+    let port = forwards::parse_port(&args.external_port)?;
+    let internal = forwards::parse_internal(&args.internal)?;
+    let instance = Instance::find(args.iface.as_deref())?;
+    let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let external_addr = forwards::external_addr_for(&maps.read_config()?, args.external_addr)?;
+    let forward = Forward {
+        proto,
+        external: std::net::SocketAddrV4::new(external_addr, port),
+        internal,
+    };
+    forwards::add(&mut maps, &forward)?;
+    println!(
+        "forwarding {} {} -> {}",
+        args.proto, forward.external, forward.internal
+    );
+    Ok(())
+}
+
+fn forward_del(args: &ForwardDelArgs) -> Result<()> {
+    let proto = forwards::parse_proto(&args.proto)?;
+    let port = forwards::parse_port(&args.external_port)?;
+    let instance = Instance::find(args.iface.as_deref())?;
+    let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let external_addr = forwards::external_addr_for(&maps.read_config()?, args.external_addr)?;
+    let removed = forwards::remove(&mut maps, proto, std::net::SocketAddrV4::new(external_addr, port))?;
+    println!(
+        "removed forward {} {} -> {}",
+        args.proto, removed.external, removed.internal
+    );
+    Ok(())
+}
+
+fn forward_list(query: &QueryArgs) -> Result<()> {
+    let (_, maps) = open(query)?;
+    let rows: Vec<ForwardRow> = forwards::list(&maps).iter().map(ForwardRow::from).collect();
+    if query.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("(no forwards)");
+    } else {
+        for row in rows {
+            println!("{:<4} {:<22} -> {}", row.proto, row.external, row.internal);
+        }
+    }
+    Ok(())
+}
+
+/// `nat-ctl check --config FILE`: validates without attaching.
+pub fn check(args: &crate::cli::CheckArgs) -> Result<()> {
+    let file = crate::config_file::load(&args.config)?;
+    let mut settings = crate::settings::Settings::new(file.interface.as_deref().unwrap_or("-"));
+    file.apply(&mut settings);
+    settings
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", args.config.display()))?;
+    println!(
+        "{}: ok (mode {}, {} forward{})",
+        args.config.display(),
+        settings.mode.name(),
+        file.forwards.len(),
+        if file.forwards.len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// `nat-ctl detach IFACE`: removes a NAT left running by `attach --persist`.
+pub fn detach(args: &crate::cli::DetachArgs) -> Result<()> {
+    let instance = Instance::here(&args.iface)?;
+    if !instance.pin_dir().is_dir() {
+        anyhow::bail!("no NAT is attached to {} in this network namespace", args.iface);
+    }
+    // Holding the lock proves no daemon runs it; a running daemon detaches on SIGTERM itself.
+    let _lock = crate::instance::InstanceLock::acquire(&instance)
+        .map_err(|e| anyhow::anyhow!("{e:#}; stop that daemon (SIGTERM) instead"))?;
+    crate::loader::remove_persisted(&instance)?;
+    println!("detached {}", args.iface);
     Ok(())
 }

@@ -1,27 +1,59 @@
-//! `nat-ctl attach`: validate, attach, sweep timers until a signal, detach.
+//! `nat-ctl attach`: resolve settings (config file, then flags), attach or adopt, install the
+//! configured forwards, sweep timers until a signal, detach (or leave running with --persist).
 
-use std::io::Write;
+use std::{io::Write, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use nat_common::config::Timeout;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    cli::AttachArgs,
+    cli::{AttachArgs, SWEEP_INTERVAL_MS_DEFAULT},
     clock::monotonic_ns,
     commands::external_addrs,
-    expiry, iface,
+    config_file::{self, FileConfig},
+    events::{now_rfc3339, BindingEvents},
+    expiry,
+    forwards::{self, Forward},
+    iface,
     instance::{ensure_bpffs, Instance, InstanceLock},
-    loader::Attached,
+    loader::{self, AttachPlan, Attached},
+    metrics,
     pinned::PinnedMaps,
     settings::{Settings, Timeouts},
 };
 
-/// Turns the flags into validated settings.
-pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
-    let mut settings = Settings::new(&args.iface);
-    settings.mode = args.mode;
-    settings.external_addrs = args.external_addrs.clone();
+/// Everything `attach` runs with, once file and flags are merged and validated.
+pub struct Resolved {
+    /// NAT settings.
+    pub settings: Settings,
+    /// Forwards to install.
+    pub forwards: Vec<config_file::ForwardSpec>,
+    /// Sweep interval.
+    pub sweep_interval_ms: u64,
+    /// Prometheus listen address.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep running after exit.
+    pub persist: bool,
+}
+
+/// Merges the config file (if any) and the flags; flags win.
+pub fn resolve(args: &AttachArgs) -> Result<Resolved> {
+    let file = match &args.config {
+        Some(path) => config_file::load(path)?,
+        None => FileConfig::default(),
+    };
+    let Some(iface) = args.iface.clone().or_else(|| file.interface.clone()) else {
+        bail!("no interface given: name it on the command line or as `interface` in the config file");
+    };
+    let mut settings = Settings::new(&iface);
+    file.apply(&mut settings);
+    if let Some(mode) = args.mode {
+        settings.mode = mode;
+    }
+    if !args.external_addrs.is_empty() {
+        settings.external_addrs = args.external_addrs.clone();
+    }
     if let Some(ports) = args.ports {
         settings.ports = ports;
     }
@@ -33,7 +65,9 @@ pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
         .timeouts
         .set(Timeout::TcpTransitory, args.tcp_transitory_timeout);
     settings.timeouts.set(Timeout::Icmp, args.icmp_timeout);
-    settings.internal_ifaces = args.internal_ifaces.clone();
+    if !args.internal_ifaces.is_empty() {
+        settings.internal_ifaces = args.internal_ifaces.clone();
+    }
     if let Some(n) = args.max_bindings {
         settings.max_bindings = n;
     }
@@ -41,12 +75,22 @@ pub fn settings_from_args(args: &AttachArgs) -> Result<Settings> {
         settings.max_bindings_per_host = n;
     }
     settings.validate()?;
-    Ok(settings)
+    Ok(Resolved {
+        settings,
+        forwards: file.forwards,
+        sweep_interval_ms: args
+            .sweep_interval_ms
+            .or(file.sweep_interval_ms)
+            .unwrap_or(SWEEP_INTERVAL_MS_DEFAULT),
+        metrics: args.metrics.or(file.metrics),
+        persist: args.persist || file.persist.unwrap_or(false),
+    })
 }
 
 /// Runs `nat-ctl attach` to completion.
 pub fn attach(args: &AttachArgs) -> Result<()> {
-    let settings = settings_from_args(args)?;
+    let resolved = resolve(args)?;
+    let settings = &resolved.settings;
     iface::index(&settings.iface)?;
     for internal in &settings.internal_ifaces {
         iface::index(internal)?;
@@ -62,55 +106,132 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     } else {
         settings.external_addrs.clone()
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Bound before attaching, so a taken port fails with nothing attached.
+    let metrics_listener = match resolved.metrics {
+        Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
+        None => None,
+    };
     let instance = Instance::here(&settings.iface)?;
     ensure_bpffs()?;
     let mut lock = InstanceLock::acquire(&instance)?;
-    // Left over by a daemon that was killed: nothing runs it any more (we hold the lock).
-    instance.remove_pins()?;
+    let mut config = settings.to_config(&addrs);
+    if loader::is_persisted(&instance) {
+        // The persisted tables were sized at their first attach and cannot be resized live.
+        let running = loader::persisted_config(&instance)?;
+        if running.max_bindings != config.max_bindings {
+            eprintln!(
+                "nat-ctl: keeping the running table size (--max-bindings {}); detach first to change it",
+                running.max_bindings
+            );
+            config.max_bindings = running.max_bindings;
+        }
+    } else {
+        // Left over by a daemon that was killed: nothing runs it any more (we hold the lock).
+        instance.remove_pins()?;
+    }
 
-    let config = settings.to_config(&addrs);
-    let attached = Attached::attach(&instance, &config, &settings.internal_ifaces)?;
+    let plan = AttachPlan {
+        internal_ifaces: &settings.internal_ifaces,
+        persist: resolved.persist,
+    };
+    let attached = Attached::attach(&instance, &config, &plan)?;
     let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    install_forwards(&mut maps, &config, &resolved.forwards)?;
     lock.write_info(&attached.description)?;
 
     let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
     println!(
-        "attached {} mode={} external={} ports={}-{}",
+        "attached {} mode={} external={} ports={}-{}{}",
         settings.iface,
         settings.mode.name(),
         addr_list.join(","),
         settings.ports.min,
-        settings.ports.max
+        settings.ports.max,
+        if attached.adopted {
+            " (adopted running state)"
+        } else {
+            ""
+        }
     );
     std::io::stdout().flush()?;
 
-    let result = run_until_signal(&mut maps, &settings.timeouts, args.sweep_interval_ms);
-    eprintln!("nat-ctl: detaching from {}", settings.iface);
+    let result = runtime.block_on(async {
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(metrics::serve(listener, instance.pin_dir()));
+        }
+        run_until_signal(
+            &mut maps,
+            &settings.timeouts,
+            resolved.sweep_interval_ms,
+            args.debug,
+        )
+        .await
+    });
+    if resolved.persist {
+        eprintln!(
+            "nat-ctl: exiting; the NAT keeps running on {} (nat-ctl detach {0} removes it)",
+            settings.iface
+        );
+    } else {
+        eprintln!("nat-ctl: detaching from {}", settings.iface);
+    }
     drop(maps);
     drop(attached);
     drop(lock);
     result
 }
 
+/// Installs the config file's forwards; one already in place (adopted state) is kept.
+fn install_forwards(
+    maps: &mut PinnedMaps,
+    config: &nat_common::NatConfig,
+    specs: &[config_file::ForwardSpec],
+) -> Result<()> {
+    let existing = forwards::list(maps);
+    for spec in specs {
+        let external_addr = forwards::external_addr_for(config, spec.external_addr)?;
+        let forward = Forward {
+            proto: spec.proto,
+            external: std::net::SocketAddrV4::new(external_addr, spec.external_port),
+            internal: spec.internal,
+        };
+        if existing.contains(&forward) {
+            continue;
+        }
+        forwards::add(maps, &forward).context("cannot install a forward from the config file")?;
+    }
+    Ok(())
+}
+
 /// Sweeps expired entries every `interval_ms` until SIGINT or SIGTERM.
-fn run_until_signal(maps: &mut PinnedMaps, timeouts: &Timeouts, interval_ms: u64) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(interval_ms));
-        loop {
-            tokio::select! {
-                _ = interrupt.recv() => return Ok(()),
-                _ = terminate.recv() => return Ok(()),
-                _ = ticker.tick() => {
-                    if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts) {
-                        eprintln!("nat-ctl: expiry sweep failed: {e:#}");
+async fn run_until_signal(
+    maps: &mut PinnedMaps,
+    timeouts: &Timeouts,
+    interval_ms: u64,
+    debug: bool,
+) -> Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+    let mut events = BindingEvents::default();
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            _ = ticker.tick() => {
+                if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts) {
+                    eprintln!("nat-ctl: expiry sweep failed: {e:#}");
+                }
+                if debug {
+                    let time = now_rfc3339();
+                    for line in events.observe(maps.bindings()?, &time) {
+                        eprintln!("{line}");
                     }
                 }
             }
         }
-    })
+    }
 }

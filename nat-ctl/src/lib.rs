@@ -5,11 +5,15 @@
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod config_file;
 pub mod daemon;
+pub mod events;
 pub mod expiry;
+pub mod forwards;
 pub mod iface;
 pub mod instance;
 pub mod loader;
+pub mod metrics;
 pub mod pinned;
 pub mod settings;
 pub mod sysctl;

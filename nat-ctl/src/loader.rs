@@ -1,12 +1,26 @@
-//! Loading the eBPF object, attaching it to the external interface, and taking it all down
-//! again. `Attached` is the only owner of kernel state: dropping it, on success or half-way
-//! through a failed attach, detaches the programs and removes the pins and any qdisc we added.
+//! Loading the eBPF object, attaching it to the interfaces, and taking it all down again.
+//!
+//! `Attached` is the only owner of kernel state: dropping it, on success or half-way through a
+//! failed attach, detaches the programs and removes the pins, sysctl changes and any qdisc we
+//! added, unless the instance persists (`--persist`). A persisting instance pins its links next
+//! to its maps, so the programs keep translating after the daemon exits; the next attach
+//! *adopts* them, swapping in freshly loaded programs atomically (`bpf_link_update`) over the
+//! same maps, so no binding, session or forward is lost.
 
-use std::process::Command;
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -28,6 +42,22 @@ const INTERNAL_PROGRAM: &str = "nat_internal";
 const EGRESS_PROGRAM: &str = "nat_egress";
 /// First kernel with TCX; older ones need a clsact qdisc (added by us, removed by us).
 const TCX_MIN_KERNEL: (u8, u8, u16) = (6, 6, 0);
+/// Pin name of the external interface's XDP link.
+const INGRESS_LINK_PIN: &str = "link_ingress";
+/// Pin name of the external interface's TC egress link.
+const EGRESS_LINK_PIN: &str = "link_egress";
+/// Pin name prefix of the internal interfaces' XDP links.
+const INTERNAL_LINK_PIN_PREFIX: &str = "link_internal_";
+/// Where the verifier's log goes when it rejects a program: too long for a terminal line.
+const VERIFIER_LOG: &str = "/tmp/nat-ctl-verifier.log";
+
+/// How to attach.
+pub struct AttachPlan<'a> {
+    /// Internal interfaces that get the hairpinning program.
+    pub internal_ifaces: &'a [String],
+    /// Keep running after the daemon exits.
+    pub persist: bool,
+}
 
 /// A NAT attached to an interface.
 pub struct Attached {
@@ -35,25 +65,75 @@ pub struct Attached {
     ebpf: Option<Ebpf>,
     added_clsact: bool,
     sysctls: Vec<sysctl::Changed>,
+    persist: bool,
+    /// True when this attach took over a persisted instance.
+    pub adopted: bool,
     /// How the programs are attached, for `nat-ctl status`.
     pub description: String,
 }
 
+/// True if `instance` was left running by `attach --persist`.
+pub fn is_persisted(instance: &Instance) -> bool {
+    instance.pin_dir().join(INGRESS_LINK_PIN).exists()
+}
+
+/// The config of a persisted instance, from its pinned map.
+pub fn persisted_config(instance: &Instance) -> Result<NatConfig> {
+    PinnedMaps::open(&instance.pin_dir())?.read_config()
+}
+
+fn internal_pin(iface: &str) -> String {
+    format!("{INTERNAL_LINK_PIN_PREFIX}{iface}")
+}
+
+/// Every link pin in a pin directory.
+fn link_pins(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes a persisted instance: unpinning its links detaches its programs; then its maps go.
+pub fn remove_persisted(instance: &Instance) -> Result<()> {
+    for pin in link_pins(&instance.pin_dir()) {
+        fs::remove_file(&pin).with_context(|| format!("cannot unpin {}", pin.display()))?;
+    }
+    sysctl::restore_saved(instance);
+    instance.remove_pins()
+}
+
 impl Attached {
     /// Loads the programs with maps pinned in the instance's directory, writes `config`, and
-    /// attaches XDP ingress and TC egress to the interface, and the hairpinning XDP program to
-    /// each internal interface. On error everything done so far is undone.
-    pub fn attach(instance: &Instance, config: &NatConfig, internal_ifaces: &[String]) -> Result<Attached> {
+    /// attaches (or adopts) XDP ingress and TC egress on the interface and the hairpinning XDP
+    /// program on each internal interface. On error everything done so far is undone (an
+    /// adopted instance is left as it was found).
+    pub fn attach(instance: &Instance, config: &NatConfig, plan: &AttachPlan) -> Result<Attached> {
         if EBPF_OBJECT.is_empty() {
             bail!("this nat-ctl was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild nat-ctl");
         }
+        let tcx = KernelVersion::current()
+            .map(|v| v >= KernelVersion::new(TCX_MIN_KERNEL.0, TCX_MIN_KERNEL.1, TCX_MIN_KERNEL.2))
+            .unwrap_or(false);
+        if plan.persist && !tcx {
+            bail!("--persist needs TCX links (Linux 6.6 or newer) to keep the egress program attached");
+        }
         let pin_dir = instance.pin_dir();
-        std::fs::create_dir_all(&pin_dir).with_context(|| format!("cannot create {}", pin_dir.display()))?;
+        let adopted = is_persisted(instance);
+        fs::create_dir_all(&pin_dir).with_context(|| format!("cannot create {}", pin_dir.display()))?;
         let mut attached = Attached {
             instance: instance.clone(),
             ebpf: None,
             added_clsact: false,
             sysctls: Vec::new(),
+            // Until the new programs are in place, a failure must leave an adopted instance
+            // alone, and undo everything of a new one (pinned links included).
+            persist: adopted,
+            adopted,
             description: String::new(),
         };
         let bindings = binding_map_capacity(config.max_bindings);
@@ -75,56 +155,156 @@ impl Attached {
             .context("XDP program missing")?
             .try_into()?;
         ingress.load().map_err(|e| rejected("XDP", e))?;
-        ingress
-            .attach(iface, XdpMode::default())
-            .with_context(|| format!("cannot attach XDP to {iface}"))?;
-
-        let tcx = KernelVersion::current()
-            .map(|v| v >= KernelVersion::new(TCX_MIN_KERNEL.0, TCX_MIN_KERNEL.1, TCX_MIN_KERNEL.2))
-            .unwrap_or(false);
-        if !tcx {
-            attached.added_clsact = tc::qdisc_add_clsact(iface).is_ok();
-        }
-        let ebpf = attached.ebpf.as_mut().expect("loaded above");
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut(EGRESS_PROGRAM)
-            .context("TC program missing")?
-            .try_into()?;
-        egress.load().map_err(|e| rejected("TC", e))?;
-        egress
-            .attach(iface, TcAttachType::Egress)
-            .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
-        let mut description = format!(
-            "xdp ingress + {} egress on {iface}",
-            if tcx { "tcx" } else { "tc clsact" }
-        );
-        if !internal_ifaces.is_empty() {
+        let egress_ok = {
+            let egress: &mut SchedClassifier = ebpf
+                .program_mut(EGRESS_PROGRAM)
+                .context("TC program missing")?
+                .try_into()?;
+            egress.load().map_err(|e| rejected("TC", e))
+        };
+        egress_ok?;
+        let internal_needed = !plan.internal_ifaces.is_empty() || adopted;
+        if internal_needed {
             let internal: &mut Xdp = ebpf
                 .program_mut(INTERNAL_PROGRAM)
                 .context("internal XDP program missing")?
                 .try_into()?;
             internal.load().map_err(|e| rejected("internal XDP", e))?;
-            for lan in internal_ifaces {
-                let changed = sysctl::accept_local(lan)?;
-                attached.sysctls.push(changed);
-                internal
-                    .attach(lan, XdpMode::default())
-                    .with_context(|| format!("cannot attach XDP to {lan}"))?;
+        }
+
+        if adopted {
+            adopt_links(ebpf, &pin_dir)?;
+        } else {
+            let ingress: &mut Xdp = ebpf
+                .program_mut(INGRESS_PROGRAM)
+                .context("XDP program missing")?
+                .try_into()?;
+            let id = ingress
+                .attach(iface, XdpMode::default())
+                .with_context(|| format!("cannot attach XDP to {iface}"))?;
+            if plan.persist {
+                let link: FdLink = ingress.take_link(id)?.try_into()?;
+                link.pin(pin_dir.join(INGRESS_LINK_PIN))
+                    .context("cannot pin the XDP link")?;
             }
-            description += &format!("; xdp hairpinning on {}", internal_ifaces.join(", "));
+            if !tcx {
+                attached.added_clsact = tc::qdisc_add_clsact(iface).is_ok();
+            }
+            let egress: &mut SchedClassifier = ebpf
+                .program_mut(EGRESS_PROGRAM)
+                .context("TC program missing")?
+                .try_into()?;
+            let id = egress
+                .attach(iface, TcAttachType::Egress)
+                .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
+            if plan.persist {
+                let link: FdLink = egress.take_link(id)?.try_into()?;
+                link.pin(pin_dir.join(EGRESS_LINK_PIN))
+                    .context("cannot pin the TC link")?;
+            }
+            if !plan.internal_ifaces.is_empty() {
+                let internal: &mut Xdp = ebpf
+                    .program_mut(INTERNAL_PROGRAM)
+                    .context("internal XDP program missing")?
+                    .try_into()?;
+                for lan in plan.internal_ifaces {
+                    attached.sysctls.push(sysctl::accept_local(lan)?);
+                    let id = internal
+                        .attach(lan, XdpMode::default())
+                        .with_context(|| format!("cannot attach XDP to {lan}"))?;
+                    if plan.persist {
+                        let link: FdLink = internal.take_link(id)?.try_into()?;
+                        link.pin(pin_dir.join(internal_pin(lan)))
+                            .with_context(|| format!("cannot pin the XDP link of {lan}"))?;
+                    }
+                }
+            }
+            if plan.persist {
+                sysctl::save(instance, &attached.sysctls)?;
+            }
+        }
+        let internal: Vec<String> = if adopted {
+            attached_internal_ifaces(&pin_dir)
+        } else {
+            plan.internal_ifaces.to_vec()
+        };
+        // From here on the new programs run; the instance persists only if asked to.
+        attached.persist = plan.persist;
+        if adopted && !plan.persist {
+            // The links now belong to this process; without their pins they go when it exits.
+            for pin in link_pins(&pin_dir) {
+                let _ = fs::remove_file(pin);
+            }
+            attached.sysctls = sysctl::take_saved(instance);
+        }
+        let mut description = format!(
+            "xdp ingress + {} egress on {iface}",
+            if tcx { "tcx" } else { "tc clsact" }
+        );
+        if !internal.is_empty() {
+            description += &format!("; xdp hairpinning on {}", internal.join(", "));
+        }
+        if plan.persist {
+            description += "; persistent";
         }
         attached.description = description;
         Ok(attached)
     }
 }
 
-/// Where the verifier's log goes when it rejects a program: too long for a terminal line.
-const VERIFIER_LOG: &str = "/tmp/nat-ctl-verifier.log";
+/// Internal interfaces named by the link pins of a persisted instance.
+fn attached_internal_ifaces(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = link_pins(dir)
+        .iter()
+        .filter_map(|p| {
+            p.file_name()?
+                .to_str()?
+                .strip_prefix(INTERNAL_LINK_PIN_PREFIX)
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Swaps the freshly loaded programs into the pinned links of a persisted instance.
+fn adopt_links(ebpf: &mut Ebpf, dir: &Path) -> Result<()> {
+    let pinned = |name: &str| -> Result<FdLink> {
+        let path = dir.join(name);
+        Ok(PinnedLink::from_pin(&path)
+            .with_context(|| format!("cannot open pinned link {}", path.display()))?
+            .into())
+    };
+    let ingress: &mut Xdp = ebpf
+        .program_mut(INGRESS_PROGRAM)
+        .context("XDP program missing")?
+        .try_into()?;
+    ingress
+        .attach_to_link(XdpLink::try_from(pinned(INGRESS_LINK_PIN)?)?)
+        .context("cannot replace the XDP program")?;
+    let egress: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .context("TC program missing")?
+        .try_into()?;
+    egress
+        .attach_to_link(SchedClassifierLink::try_from(pinned(EGRESS_LINK_PIN)?)?)
+        .context("cannot replace the TC program")?;
+    let internal: &mut Xdp = ebpf
+        .program_mut(INTERNAL_PROGRAM)
+        .context("internal XDP program missing")?
+        .try_into()?;
+    for lan in attached_internal_ifaces(dir) {
+        internal
+            .attach_to_link(XdpLink::try_from(pinned(&internal_pin(&lan))?)?)
+            .with_context(|| format!("cannot replace the XDP program on {lan}"))?;
+    }
+    Ok(())
+}
 
 /// A one-line error for a program the kernel refused, with the verifier's log saved to a file.
 fn rejected(kind: &str, error: aya::programs::ProgramError) -> anyhow::Error {
     let full = format!("{error:#}");
-    let saved = std::fs::write(VERIFIER_LOG, &full).is_ok();
+    let saved = fs::write(VERIFIER_LOG, &full).is_ok();
     let reason = full
         .lines()
         .rev()
@@ -146,6 +326,11 @@ fn rejected(kind: &str, error: aya::programs::ProgramError) -> anyhow::Error {
 
 impl Drop for Attached {
     fn drop(&mut self) {
+        if self.persist {
+            // Links are pinned: dropping our handles leaves the programs running over the maps.
+            drop(self.ebpf.take());
+            return;
+        }
         // Dropping the loaded object detaches the links and unloads the programs.
         drop(self.ebpf.take());
         for changed in &self.sysctls {
@@ -155,6 +340,9 @@ impl Drop for Attached {
             let _ = Command::new("tc")
                 .args(["qdisc", "del", "dev", &self.instance.iface, "clsact"])
                 .status();
+        }
+        for pin in link_pins(&self.instance.pin_dir()) {
+            let _ = fs::remove_file(pin);
         }
         if let Err(e) = self.instance.remove_pins() {
             eprintln!("nat-ctl: warning: {e:#}");

@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         Command::Stats(args) => commands::stats(args),
         Command::Status(args) => commands::status(args),
         Command::Mode(args) => commands::mode(args),
+        Command::Forward(command) => commands::forward(command),
+        Command::Check(args) => commands::check(args),
+        Command::Detach(args) => commands::detach(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

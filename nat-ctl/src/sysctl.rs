@@ -1,10 +1,15 @@
-//! Per-interface IPv4 sysctls the NAT needs, set at attach and restored at detach.
+//! Per-interface IPv4 sysctls the NAT needs, set at attach and restored at detach. A persisting
+//! instance keeps the previous values in a file next to its lock, for `nat-ctl detach` or the
+//! adopting daemon to restore.
 
 use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::instance::{Instance, RUN_DIR};
+
 /// A sysctl value changed by us, remembered so it can be put back.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Changed {
     path: PathBuf,
     previous: String,
@@ -28,4 +33,38 @@ pub fn accept_local(iface: &str) -> Result<Changed> {
         path,
         previous: previous.trim().to_string(),
     })
+}
+
+fn saved_path(instance: &Instance) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(format!("{}-{}.sysctl", instance.netns, instance.iface))
+}
+
+/// Records `changed` for a persisting instance (one `path=value` line each).
+pub fn save(instance: &Instance, changed: &[Changed]) -> Result<()> {
+    let text: String = changed
+        .iter()
+        .map(|c| format!("{}={}\n", c.path.display(), c.previous))
+        .collect();
+    fs::write(saved_path(instance), text).context("cannot record the sysctls to restore")
+}
+
+/// Takes the values a persisted instance recorded (the file is removed).
+pub fn take_saved(instance: &Instance) -> Vec<Changed> {
+    let path = saved_path(instance);
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let _ = fs::remove_file(&path);
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(p, v)| Changed {
+            path: PathBuf::from(p),
+            previous: v.to_string(),
+        })
+        .collect()
+}
+
+/// Restores what a persisted instance recorded.
+pub fn restore_saved(instance: &Instance) {
+    for changed in take_saved(instance) {
+        changed.restore();
+    }
 }

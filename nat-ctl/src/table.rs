@@ -71,42 +71,31 @@ pub fn build(
         let mut any = false;
         for (s, v) in mine {
             any = true;
-            let state = if is_static {
-                "static".to_string()
-            } else if key.proto == proto::TCP {
+            let state = if key.proto == proto::TCP {
                 TcpState::from_u8(v.tcp_state).name().to_string()
             } else {
                 "active".to_string()
             };
+            let timeout = session_timeout_secs(key.proto, v.tcp_state, timeouts);
             rows.push(Row {
                 proto: proto::name(key.proto),
                 internal: internal.clone(),
                 external: external.clone(),
                 remote: Some(endpoint(s.remote_addr, s.remote_port)),
                 state,
-                expires_in: (!is_static).then(|| {
-                    remaining_secs(
-                        now_ns,
-                        v.last_seen_ns,
-                        session_timeout_secs(key.proto, v.tcp_state, timeouts),
-                    )
-                }),
+                expires_in: Some(remaining_secs(now_ns, v.last_seen_ns, timeout)),
             });
         }
-        if !any {
+        // A forward is listed itself, sessions or not; a dynamic binding only while it has none.
+        if is_static || !any {
+            let timeout = binding_timeout_secs(key.proto, timeouts);
             rows.push(Row {
                 proto: proto::name(key.proto),
                 internal,
                 external,
                 remote: None,
                 state: if is_static { "static" } else { "idle" }.to_string(),
-                expires_in: (!is_static).then(|| {
-                    remaining_secs(
-                        now_ns,
-                        value.last_seen_ns,
-                        binding_timeout_secs(key.proto, timeouts),
-                    )
-                }),
+                expires_in: (!is_static).then(|| remaining_secs(now_ns, value.last_seen_ns, timeout)),
             });
         }
     }

@@ -1,0 +1,239 @@
+//! Static forwards (port forwarding to a server behind the NAT): an external port mapped to a
+//! fixed internal endpoint. They are ordinary bindings with `BINDING_FLAG_STATIC`, so the data
+//! path needs nothing special: they admit every remote in every mode, the server's replies leave
+//! from the forwarded port, and the sweep never expires them.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{bail, Result};
+use nat_common::{
+    maps::BINDING_FLAG_STATIC, proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig,
+};
+use serde::Serialize;
+
+use crate::{commands::external_addrs, pinned::PinnedMaps};
+
+/// `BPF_NOEXIST`: insert only if the key is free.
+const BPF_NOEXIST: u64 = 1;
+
+/// One static forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    /// External endpoint.
+    pub external: SocketAddrV4,
+    /// Internal server endpoint.
+    pub internal: SocketAddrV4,
+}
+
+/// How `forward list --json` shows a forward.
+#[derive(Serialize)]
+pub struct ForwardRow {
+    /// "tcp" or "udp".
+    pub proto: &'static str,
+    /// "ip:port".
+    pub external: String,
+    /// "ip:port".
+    pub internal: String,
+}
+
+impl From<&Forward> for ForwardRow {
+    fn from(f: &Forward) -> Self {
+        ForwardRow {
+            proto: proto::name(f.proto),
+            external: f.external.to_string(),
+            internal: f.internal.to_string(),
+        }
+    }
+}
+
+/// Parses "tcp" or "udp".
+pub fn parse_proto(text: &str) -> Result<u8> {
+    match text {
+        "tcp" => Ok(proto::TCP),
+        "udp" => Ok(proto::UDP),
+        _ => bail!("protocol {text:?} cannot be forwarded (expected tcp or udp)"),
+    }
+}
+
+/// Parses an external port (1-65535).
+pub fn parse_port(text: &str) -> Result<u16> {
+    match text.parse::<u16>() {
+        Ok(0) | Err(_) => bail!("external port {text:?} is not a port number from 1 to 65535"),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// Parses the internal endpoint `IP:PORT` (IPv4, port 1-65535).
+pub fn parse_internal(text: &str) -> Result<SocketAddrV4> {
+    let Some((ip, port)) = text.rsplit_once(':') else {
+        bail!("internal endpoint {text:?} is not of the form IP:PORT")
+    };
+    let ip: Ipv4Addr = crate::settings::parse_ipv4(ip)?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => bail!("internal endpoint {text:?}: {port:?} is not a port number from 1 to 65535"),
+        Ok(port) => Ok(SocketAddrV4::new(ip, port)),
+    }
+}
+
+/// The external address a forward uses: the given one, which must belong to the NAT, or the
+/// NAT's first external address.
+pub fn external_addr_for(config: &NatConfig, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    let addrs = external_addrs(config);
+    match requested {
+        Some(addr) if addrs.contains(&addr) => Ok(addr),
+        Some(addr) => bail!("{addr} is not an external address of this NAT"),
+        None => addrs
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("the NAT has no external address")),
+    }
+}
+
+fn keys(f: &Forward) -> (ExternalKey, BindingKey) {
+    let external = ExternalKey {
+        external_addr: u32::from(*f.external.ip()).to_be(),
+        external_port: f.external.port().to_be(),
+        proto: f.proto,
+        _pad: 0,
+    };
+    let internal = BindingKey {
+        internal_addr: u32::from(*f.internal.ip()).to_be(),
+        internal_port: f.internal.port().to_be(),
+        proto: f.proto,
+        ..Default::default()
+    };
+    (external, internal)
+}
+
+fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+}
+
+/// Installs a forward, refusing it when the external port or the internal endpoint is already
+/// bound (by a live dynamic binding or another forward).
+pub fn add(maps: &mut PinnedMaps, f: &Forward) -> Result<()> {
+    let name = proto::name(f.proto);
+    let (external_key, internal_key) = keys(f);
+    if let Ok(existing) = maps.bindings_in.get(&external_key, 0) {
+        let holder = endpoint(existing.internal_addr, existing.internal_port);
+        if existing.flags & BINDING_FLAG_STATIC != 0 {
+            bail!("{name} {} is already forwarded to {holder}", f.external);
+        }
+        bail!("{name} {} is in use by a dynamic binding of {holder}; choose another port or wait for it to expire", f.external);
+    }
+    if let Ok(existing) = maps.bindings_out.get(&internal_key, 0) {
+        let bound = endpoint(existing.external_addr, existing.external_port);
+        let what = if existing.flags & BINDING_FLAG_STATIC != 0 {
+            "a forward"
+        } else {
+            "a dynamic binding"
+        };
+        bail!("{name} {} already has {what} on {bound}", f.internal);
+    }
+    let inbound = ExternalValue {
+        internal_addr: internal_key.internal_addr,
+        internal_port: internal_key.internal_port,
+        flags: BINDING_FLAG_STATIC,
+        ..Default::default()
+    };
+    // Claim the external port first, atomically, exactly as the data path does.
+    if maps
+        .bindings_in
+        .insert(external_key, inbound, BPF_NOEXIST)
+        .is_err()
+    {
+        bail!(
+            "{name} {} was just taken by a new flow; try again or choose another port",
+            f.external
+        );
+    }
+    let outbound = BindingValue {
+        last_seen_ns: crate::clock::monotonic_ns(),
+        external_addr: external_key.external_addr,
+        external_port: external_key.external_port,
+        flags: BINDING_FLAG_STATIC,
+        _pad: 0,
+    };
+    if let Err(e) = maps.bindings_out.insert(internal_key, outbound, BPF_NOEXIST) {
+        let _ = maps.bindings_in.remove(&external_key);
+        bail!("{name} {} could not be bound ({e}); nothing changed", f.internal);
+    }
+    Ok(())
+}
+
+/// Removes the forward on `proto` `external`, returning it.
+pub fn remove(maps: &mut PinnedMaps, proto: u8, external: SocketAddrV4) -> Result<Forward> {
+    let key = ExternalKey {
+        external_addr: u32::from(*external.ip()).to_be(),
+        external_port: external.port().to_be(),
+        proto,
+        _pad: 0,
+    };
+    let name = proto::name(proto);
+    match maps.bindings_in.get(&key, 0) {
+        Ok(value) if value.flags & BINDING_FLAG_STATIC != 0 => {
+            let forward = Forward {
+                proto,
+                external,
+                internal: endpoint(value.internal_addr, value.internal_port),
+            };
+            let _ = maps.bindings_out.remove(&value.binding_key(proto));
+            maps.bindings_in.remove(&key)?;
+            Ok(forward)
+        }
+        _ => bail!("there is no forward on {name} {external}"),
+    }
+}
+
+/// Every installed forward, sorted by protocol and external port.
+pub fn list(maps: &PinnedMaps) -> Vec<Forward> {
+    let mut forwards: Vec<Forward> = maps
+        .bindings_in
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .filter(|(_, v)| v.flags & BINDING_FLAG_STATIC != 0)
+        .map(|(k, v)| Forward {
+            proto: k.proto,
+            external: endpoint(k.external_addr, k.external_port),
+            internal: endpoint(v.internal_addr, v.internal_port),
+        })
+        .collect();
+    forwards.sort_by_key(|f| (f.proto, f.external.port(), *f.external.ip()));
+    forwards
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers() {
+        assert_eq!(parse_proto("tcp").unwrap(), proto::TCP);
+        assert!(parse_proto("icmp").is_err());
+        assert_eq!(parse_port("8080").unwrap(), 8080);
+        for bad in ["0", "65536", "-1", "http"] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_internal("10.0.0.2:80").unwrap(),
+            "10.0.0.2:80".parse().unwrap()
+        );
+        assert!(parse_internal("10.0.0.2").is_err());
+        assert!(parse_internal("[2001:db8::1]:80").is_err());
+        assert!(parse_internal("10.0.0.2:0").is_err());
+    }
+
+    #[test]
+    fn external_address_must_belong_to_the_nat() {
+        let mut config = NatConfig::empty();
+        config.external_addrs[0] = u32::from(Ipv4Addr::new(198, 51, 100, 254)).to_be();
+        config.external_addr_count = 1;
+        assert_eq!(
+            external_addr_for(&config, None).unwrap(),
+            Ipv4Addr::new(198, 51, 100, 254)
+        );
+        assert!(external_addr_for(&config, Some(Ipv4Addr::new(198, 51, 100, 9))).is_err());
+    }
+}
