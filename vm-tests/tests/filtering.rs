@@ -1,11 +1,12 @@
 //! Inbound filtering: which remotes may send to a mapping, per mode (RFC 4787 §5). Root only.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use vm_tests::lab::{LAN_IP, NAT_EXT, WAN2_IP, WAN_IP, WAN_IP2};
-use vm_tests::tools::{udp_bind, udp_expect, udp_recv};
+use vm_tests::lab::{HOST_IF, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP, WAN_IP2};
+use vm_tests::packet::{describe, Sniffer};
+use vm_tests::tools::{self, scapy, udp_bind, udp_expect, udp_recv};
 use vm_tests::{Lab, NatProcess};
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -39,16 +40,25 @@ fn probe(lab: &Lab, nat: &NatProcess, port: u16) -> Result<(Vec<bool>, u64)> {
     );
 
     let before = nat.stats()?;
-    let mut arrived = Vec::new();
-    for (i, (name, ip, p)) in PROBES.iter().enumerate() {
+    // Send every probe, then collect everything lan receives in a quiet period: a probe
+    // "arrived" if its payload shows up at any time.
+    for (i, (_, ip, p)) in PROBES.iter().enumerate() {
         let ns = if *ip == WAN2_IP { &lab.wan2 } else { &lab.wan };
         let s = udp_bind(ns, sa(*ip, *p))?;
+        s.send_to(format!("probe-{i}").as_bytes(), ext)?;
+    }
+    let mut received = Vec::new();
+    let deadline = Instant::now() + QUIET;
+    while let Some(d) = udp_recv(&lan, deadline.saturating_duration_since(Instant::now()))? {
+        received.push(d);
+    }
+    let mut arrived = Vec::new();
+    for (i, (name, ip, p)) in PROBES.iter().enumerate() {
         let payload = format!("probe-{i}");
-        s.send_to(payload.as_bytes(), ext)?;
-        let got = udp_expect(&lan, payload.as_bytes(), QUIET)?;
-        if let Some(from) = got {
+        let got = received.iter().find(|(d, _)| d == payload.as_bytes());
+        if let Some((_, from)) = got {
             ensure!(
-                from == SocketAddr::V4(sa(*ip, *p)),
+                *from == SocketAddr::V4(sa(*ip, *p)),
                 "probe from {name} arrived with source {from}"
             );
         }
@@ -126,4 +136,90 @@ fn filtering_follows_the_mode() -> Result<()> {
         failures.join("\n")
     );
     Ok(())
+}
+
+/// Sends one TCP SYN from wan2 (198.51.100.3:5555) to `ext` with scapy, and returns a
+/// description of every packet from wan2 that reached lan.
+fn stranger_syn(lab: &Lab, ext: SocketAddrV4) -> Result<Vec<String>> {
+    let nat_mac = Lab::mac(&lab.nat, &lab.wan_if)?;
+    let sniff = Sniffer::open(&lab.lan, HOST_IF)?;
+    scapy(
+        &lab.wan2,
+        &format!(
+            "sendp(Ether(dst='{nat_mac}')/IP(src='{WAN2_IP}', dst='{}')/TCP(sport=5555, dport={}, flags='S', seq=1000), iface='eth0')",
+            ext.ip(),
+            ext.port()
+        ),
+    )?;
+    Ok(sniff
+        .capture_for(Duration::from_secs(1))
+        .iter()
+        .filter(|f| !f.outgoing && f.ipv4().is_some_and(|ip| ip.src() == WAN2_IP))
+        .map(describe)
+        .collect())
+}
+
+#[test]
+fn port_restricted_drops_a_strangers_tcp_syn_to_a_live_connection() -> Result<()> {
+    let lab = Lab::new("ftcp")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    let _echo = tools::tcp_echo(&lab.wan, WAN_IP, 5001)?;
+    let stream = tools::tcp_connect(&lab.lan, sa(WAN_IP, 5001))?;
+    let SocketAddr::V4(local) = stream.local_addr()? else {
+        anyhow::bail!("IPv6 socket")
+    };
+    let maps = nat.mappings()?;
+    let ext = maps
+        .iter()
+        .find(|m| m.proto == "tcp" && m.internal == local)
+        .with_context(|| format!("no tcp mapping for {local}: {maps:#?}"))?
+        .external;
+
+    let before = nat.stats()?;
+    let leaked = stranger_syn(&lab, ext)?;
+    ensure!(
+        leaked.is_empty(),
+        "a stranger's SYN to the connection's mapping {ext} reached lan: {leaked:?}"
+    );
+    let after = nat.stats()?;
+    let counted = after.delta(&before, "filtered_in")? + after.delta(&before, "unsolicited_syn").unwrap_or(0);
+    ensure!(
+        counted >= 1,
+        "the dropped SYN was not counted ({})",
+        after.changes(&before)
+    );
+
+    // The connection itself is unharmed.
+    let data = tools::pattern(64 * 1024, 3);
+    let back = tools::tcp_roundtrip(stream, &data)?;
+    ensure!(back == data, "the connection broke after the stranger's SYN");
+    nat.stop()
+}
+
+#[test]
+fn full_cone_udp_mapping_does_not_admit_tcp() -> Result<()> {
+    // RFC 7857 §6: endpoint-independent filtering is per protocol by default.
+    let lab = Lab::new("fproto")?;
+    let nat = NatProcess::attach(&lab, &["--mode", "full-cone"])?;
+    let lan = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 9999))?;
+    lan.send_to(b"hello", sa(WAN_IP, 9999))?;
+    let (_, ext) = udp_recv(&remote, Duration::from_secs(5))?.context("remote got nothing")?;
+    let SocketAddr::V4(ext) = ext else {
+        anyhow::bail!("IPv6 source {ext}")
+    };
+
+    let leaked = stranger_syn(&lab, ext)?;
+    ensure!(
+        leaked.is_empty(),
+        "a TCP SYN to the UDP mapping {ext} reached lan: {leaked:?}"
+    );
+    // While a UDP datagram from the same stranger does reach lan (full cone).
+    let stranger = udp_bind(&lab.wan2, sa(WAN2_IP, 5555))?;
+    stranger.send_to(b"udp from stranger", ext)?;
+    ensure!(
+        udp_expect(&lan, b"udp from stranger", Duration::from_secs(3))?.is_some(),
+        "full-cone NAT filtered a UDP datagram from another host"
+    );
+    nat.stop()
 }
