@@ -44,6 +44,25 @@ pub const fn udp_nonzero(checksum: u16) -> u16 {
     }
 }
 
+/// The folded pseudo-header sum (RFC 768, RFC 9293 §3.1) of a TCP or UDP segment of
+/// `l4_len` bytes, from raw (network-order, natively loaded) addresses.
+///
+/// When a sender offloads its checksum (Linux `CHECKSUM_PARTIAL`), the checksum field holds
+/// exactly this value as a seed until a NIC or the kernel completes it; see `looks_partial`.
+#[inline(always)]
+pub const fn pseudo_header_sum(saddr: u32, daddr: u32, proto: u8, l4_len: u16) -> u16 {
+    let proto_word = u16::from_ne_bytes([0, proto]) as u32;
+    fold(add32(add32(proto_word + l4_len.to_be() as u32, saddr), daddr))
+}
+
+/// True if a TCP/UDP checksum field holds an offload seed rather than a final checksum. A
+/// final checksum equals the seed by chance once in 65536 packets; callers only ever take a
+/// slower, equally correct path for such a packet.
+#[inline(always)]
+pub const fn looks_partial(field: u16, saddr: u32, daddr: u32, proto: u8, l4_len: u16) -> bool {
+    field == pseudo_header_sum(saddr, daddr, proto, l4_len)
+}
+
 /// Full Internet checksum of `bytes` (odd length padded with a zero byte), as stored in a header.
 pub fn checksum(bytes: &[u8]) -> u16 {
     !fold(sum_words(bytes, 0))
@@ -126,6 +145,45 @@ mod tests {
     #[test]
     fn odd_length_is_zero_padded() {
         assert_eq!(checksum(&[0x01]), checksum(&[0x01, 0x00]));
+    }
+
+    /// A UDP datagram 10.0.0.2:40000 -> 198.51.100.1:9999 carrying "hello".
+    fn udp_segment() -> ([u8; 4], [u8; 4], [u8; 13]) {
+        let mut udp = [0u8; 13];
+        udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&9999u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&13u16.to_be_bytes());
+        udp[8..].copy_from_slice(b"hello");
+        ([10, 0, 0, 2], [198, 51, 100, 1], udp)
+    }
+
+    #[test]
+    fn offload_seed_completes_to_the_real_checksum() {
+        let (src, dst, mut udp) = udp_segment();
+        let mut pseudo = [0u8; 12];
+        pseudo[0..4].copy_from_slice(&src);
+        pseudo[4..8].copy_from_slice(&dst);
+        pseudo[9] = 17;
+        pseudo[10..12].copy_from_slice(&13u16.to_be_bytes());
+        let full = !fold(sum_words(&udp, sum_words(&pseudo, 0)));
+        let seed = pseudo_header_sum(u32::from_ne_bytes(src), u32::from_ne_bytes(dst), 17, 13);
+        // What a NIC does with CHECKSUM_PARTIAL: sum the segment with the seed in the field.
+        udp[6..8].copy_from_slice(&seed.to_ne_bytes());
+        assert_eq!(checksum(&udp), full);
+        assert!(looks_partial(
+            seed,
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+            17,
+            13
+        ));
+        assert!(!looks_partial(
+            full,
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+            17,
+            13
+        ));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct NatConfig {
     pub max_bindings: u32,
     /// Most dynamic bindings one internal host may hold, 0 for no limit (RFC 6888 REQ-4).
     pub max_bindings_per_host: u32,
+    /// Interface index of the external interface (for the fast path's route check).
+    pub external_ifindex: u32,
 }
 
 /// Idle timeouts, as indices into `NatConfig::timeouts_secs`.
@@ -93,6 +95,7 @@ impl NatConfig {
             ],
             max_bindings: crate::maps::DEFAULT_MAX_BINDINGS,
             max_bindings_per_host: 0,
+            external_ifindex: 0,
         }
     }
 

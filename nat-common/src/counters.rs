@@ -71,6 +71,9 @@ counters! {
     /// Inbound TCP SYNs with no binding and no listener on the gateway: dropped without any
     /// reply (RFC 5382 REQ-4, REQ-4a).
     UnsolicitedSyn = "unsolicited_syn",
+    /// Packets sent straight to their egress interface by the XDP fast path (bpf_redirect),
+    /// bypassing the kernel's forwarding path; counted in addition to translated_out/in.
+    FastPathRedirected = "fast_path_redirected",
     /// Packets (and ICMP errors) from an internal host to another internal host's external
     /// endpoint, translated on both sides and sent back in (RFC 4787 REQ-9).
     Hairpinned = "hairpinned",

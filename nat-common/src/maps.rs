@@ -22,8 +22,10 @@ pub mod names {
     pub const USAGE_CREATED: &str = "NAT_USAGE_CREATED";
     /// `u32` internal address (0 = all hosts) -> bindings removed by the controller.
     pub const USAGE_RELEASED: &str = "NAT_USAGE_RELEASED";
+    /// `u32` ifindex -> `u32` (unused): interfaces the fast path may redirect to.
+    pub const FAST_PATH_IFACES: &str = "NAT_FAST_PATH_IFACES";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         CONFIG,
         BINDINGS_OUT,
         BINDINGS_IN,
@@ -32,6 +34,7 @@ pub mod names {
         COUNTERS,
         USAGE_CREATED,
         USAGE_RELEASED,
+        FAST_PATH_IFACES,
     ];
 }
 
@@ -44,6 +47,8 @@ pub const STATIC_FORWARD_RESERVE: u32 = 4_096;
 pub const SESSIONS_PER_BINDING: u32 = 4;
 /// Capacity of the per-host usage maps: how many internal hosts can hold bindings at once.
 pub const MAX_USAGE_HOSTS: u32 = 65_536;
+/// Most interfaces the fast path redirects between (the external one and the internal ones).
+pub const MAX_FAST_PATH_IFACES: u32 = 64;
 /// Key of the all-hosts total in the usage maps (0.0.0.0 is never an internal host).
 pub const USAGE_ALL_HOSTS: u32 = 0;
 

@@ -118,6 +118,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     ensure_bpffs()?;
     let mut lock = InstanceLock::acquire(&instance)?;
     let mut config = settings.to_config(&addrs);
+    config.external_ifindex = iface::index(&settings.iface)?;
     if loader::is_persisted(&instance) {
         // The persisted tables were sized at their first attach and cannot be resized live.
         let running = loader::persisted_config(&instance)?;

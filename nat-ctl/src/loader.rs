@@ -147,7 +147,16 @@ impl Attached {
         let ebpf = attached.ebpf.insert(ebpf);
 
         // Config first: the programs see a complete config from their first packet.
-        PinnedMaps::open(&pin_dir)?.write_config(config)?;
+        let mut maps = PinnedMaps::open(&pin_dir)?;
+        maps.write_config(config)?;
+        if !adopted && !plan.internal_ifaces.is_empty() {
+            // The fast path redirects only between the NAT's own interfaces.
+            maps.fast_path_ifaces.insert(config.external_ifindex, 0, 0)?;
+            for lan in plan.internal_ifaces {
+                maps.fast_path_ifaces.insert(crate::iface::index(lan)?, 0, 0)?;
+            }
+        }
+        drop(maps);
 
         let iface = instance.iface.as_str();
         let ingress: &mut Xdp = ebpf

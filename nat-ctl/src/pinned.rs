@@ -25,6 +25,8 @@ pub struct PinnedMaps {
     pub usage_created: HashMap<MapData, u32, u64>,
     /// Bindings removed per internal host (written only by the controller's sweep).
     pub usage_released: HashMap<MapData, u32, u64>,
+    /// Interfaces the XDP fast path may redirect to.
+    pub fast_path_ifaces: HashMap<MapData, u32, u32>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -43,6 +45,7 @@ impl PinnedMaps {
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(dir, names::COUNTERS)?))?,
             usage_created: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_CREATED)?))?,
             usage_released: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_RELEASED)?))?,
+            fast_path_ifaces: HashMap::try_from(Map::HashMap(open(dir, names::FAST_PATH_IFACES)?))?,
         })
     }
 

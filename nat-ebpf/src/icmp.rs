@@ -120,14 +120,16 @@ pub fn rewrite(
             write_at(emb.l4, end, ICMP_CHECK_OFF, new)?;
             (old, new)
         }
+        // The embedded header is a copy of a packet long sent, so its checksum is final. A TCP
+        // checksum beyond the quoted 8 bytes is simply not there to update.
         inner_proto => update_transport_checksum(
             emb.l4,
             end,
             inner_proto,
             (old_addr, new_addr),
             (old_port, new_port),
+            false,
         )
-        // A TCP checksum beyond the quoted 8 bytes is simply not there to update.
         .unwrap_or((0, 0)),
     };
 

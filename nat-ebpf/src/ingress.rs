@@ -24,9 +24,9 @@ use nat_common::{
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
     bindings::{self, Refusal},
-    fragments, icmp, local,
+    fastpath, fragments, icmp, local,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
-    rewrite::{set_ipv4_addr, update_transport_checksum},
+    rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
 };
@@ -78,7 +78,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     match ip.proto {
         proto::UDP | proto::TCP => transport(ctx, cfg, (l3, l4, end), &ip, &shape),
         proto::ICMP => match read_u8_at(l4, end, 0) {
-            Some(icmp_type::ECHO_REPLY) => echo_reply(cfg, l3, l4, end, &ip),
+            Some(icmp_type::ECHO_REPLY) => echo_reply(ctx, cfg, (l3, l4, end), &ip),
             Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, l3, l4, end),
             // Echo requests and other ICMP to the gateway itself.
             _ => {
@@ -159,6 +159,8 @@ fn transport(
     if ip.proto == proto::TCP {
         sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, tcp_flags);
     }
+    let l4_len = shape.total_len - shape.header_len;
+    let partial = transport_checksum_is_partial(l4, end, ip.proto, ip.saddr, ip.daddr, l4_len);
     let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
         write_at(l4, end, L4_DST_PORT_OFF, binding.internal_port)?;
         update_transport_checksum(
@@ -167,6 +169,7 @@ fn transport(
             ip.proto,
             (ip.daddr, binding.internal_addr),
             (head.dst, binding.internal_port),
+            partial,
         )
     });
     if rewritten.is_none() {
@@ -176,12 +179,37 @@ fn transport(
         fragments::remember(ip, binding.internal_addr);
     }
     count(Counter::TranslatedIn);
-    XDP_PASS
+    if shape.fragment == Fragment::First || partial {
+        // The rest of the datagram takes the kernel path, so its first part goes with it; a
+        // seed checksum needs the kernel to complete it.
+        return XDP_PASS;
+    }
+    deliver(ctx, l3, end, ip, binding.internal_addr)
+}
+
+/// Hands a translated inbound packet on: straight to the internal interface when the fast path
+/// serves it, to the kernel's forwarding otherwise.
+#[inline(always)]
+fn deliver(ctx: &XdpContext, l3: usize, end: usize, ip: &Ipv4Header, internal_addr: u32) -> u32 {
+    let translated = Ipv4Header {
+        daddr: internal_addr,
+        ..*ip
+    };
+    let Some(route) = fastpath::route(ctx, &translated, ctx.ingress_ifindex() as u32) else {
+        return XDP_PASS;
+    };
+    match fastpath::forward(ctx.data(), end, l3, &route) {
+        Some(action) => {
+            count(Counter::FastPathRedirected);
+            action
+        }
+        None => XDP_PASS,
+    }
 }
 
 /// ICMP echo replies: the identifier plays the port (RFC 5508 REQ-1).
 #[inline(always)]
-fn echo_reply(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header) -> u32 {
+fn echo_reply(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): Headers, ip: &Ipv4Header) -> u32 {
     let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
         return malformed();
     };
@@ -203,7 +231,7 @@ fn echo_reply(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header
         return malformed();
     }
     count(Counter::TranslatedIn);
-    XDP_PASS
+    deliver(ctx, l3, end, ip, binding.internal_addr)
 }
 
 /// ICMP errors about a packet we sent out (RFC 5508 REQ-4). The error may come from any router

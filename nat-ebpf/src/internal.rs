@@ -1,5 +1,5 @@
-//! XDP on the internal interface(s): hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8,
-//! RFC 5508 REQ-7).
+//! XDP on the internal interface(s): the outbound fast path, and hairpinning (RFC 4787 REQ-9,
+//! RFC 5382 REQ-8, RFC 5508 REQ-7).
 //!
 //! An internal host that sends to another internal host's *external* endpoint addresses the
 //! gateway itself, so the kernel would deliver it locally. Here such a packet is translated on
@@ -13,9 +13,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nat_common::{
+    checksum::replace_u16,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, L4Head, ETH_HLEN, ETH_P_IP_BE,
-        IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF,
+        ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
+        TCP_FLAGS_OFF,
     },
     proto, Counter, ExternalKey, NatConfig,
 };
@@ -23,9 +25,9 @@ use nat_common::{
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
     bindings::{self, OutboundFlow, Refusal},
-    icmp,
+    fastpath, icmp,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
-    rewrite::{set_ipv4_addr, update_transport_checksum},
+    rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
 };
@@ -47,12 +49,12 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let Some(ip) = read_at::<Ipv4Header>(l3, end, 0) else {
         return XDP_PASS;
     };
-    // Only traffic to the gateway's external addresses can be hairpinned.
-    if !cfg.is_external_addr(ip.daddr) || cfg.is_external_addr(ip.saddr) {
+    if cfg.is_external_addr(ip.saddr) {
         return XDP_PASS;
     }
     let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, end - l3) {
-        // Fragments are left to the gateway's stack (hairpinning fragments is not supported).
+        // Fragments and broken headers are left to the kernel path (TC egress translates
+        // outbound fragments; hairpinning fragments is not supported).
         Ok(shape) if shape.fragment == Fragment::None && check_transport(&shape, ip.proto).is_ok() => shape,
         _ => return XDP_PASS,
     };
@@ -60,8 +62,19 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
     let l4 = l4 as usize;
+    let l4_len = shape.total_len - shape.header_len;
+    let partial = (ip.proto == proto::UDP || ip.proto == proto::TCP)
+        && transport_checksum_is_partial(l4, end, ip.proto, ip.saddr, ip.daddr, l4_len);
+    if !cfg.is_external_addr(ip.daddr) {
+        if partial {
+            // Only the kernel can complete a seed checksum: TC egress translates this one.
+            return XDP_PASS;
+        }
+        return outbound(ctx, cfg, (l3, l4, end), &ip);
+    }
+    // To one of the gateway's external addresses: hairpinning, or the gateway itself.
     match ip.proto {
-        proto::UDP | proto::TCP => hairpin_transport(cfg, l3, l4, end, &ip),
+        proto::UDP | proto::TCP => hairpin_transport(cfg, (l3, l4, end), &ip, partial),
         proto::ICMP => match read_u8_at(l4, end, 0) {
             Some(ty) if icmp_type::is_error(ty) => hairpin_icmp_error(cfg, l3, l4, end),
             // Echo requests to an external address are for the gateway itself.
@@ -71,9 +84,96 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// UDP and TCP from one internal host to another's external endpoint.
+/// The outbound fast path: UDP, TCP and echo requests that the kernel would route out of the
+/// external interface are translated here, exactly as TC egress would, and redirected there.
+/// The route is looked up first, on the untouched packet: when the fast path cannot take it,
+/// the kernel forwards it and TC egress translates it instead.
 #[inline(always)]
-fn hairpin_transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv4Header) -> u32 {
+fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usize), ip: &Ipv4Header) -> u32 {
+    let is_echo_request = ip.proto == proto::ICMP && read_u8_at(l4, end, 0) == Some(icmp_type::ECHO_REQUEST);
+    if !(ip.proto == proto::UDP || ip.proto == proto::TCP || is_echo_request) || ip.saddr == 0 {
+        return XDP_PASS;
+    }
+    let Some(route) = fastpath::route(ctx, ip, ctx.ingress_ifindex() as u32) else {
+        return XDP_PASS;
+    };
+    if route.ifindex != cfg.external_ifindex {
+        // Routed between internal networks: not the NAT's business.
+        return XDP_PASS;
+    }
+    let Some(head) = read_at::<L4Head>(l4, end, 0) else {
+        return XDP_PASS;
+    };
+    let (src_port, port_off) = if is_echo_request {
+        let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
+            return XDP_PASS;
+        };
+        (id, ICMP_ID_OFF)
+    } else {
+        (head.src, L4_SRC_PORT_OFF)
+    };
+    let remote_port = if is_echo_request { 0 } else { head.dst };
+    let tcp_flags = if ip.proto == proto::TCP {
+        read_u8_at(l4, end, TCP_FLAGS_OFF).unwrap_or(0)
+    } else {
+        0
+    };
+    let flow = OutboundFlow {
+        proto: ip.proto,
+        internal_addr: ip.saddr,
+        internal_port: src_port,
+        remote_addr: ip.daddr,
+        remote_port,
+    };
+    // A refused flow (exhausted, full, over its limit) is dropped and counted, as on TC egress.
+    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
+        return XDP_DROP;
+    };
+    let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).and_then(|_| {
+        write_at(l4, end, port_off, external_port)?;
+        if is_echo_request {
+            let check: u16 = read_at(l4, end, ICMP_CHECK_OFF)?;
+            write_at(
+                l4,
+                end,
+                ICMP_CHECK_OFF,
+                replace_u16(check, src_port, external_port),
+            )
+        } else {
+            update_transport_checksum(
+                l4,
+                end,
+                ip.proto,
+                (ip.saddr, external_addr),
+                (src_port, external_port),
+                false,
+            )
+            .map(|_| ())
+        }
+    });
+    if rewritten.is_none() {
+        count(Counter::Malformed);
+        return XDP_DROP;
+    }
+    count(Counter::TranslatedOut);
+    match fastpath::forward(ctx.data(), end, l3, &route) {
+        Some(action) => {
+            count(Counter::FastPathRedirected);
+            action
+        }
+        None => XDP_PASS,
+    }
+}
+
+/// UDP and TCP from one internal host to another's external endpoint.
+/// `partial`: the checksum is an offload seed (see `transport_checksum_is_partial`).
+#[inline(always)]
+fn hairpin_transport(
+    cfg: &NatConfig,
+    (l3, l4, end): (usize, usize, usize),
+    ip: &Ipv4Header,
+    partial: bool,
+) -> u32 {
     let Some(head) = read_at::<L4Head>(l4, end, 0) else {
         return XDP_PASS;
     };
@@ -118,7 +218,14 @@ fn hairpin_transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv
         .and_then(|_| write_at(l4, end, L4_SRC_PORT_OFF, src_port))
         .and_then(|_| write_at(l4, end, L4_DST_PORT_OFF, target.internal_port))
         .and_then(|_| {
-            update_transport_checksum(l4, end, ip.proto, (ip.saddr, src_addr), (head.src, src_port))
+            update_transport_checksum(
+                l4,
+                end,
+                ip.proto,
+                (ip.saddr, src_addr),
+                (head.src, src_port),
+                partial,
+            )
         })
         .and_then(|_| {
             update_transport_checksum(
@@ -127,6 +234,7 @@ fn hairpin_transport(cfg: &NatConfig, l3: usize, l4: usize, end: usize, ip: &Ipv
                 ip.proto,
                 (ip.daddr, target.internal_addr),
                 (head.dst, target.internal_port),
+                partial,
             )
         });
     if rewritten.is_none() {

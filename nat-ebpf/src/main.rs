@@ -8,6 +8,7 @@
 mod access;
 mod bindings;
 mod egress;
+mod fastpath;
 mod fragments;
 mod icmp;
 mod ingress;

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use nat_common::{
     counters::COUNTER_COUNT,
     maps::{
-        binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FRAGMENTS, MAX_USAGE_HOSTS,
+        binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FAST_PATH_IFACES,
+        MAX_FRAGMENTS, MAX_USAGE_HOSTS,
     },
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
@@ -48,6 +49,11 @@ pub static NAT_USAGE_CREATED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOST
 /// `created - released` is exact without any read-modify-write race.
 #[map]
 pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
+
+/// Interfaces the XDP fast path may redirect to (the external one and the internal ones);
+/// empty unless internal interfaces are attached.
+#[map]
+pub static NAT_FAST_PATH_IFACES: HashMap<u32, u32> = HashMap::pinned(MAX_FAST_PATH_IFACES, 0);
 
 /// Per-CPU event counters, indexed by `nat_common::Counter`.
 #[map]

@@ -1,0 +1,218 @@
+//! Benchmark programs: a packet generator, a counting sink, and empty programs that measure the
+//! floor of `BPF_PROG_TEST_RUN`.
+//!
+//! They live in their own object (`target/bpfel-unknown-none/release/bench`) so that loading
+//! them never creates, reuses or touches the NAT's pinned maps; none of the maps here is pinned.
+//! The benchmark harness in `vm-tests` (`src/bin/bench/`) loads this object with aya at run
+//! time and mirrors the map layouts below (`GenParams`, frame size).
+//!
+//! The generator is run with `BPF_PROG_TEST_RUN` in XDP live-frames mode: the kernel hands it
+//! frames from a page pool and transmits whatever it returns `XDP_TX` for out of the interface
+//! named by `ingress_ifindex`. The pool recycles pages *without* resetting them, and every hop
+//! downstream (TTL decrement, NAT rewrite) writes into the same page, so the generator rewrites
+//! the whole frame from the template on every run instead of patching a few fields.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+        TC_ACT_OK,
+    },
+    macros::{classifier, map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+
+/// Length of every generated frame: Ethernet + IPv4 (no options) + UDP + 22 bytes of payload.
+/// The harness passes a `data_in` of exactly this length.
+const FRAME_LEN: usize = 64;
+/// The frame is copied in 8-byte words (a bounded, unrollable loop).
+const FRAME_WORDS: usize = FRAME_LEN / 8;
+/// Offsets into the frame (Ethernet, then an IPv4 header without options, then UDP).
+const ETH_TYPE_OFF: usize = 12;
+const IP_OFF: usize = 14;
+const IP_PROTO_OFF: usize = 23;
+const IP_CHECK_OFF: usize = 24;
+const IP_SRC_OFF: usize = 26;
+const IP_DST_OFF: usize = 30;
+const UDP_SRC_OFF: usize = 34;
+const UDP_DST_OFF: usize = 36;
+/// End of the UDP header: everything the sink looks at lies before it.
+const UDP_END: usize = 42;
+/// 16-bit words in an IPv4 header without options (for its checksum).
+const IP_HEADER_WORDS: usize = 10;
+/// EtherType IPv4 as it sits in memory (big endian), read as a native `u16`.
+const ETH_P_IP_IN_MEMORY: u16 = 0x0800u16.to_be();
+/// IP protocol number of UDP.
+const IPPROTO_UDP: u8 = 17;
+
+/// `GenParams::vary`: the source endpoint varies per flow (outbound traffic).
+const VARY_SOURCE: u32 = 0;
+/// `GenParams::vary`: the destination endpoint varies per flow (inbound traffic); any value
+/// other than `VARY_SOURCE` means this.
+#[allow(dead_code)]
+const VARY_DESTINATION: u32 = 1;
+
+/// How the generator spreads packets over flows. Flow `f = seq % flow_count` (seq counts
+/// packets per CPU) uses address `template + f / ports_per_addr` and port
+/// `template + f % ports_per_addr` on the varied side.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenParams {
+    /// Distinct flows cycled through (0 is treated as 1).
+    pub flow_count: u32,
+    /// Ports used per address before moving to the next address (0 is treated as 1).
+    pub ports_per_addr: u32,
+    /// `VARY_SOURCE` or `VARY_DESTINATION`.
+    pub vary: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
+}
+
+/// The frame template, written by the harness.
+#[map]
+static BENCH_FRAME: Array<[u8; FRAME_LEN]> = Array::with_max_entries(1, 0);
+
+/// How to vary the template per packet, written by the harness.
+#[map]
+static BENCH_PARAMS: Array<GenParams> = Array::with_max_entries(1, 0);
+
+/// Packets generated so far, per CPU; the harness resets it to start a fresh sequence of flows.
+#[map]
+static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// UDP packets the sink received, per CPU.
+#[map]
+static BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Generator: writes the next frame and transmits it (`XDP_TX`) out of `ingress_ifindex`.
+#[xdp]
+pub fn bench_generator(ctx: XdpContext) -> u32 {
+    generate(&ctx).unwrap_or(XDP_ABORTED)
+}
+
+/// Sink: counts UDP over IPv4 and drops it; lets everything else (ARP) through.
+#[xdp]
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + UDP_END > end {
+        return XDP_PASS;
+    }
+    // SAFETY: both reads lie before `start + UDP_END`, checked above.
+    let (eth_type, proto) = unsafe {
+        (
+            core::ptr::read_unaligned((start + ETH_TYPE_OFF) as *const u16),
+            *((start + IP_PROTO_OFF) as *const u8),
+        )
+    };
+    if eth_type != ETH_P_IP_IN_MEMORY || proto != IPPROTO_UDP {
+        return XDP_PASS;
+    }
+    if let Some(count) = BENCH_SINK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *count += 1 };
+    }
+    XDP_DROP
+}
+
+/// The floor of an XDP test run: does nothing.
+#[xdp]
+pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// The floor of a TC test run: does nothing.
+#[classifier]
+pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Copies the template into the frame, applies this packet's flow, fixes the IPv4 checksum.
+#[inline(always)]
+fn generate(ctx: &XdpContext) -> Option<u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + FRAME_LEN > end {
+        return None;
+    }
+    let template = BENCH_FRAME.get(0)?;
+    let params = BENCH_PARAMS.get(0)?;
+    let base = template.as_ptr();
+    let mut word = 0;
+    while word < FRAME_WORDS {
+        // SAFETY: word * 8 + 8 <= FRAME_LEN, inside both the packet (checked above) and the
+        // template (a FRAME_LEN array).
+        unsafe {
+            let value = core::ptr::read_unaligned(base.add(word * 8) as *const u64);
+            core::ptr::write_unaligned((start + word * 8) as *mut u64, value);
+        }
+        word += 1;
+    }
+
+    let seq = BENCH_SEQ.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
+    let n = unsafe {
+        let n = *seq;
+        *seq = n.wrapping_add(1);
+        n
+    };
+    let flow_count = params.flow_count.max(1) as u64;
+    let ports_per_addr = params.ports_per_addr.max(1) as u64;
+    let flow = n % flow_count;
+    let addr_step = (flow / ports_per_addr) as u32;
+    let port_step = (flow % ports_per_addr) as u16;
+    // Constant offsets in each branch: the verifier checks each access against the range
+    // proven above without having to reason about a variable offset.
+    if params.vary == VARY_SOURCE {
+        vary_endpoint::<IP_SRC_OFF, UDP_SRC_OFF>(start, addr_step, port_step);
+    } else {
+        vary_endpoint::<IP_DST_OFF, UDP_DST_OFF>(start, addr_step, port_step);
+    }
+    fix_ip_checksum(start);
+    Some(XDP_TX)
+}
+
+/// Adds `addr_step` to the address at `ADDR` and `port_step` to the port at `PORT` (both big
+/// endian in the frame). The caller has checked that `start + FRAME_LEN` lies in the packet.
+#[inline(always)]
+fn vary_endpoint<const ADDR: usize, const PORT: usize>(start: usize, addr_step: u32, port_step: u16) {
+    // SAFETY: ADDR + 4 and PORT + 2 are below FRAME_LEN, which the caller checked.
+    unsafe {
+        let addr = (start + ADDR) as *mut u32;
+        let value = u32::from_be(core::ptr::read_unaligned(addr)).wrapping_add(addr_step);
+        core::ptr::write_unaligned(addr, value.to_be());
+        let port = (start + PORT) as *mut u16;
+        let value = u16::from_be(core::ptr::read_unaligned(port)).wrapping_add(port_step);
+        core::ptr::write_unaligned(port, value.to_be());
+    }
+}
+
+/// Recomputes the IPv4 header checksum (RFC 791) of the frame at `start`. The UDP checksum of
+/// the template is zero ("none", legal for IPv4), so it needs no update.
+#[inline(always)]
+fn fix_ip_checksum(start: usize) {
+    // SAFETY: the IPv4 header lies below FRAME_LEN, which the caller checked.
+    unsafe {
+        core::ptr::write_unaligned((start + IP_CHECK_OFF) as *mut u16, 0);
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < IP_HEADER_WORDS {
+            sum += u16::from_be(core::ptr::read_unaligned((start + IP_OFF + i * 2) as *const u16)) as u32;
+            i += 1;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        core::ptr::write_unaligned((start + IP_CHECK_OFF) as *mut u16, (!(sum as u16)).to_be());
+    }
+}
+
+/// GPL-compatible, like the NAT's object.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
