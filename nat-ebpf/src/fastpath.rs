@@ -60,7 +60,7 @@ pub fn route(ctx: &XdpContext, ip: &Ipv4Header, ingress_ifindex: u32) -> Option<
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return None;
     }
-    NAT_FAST_PATH_IFACES.get_ptr(&params.ifindex)?;
+    NAT_FAST_PATH_IFACES.get_ptr(params.ifindex)?;
     Some(Route {
         ifindex: params.ifindex,
         smac: params.smac,

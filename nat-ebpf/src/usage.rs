@@ -12,9 +12,9 @@ use crate::{
 #[inline(always)]
 fn current(key: u32) -> u64 {
     // SAFETY: plain data copied out at once.
-    let created = unsafe { NAT_USAGE_CREATED.get(&key) }.copied().unwrap_or(0);
+    let created = unsafe { NAT_USAGE_CREATED.get(key) }.copied().unwrap_or(0);
     // SAFETY: as above.
-    let released = unsafe { NAT_USAGE_RELEASED.get(&key) }.copied().unwrap_or(0);
+    let released = unsafe { NAT_USAGE_RELEASED.get(key) }.copied().unwrap_or(0);
     created.saturating_sub(released)
 }
 
@@ -35,13 +35,13 @@ pub fn may_create(cfg: &NatConfig, internal_addr: u32) -> bool {
 #[inline(always)]
 fn add_one(key: u32) {
     for _ in 0..2 {
-        if let Some(slot) = NAT_USAGE_CREATED.get_ptr_mut(&key) {
+        if let Some(slot) = NAT_USAGE_CREATED.get_ptr_mut(key) {
             // SAFETY: map value pointer; other CPUs update it concurrently, hence the atomic add.
             unsafe { atomic_add(slot, 1) };
             return;
         }
         // First binding of this host: create the slot; if another CPU just did, add to theirs.
-        if NAT_USAGE_CREATED.insert(&key, &1, BPF_NOEXIST as u64).is_ok() {
+        if NAT_USAGE_CREATED.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
             return;
         }
     }
