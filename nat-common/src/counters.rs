@@ -66,8 +66,17 @@ counters! {
     IcmpErrorDropped = "icmp_error_dropped",
     /// Non-first fragments translated (either direction).
     FragmentTranslated = "fragment_translated",
-    /// Inbound non-first fragments dropped because their first fragment was not seen.
+    /// Inbound non-first fragments dropped because their first fragment was not seen and they
+    /// could not be parked (parking ring full, or too large).
     FragmentNoState = "fragment_no_state",
+    /// Inbound non-first fragments that arrived before their first fragment, parked for the
+    /// controller (RFC 4787 REQ-14).
+    FragmentParked = "fragment_parked",
+    /// Parked fragments sent on, translated, after their first fragment arrived (written by the
+    /// controller).
+    FragmentReinjected = "fragment_reinjected",
+    /// Parked fragments whose first fragment never came: dropped (written by the controller).
+    FragmentParkExpired = "fragment_park_expired",
     /// Inbound TCP SYNs with no binding and no listener on the gateway: dropped without any
     /// reply (RFC 5382 REQ-4, REQ-4a).
     UnsolicitedSyn = "unsolicited_syn",

@@ -24,8 +24,10 @@ pub mod names {
     pub const USAGE_RELEASED: &str = "NAT_USAGE_RELEASED";
     /// `u32` ifindex -> `u32` (unused): interfaces the fast path may redirect to.
     pub const FAST_PATH_IFACES: &str = "NAT_FAST_PATH_IFACES";
+    /// Ring buffer of `ParkedFragment`s for the controller.
+    pub const PARKED_FRAGMENTS: &str = "NAT_PARKED_FRAGMENTS";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         BINDINGS_OUT,
         BINDINGS_IN,
@@ -35,6 +37,7 @@ pub mod names {
         USAGE_CREATED,
         USAGE_RELEASED,
         FAST_PATH_IFACES,
+        PARKED_FRAGMENTS,
     ];
 }
 
@@ -212,4 +215,24 @@ pub struct FragmentValue {
     pub translated_addr: u32,
     /// Explicit padding (always zero).
     pub _pad: u32,
+}
+
+/// Largest inbound fragment (IP header included) the data path parks; an Ethernet MTU's worth.
+pub const MAX_PARKED_FRAGMENT_BYTES: usize = 1536;
+/// Size of the parked-fragment ring buffer (a power of two pages): about 170 fragments, so a
+/// flood of stray fragments costs bounded memory (RFC 4787 REQ-14a).
+pub const PARKED_RING_BYTES: u32 = 256 * 1024;
+
+/// An inbound non-first fragment that arrived before its datagram's first fragment
+/// (RFC 4787 REQ-14). The data path cannot hold packets, so it hands the fragment to the
+/// controller, which sends it on once the first fragment has been translated.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ParkedFragment {
+    /// Bytes of `packet` in use.
+    pub len: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
+    /// The IP packet as received (from the IPv4 header on).
+    pub packet: [u8; MAX_PARKED_FRAGMENT_BYTES],
 }

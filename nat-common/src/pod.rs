@@ -1,8 +1,8 @@
 //! `aya::Pod` for the map types, so the controller can read and write them (feature `user`).
 
 use crate::{
-    BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
-    SessionValue,
+    maps::ParkedFragment, BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue,
+    NatConfig, SessionKey, SessionValue,
 };
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers with explicit padding fields,
@@ -16,3 +16,4 @@ unsafe impl aya::Pod for SessionKey {}
 unsafe impl aya::Pod for SessionValue {}
 unsafe impl aya::Pod for FragmentKey {}
 unsafe impl aya::Pod for FragmentValue {}
+unsafe impl aya::Pod for ParkedFragment {}

@@ -4,7 +4,7 @@
 use std::{io::Write, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use nat_common::config::Timeout;
+use nat_common::{config::Timeout, Counter};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
@@ -20,8 +20,13 @@ use crate::{
     loader::{self, AttachPlan, Attached},
     metrics,
     pinned::PinnedMaps,
+    reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
 };
+
+/// How often parked out-of-order fragments are checked: short next to the time a sender's
+/// fragments take to arrive, so reassembly at the receiver is not held up noticeably.
+const FRAGMENT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Everything `attach` runs with, once file and flags are merged and validated.
 pub struct Resolved {
@@ -163,9 +168,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         if let Some(listener) = metrics_listener {
             tokio::spawn(metrics::serve(listener, instance.pin_dir()));
         }
+        let reinjector = Reinjector::open(&instance.pin_dir())?;
+        let timeouts = &settings.timeouts;
         run_until_signal(
             &mut maps,
-            &settings.timeouts,
+            reinjector,
+            timeouts,
             resolved.sweep_interval_ms,
             args.debug,
         )
@@ -210,6 +218,7 @@ fn install_forwards(
 /// Sweeps expired entries every `interval_ms` until SIGINT or SIGTERM.
 async fn run_until_signal(
     maps: &mut PinnedMaps,
+    mut reinjector: Reinjector,
     timeouts: &Timeouts,
     interval_ms: u64,
     debug: bool,
@@ -217,11 +226,21 @@ async fn run_until_signal(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+    let mut fragment_ticker = tokio::time::interval(FRAGMENT_POLL_INTERVAL);
     let mut events = BindingEvents::default();
+    let mut published = (0, 0);
     loop {
         tokio::select! {
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
+            _ = fragment_ticker.tick() => {
+                let totals = reinjector.poll(std::time::Instant::now());
+                if totals != published {
+                    reinject::publish(&mut maps.counters, Counter::FragmentReinjected, totals.0)?;
+                    reinject::publish(&mut maps.counters, Counter::FragmentParkExpired, totals.1)?;
+                    published = totals;
+                }
+            }
             _ = ticker.tick() => {
                 if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts) {
                     eprintln!("nat-ctl: expiry sweep failed: {e:#}");

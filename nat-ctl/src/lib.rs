@@ -15,6 +15,7 @@ pub mod instance;
 pub mod loader;
 pub mod metrics;
 pub mod pinned;
+pub mod reinject;
 pub mod settings;
 pub mod sysctl;
 pub mod table;

@@ -2,10 +2,16 @@
 //! remembered (keyed by source, destination, protocol and IP ID, RFC 791) and applied to the
 //! rest of the datagram.
 
-use aya_ebpf::bindings::BPF_ANY;
-use nat_common::{packet::Ipv4Header, FragmentKey, FragmentValue};
+use aya_ebpf::{
+    bindings::BPF_ANY, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext, EbpfContext,
+};
+use nat_common::{
+    maps::{ParkedFragment, MAX_PARKED_FRAGMENT_BYTES},
+    packet::Ipv4Header,
+    FragmentKey, FragmentValue,
+};
 
-use crate::maps::NAT_FRAGMENTS;
+use crate::maps::{NAT_FRAGMENTS, NAT_PARKED_FRAGMENTS};
 
 /// The key of the datagram `ip` belongs to, as received.
 #[inline(always)]
@@ -38,4 +44,36 @@ pub fn remember(ip: &Ipv4Header, translated_addr: u32) {
 pub fn translated_addr(ip: &Ipv4Header) -> Option<u32> {
     // SAFETY: the value is plain data copied out at once.
     unsafe { NAT_FRAGMENTS.get(key_of(ip)) }.map(|v| v.translated_addr)
+}
+
+/// Hands an inbound non-first fragment whose first fragment has not been seen (`len` bytes
+/// from the IPv4 header at packet offset `l3_off`) to the controller. False when it cannot be
+/// parked (too large, or the ring is full): the caller drops it.
+#[inline(always)]
+pub fn park(ctx: &XdpContext, l3_off: usize, len: usize) -> bool {
+    if len == 0 || len > MAX_PARKED_FRAGMENT_BYTES {
+        return false;
+    }
+    let Some(mut entry) = NAT_PARKED_FRAGMENTS.reserve::<ParkedFragment>(0) else {
+        return false;
+    };
+    let parked = entry.as_mut_ptr();
+    // SAFETY: `parked` is a reserved ring entry of the right size; `len` is bounded by the
+    // buffer, and the helper checks it against the packet.
+    let copied = unsafe {
+        (*parked).len = len as u32;
+        (*parked)._pad = 0;
+        bpf_xdp_load_bytes(
+            ctx.as_ptr().cast(),
+            l3_off as u32,
+            (*parked).packet.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if copied < 0 {
+        entry.discard(0);
+        return false;
+    }
+    entry.submit(0);
+    true
 }

@@ -68,7 +68,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     let l3 = start + ETH_HLEN;
     if shape.fragment == Fragment::NonFirst {
-        return non_first_fragment(l3, end, &ip);
+        return non_first_fragment(ctx, l3, end, &ip, &shape);
     }
     // The one pointer every transport-header access is made from (see `access`).
     let Some(l4) = ptr_at::<L4Head>(l3, end, shape.header_len) else {
@@ -283,12 +283,18 @@ fn icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 {
     XDP_PASS
 }
 
-/// Non-first fragments carry no ports: they follow their first fragment, or are dropped when
-/// it has not been seen (they cannot be attributed to a binding).
+/// Non-first fragments carry no ports: they follow their first fragment, or are parked for
+/// the controller when it has not been seen yet.
 #[inline(always)]
-fn non_first_fragment(l3: usize, end: usize, ip: &Ipv4Header) -> u32 {
+fn non_first_fragment(ctx: &XdpContext, l3: usize, end: usize, ip: &Ipv4Header, shape: &Ipv4Shape) -> u32 {
     let Some(internal_addr) = fragments::translated_addr(ip) else {
-        count(Counter::FragmentNoState);
+        // Arrived before its first fragment (RFC 4787 REQ-14): the controller sends it on once
+        // the first fragment has been translated. Either way it never goes in untranslated.
+        if fragments::park(ctx, ETH_HLEN, shape.total_len) {
+            count(Counter::FragmentParked);
+        } else {
+            count(Counter::FragmentNoState);
+        }
         return XDP_DROP;
     };
     if set_ipv4_addr(l3, end, IPV4_DST_OFF, internal_addr).is_none() {

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use nat_common::{
     counters::COUNTER_COUNT,
     maps::{
         binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FAST_PATH_IFACES,
-        MAX_FRAGMENTS, MAX_USAGE_HOSTS,
+        MAX_FRAGMENTS, MAX_USAGE_HOSTS, PARKED_RING_BYTES,
     },
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
@@ -54,6 +54,10 @@ pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOS
 /// empty unless internal interfaces are attached.
 #[map]
 pub static NAT_FAST_PATH_IFACES: HashMap<u32, u32> = HashMap::pinned(MAX_FAST_PATH_IFACES, 0);
+
+/// Out-of-order inbound fragments handed to the controller (see `ParkedFragment`).
+#[map]
+pub static NAT_PARKED_FRAGMENTS: RingBuf = RingBuf::pinned(PARKED_RING_BYTES, 0);
 
 /// Per-CPU event counters, indexed by `nat_common::Counter`.
 #[map]
