@@ -4,7 +4,7 @@
 //! the outer address, the embedded checksums and the ICMP checksum.
 
 use nat_common::{
-    checksum::{replace_u16, replace_u32},
+    checksum::{fold, replace_u16, replace_u32},
     packet::{
         icmp_type, Ipv4Header, L4Head, ICMP_CHECK_OFF, ICMP_HLEN, ICMP_ID_OFF, IPV4_CHECK_OFF, IPV4_DST_OFF,
         IPV4_MIN_HLEN, IPV4_SRC_OFF,
@@ -140,4 +140,53 @@ pub fn rewrite(
     check = replace_u16(check, old_port, new_port);
     check = replace_u16(check, l4_check_old, l4_check_new);
     write_at(icmp, end, ICMP_CHECK_OFF, check)
+}
+
+/// Largest ICMP error whose checksum is verified: RFC 1812 §4.3.2.3 keeps errors within 576
+/// bytes, which is what routers send. A longer one is passed on unverified.
+pub const VERIFY_MAX_BYTES: usize = 576;
+
+/// One's complement sum of `len` bytes at `at` as 16-bit words (`len` even, at most
+/// `max_bytes`), or `None` if they are not all inside the packet.
+#[inline(always)]
+fn sum_words(at: usize, end: usize, len: usize, max_bytes: usize) -> Option<u32> {
+    let mut sum = 0u32;
+    let mut off = 0;
+    while off < max_bytes {
+        if off >= len {
+            break;
+        }
+        sum += read_at::<u16>(at, end, off)? as u32;
+        off += 2;
+    }
+    Some(sum)
+}
+
+/// RFC 5508 REQ-3 and REQ-3a: an error whose ICMP checksum (over `icmp_len` bytes) or whose
+/// embedded IPv4 header checksum is wrong is dropped. The embedded transport checksum is not
+/// checked (REQ-3c): the quoted payload is usually truncated.
+#[inline(always)]
+pub fn checksums_valid(icmp: usize, end: usize, icmp_len: usize, emb: &Embedded) -> bool {
+    let inner_header_len = ((emb.ip.version_ihl & 0x0f) as usize) * 4;
+    match sum_words(emb.l3, end, inner_header_len, nat_common::packet::IPV4_MAX_HLEN) {
+        Some(sum) if fold(sum) == 0xffff => {}
+        _ => return false,
+    }
+    if icmp_len > VERIFY_MAX_BYTES {
+        return true;
+    }
+    let even = icmp_len & !1;
+    let Some(mut sum) = sum_words(icmp, end, even, VERIFY_MAX_BYTES) else {
+        return false;
+    };
+    if icmp_len & 1 == 1 {
+        // The odd last byte counts as the high byte of a zero-padded word (RFC 1071). It may
+        // be the packet's last byte, so read the two bytes that end with it (an ICMP message is
+        // at least 8 bytes long, so `even - 1` is inside it).
+        match read_at::<[u8; 2]>(icmp, end, even - 1) {
+            Some([_, last]) => sum += u16::from_ne_bytes([last, 0]) as u32,
+            None => return false,
+        }
+    }
+    fold(sum) == 0xffff
 }

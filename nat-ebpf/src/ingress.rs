@@ -79,7 +79,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         proto::UDP | proto::TCP => transport(ctx, cfg, (l3, l4, end), &ip, &shape),
         proto::ICMP => match read_u8_at(l4, end, 0) {
             Some(icmp_type::ECHO_REPLY) => echo_reply(ctx, cfg, (l3, l4, end), &ip),
-            Some(ty) if icmp_type::is_error(ty) => icmp_error(cfg, l3, l4, end),
+            Some(ty) if icmp_type::is_error(ty) => {
+                icmp_error(cfg, (l3, l4, end), shape.total_len - shape.header_len)
+            }
             // Echo requests and other ICMP to the gateway itself.
             _ => {
                 count(Counter::PassedNotNat);
@@ -239,10 +241,13 @@ fn echo_reply(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): Headers, ip: &Ip
 /// match a binding *and* a session with its destination, so a forged error about a mapping or
 /// remote that does not exist is dropped. Errors never change or delete state (RFC 4787 REQ-12).
 #[inline(always)]
-fn icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 {
+fn icmp_error(cfg: &NatConfig, (l3, l4, end): Headers, icmp_len: usize) -> u32 {
     let Some(emb) = icmp::parse_embedded(l4, end) else {
         return icmp_error_dropped();
     };
+    if !icmp::checksums_valid(l4, end, icmp_len, &emb) {
+        return icmp_error_dropped();
+    }
     if !cfg.is_external_addr(emb.ip.saddr) {
         return icmp_error_dropped();
     }
