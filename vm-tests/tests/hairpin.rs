@@ -24,6 +24,40 @@ fn hairpin_lab(tag: &str) -> Result<Lab> {
 }
 
 #[test]
+fn traffic_to_and_from_the_internet_still_flows_with_internal_iface() -> Result<()> {
+    // --internal-iface adds an XDP program on the internal side; ordinary traffic through the
+    // NAT must keep working in both directions, on the first packet.
+    let lab = Lab::new("hpflow")?;
+    let nat = NatProcess::attach(&lab, &["--internal-iface", &lab.lan_if])?;
+    let lan = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 9999))?;
+    let before = nat.stats()?;
+    lan.send_to(b"out", sa(WAN_IP, 9999))?;
+    let got = udp_recv(&remote, Duration::from_secs(3))?;
+    let after = nat.stats()?;
+    let (_, ext) = got.with_context(|| {
+        format!(
+            "with --internal-iface, lan's datagram never reached wan; counters: {}",
+            after.changes(&before)
+        )
+    })?;
+    ensure!(
+        matches!(ext, SocketAddr::V4(a) if *a.ip() == NAT_EXT),
+        "wan saw source {ext}"
+    );
+    let before = nat.stats()?;
+    remote.send_to(b"back", ext)?;
+    let got = udp_expect(&lan, b"back", Duration::from_secs(3))?;
+    let after = nat.stats()?;
+    ensure!(
+        got.is_some(),
+        "with --internal-iface, wan's reply never reached lan; counters: {}",
+        after.changes(&before)
+    );
+    nat.stop()
+}
+
+#[test]
 fn internal_hosts_reach_each_other_through_their_external_endpoints() -> Result<()> {
     let lab = hairpin_lab("hpin")?;
     let lan2_if = lab.lan2_if.clone().unwrap();
