@@ -19,6 +19,12 @@ pub const DEFAULT_PORT_MAX: u16 = 65535;
 /// `NatConfig::flags` bit: the controller has finished writing the config; until it is set
 /// the data path passes everything untouched.
 pub const CONFIG_FLAG_READY: u8 = 1 << 0;
+/// `NatConfig::flags` bit: post unsolicited inbound SYNs for the controller, which answers with
+/// ICMP port unreachable after the RFC 5382 REQ-4 hold time. Without it they are dropped silently.
+pub const CONFIG_FLAG_SYN_ICMP: u8 = 1 << 1;
+/// `NatConfig::flags` bit: post refused new flows (limits, exhaustion) for the controller, which
+/// tells the internal host with an ICMP error (RFC 5508 REQ-8, RFC 6888 REQ-11).
+pub const CONFIG_FLAG_REFUSAL_ICMP: u8 = 1 << 2;
 
 /// Configuration of one NAT instance. Written only by the controller, read by every packet.
 #[repr(C)]

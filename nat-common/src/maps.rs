@@ -26,8 +26,10 @@ pub mod names {
     pub const FAST_PATH_IFACES: &str = "NAT_FAST_PATH_IFACES";
     /// Ring buffer of `ParkedFragment`s for the controller.
     pub const PARKED_FRAGMENTS: &str = "NAT_PARKED_FRAGMENTS";
+    /// Ring buffer of `Notice`s for the controller.
+    pub const NOTICES: &str = "NAT_NOTICES";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         BINDINGS_OUT,
         BINDINGS_IN,
@@ -38,6 +40,7 @@ pub mod names {
         USAGE_RELEASED,
         FAST_PATH_IFACES,
         PARKED_FRAGMENTS,
+        NOTICES,
     ];
 }
 
@@ -235,4 +238,26 @@ pub struct ParkedFragment {
     pub _pad: u32,
     /// The IP packet as received (from the IPv4 header on).
     pub packet: [u8; MAX_PARKED_FRAGMENT_BYTES],
+}
+
+/// Bytes of a packet a notice carries: the IPv4 header with options and 8 transport bytes,
+/// which is what an ICMP error quotes (RFC 792).
+pub const NOTICE_MAX_BYTES: usize = 68;
+/// Size of the notice ring buffer (a power of two pages).
+pub const NOTICE_RING_BYTES: u32 = 64 * 1024;
+/// `Notice::kind`: an inbound TCP SYN nothing wanted (see `CONFIG_FLAG_SYN_ICMP`).
+pub const NOTICE_UNSOLICITED_SYN: u32 = 1;
+/// `Notice::kind`: an outbound packet whose new flow was refused (see `CONFIG_FLAG_REFUSAL_ICMP`).
+pub const NOTICE_REFUSED: u32 = 2;
+
+/// A packet the data path wants the controller to answer with an ICMP error.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Notice {
+    /// `NOTICE_*`.
+    pub kind: u32,
+    /// Bytes of `packet` in use.
+    pub len: u32,
+    /// The start of the IP packet as received.
+    pub packet: [u8; NOTICE_MAX_BYTES],
 }

@@ -1,8 +1,9 @@
 //! `aya::Pod` for the map types, so the controller can read and write them (feature `user`).
 
 use crate::{
-    maps::ParkedFragment, BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue,
-    NatConfig, SessionKey, SessionValue,
+    maps::{Notice, ParkedFragment},
+    BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
+    SessionValue,
 };
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers with explicit padding fields,
@@ -17,3 +18,4 @@ unsafe impl aya::Pod for SessionValue {}
 unsafe impl aya::Pod for FragmentKey {}
 unsafe impl aya::Pod for FragmentValue {}
 unsafe impl aya::Pod for ParkedFragment {}
+unsafe impl aya::Pod for Notice {}

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use clap::{Args, Parser, Subcommand};
 use nat_common::{alloc::PortRange, Mode};
 
-use crate::settings::{parse_ipv4, parse_mode, parse_port_range};
+use crate::settings::{parse_ipv4, parse_mode, parse_port_range, parse_unsolicited_syn, RefusalIcmp};
 
 /// eBPF/XDP IPv4 NAT gateway controller.
 #[derive(Debug, Parser)]
@@ -148,6 +148,14 @@ pub struct AttachArgs {
     /// bindings, sessions and forwards. `nat-ctl detach IFACE` removes it.
     #[arg(long)]
     pub persist: bool,
+    /// Unsolicited inbound SYNs: `drop` silently (default) or answer with ICMP port unreachable
+    /// after 6 s unless the inside opened the connection meanwhile (RFC 5382 REQ-4).
+    #[arg(long, value_name = "drop|icmp", value_parser = |s: &str| parse_unsolicited_syn(s).map_err(|e| e.to_string()))]
+    pub unsolicited_syn: Option<bool>,
+    /// Tell a host whose new flow is refused (limits, no free port): `off` (default),
+    /// `admin-prohibited` (ICMP 3/13, RFC 5508 REQ-8) or `host-unreachable` (3/1, RFC 6888).
+    #[arg(long, value_name = "KIND", value_parser = |s: &str| RefusalIcmp::parse(s).map_err(|e| e.to_string()))]
+    pub refusal_icmp: Option<RefusalIcmp>,
     /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
     #[arg(long)]
     pub debug: bool,

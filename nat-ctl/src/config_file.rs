@@ -27,6 +27,8 @@ struct RawConfig {
     sweep_interval_ms: Option<Spanned<u64>>,
     metrics: Option<Spanned<String>>,
     persist: Option<bool>,
+    unsolicited_syn: Option<Spanned<String>>,
+    refusal_icmp: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default)]
     forwards: Vec<Spanned<RawForward>>,
@@ -87,6 +89,10 @@ pub struct FileConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Keep the data path running when the daemon exits.
     pub persist: Option<bool>,
+    /// Answer unsolicited SYNs with ICMP.
+    pub unsolicited_syn_icmp: Option<bool>,
+    /// ICMP for refused flows.
+    pub refusal_icmp: Option<crate::notices::RefusalIcmp>,
     /// Timeout overrides in seconds, by `Timeout` index.
     pub timeouts: [Option<u32>; nat_common::config::TIMEOUT_COUNT],
     /// Static forwards.
@@ -147,6 +153,14 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
             .parse()
             .map_err(|_| anyhow!("{:?} is not an ADDRESS:PORT", metrics.get_ref()));
         config.metrics = Some(addr.map_err(|e| at(metrics.span(), "metrics", e))?);
+    }
+    if let Some(v) = raw.unsolicited_syn {
+        let parsed = crate::settings::parse_unsolicited_syn(v.get_ref());
+        config.unsolicited_syn_icmp = Some(parsed.map_err(|e| at(v.span(), "unsolicited_syn", e))?);
+    }
+    if let Some(v) = raw.refusal_icmp {
+        let parsed = crate::notices::RefusalIcmp::parse(v.get_ref());
+        config.refusal_icmp = Some(parsed.map_err(|e| at(v.span(), "refusal_icmp", e))?);
     }
     if let Some(t) = raw.timeouts {
         for (kind, field, value) in [
@@ -237,6 +251,12 @@ impl FileConfig {
         }
         if let Some(n) = self.max_bindings_per_host {
             settings.max_bindings_per_host = n;
+        }
+        if let Some(icmp) = self.unsolicited_syn_icmp {
+            settings.unsolicited_syn_icmp = icmp;
+        }
+        if let Some(refusal) = self.refusal_icmp {
+            settings.refusal_icmp = refusal;
         }
         for (i, value) in self.timeouts.iter().enumerate() {
             if let Some(v) = value {

@@ -19,13 +19,14 @@ use crate::{
     instance::{ensure_bpffs, Instance, InstanceLock},
     loader::{self, AttachPlan, Attached},
     metrics,
+    notices::Notifier,
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
 };
 
-/// How often parked out-of-order fragments are checked: short next to the time a sender's
-/// fragments take to arrive, so reassembly at the receiver is not held up noticeably.
+/// How often parked out-of-order fragments and notices are handled: short next to the time a
+/// sender's fragments take to arrive, so reassembly at the receiver is not held up noticeably.
 const FRAGMENT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Everything `attach` runs with, once file and flags are merged and validated.
@@ -78,6 +79,12 @@ pub fn resolve(args: &AttachArgs) -> Result<Resolved> {
     }
     if let Some(n) = args.max_bindings_per_host {
         settings.max_bindings_per_host = n;
+    }
+    if let Some(icmp) = args.unsolicited_syn {
+        settings.unsolicited_syn_icmp = icmp;
+    }
+    if let Some(refusal) = args.refusal_icmp {
+        settings.refusal_icmp = refusal;
     }
     settings.validate()?;
     Ok(Resolved {
@@ -169,10 +176,11 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             tokio::spawn(metrics::serve(listener, instance.pin_dir()));
         }
         let reinjector = Reinjector::open(&instance.pin_dir())?;
+        let notifier = Notifier::open(&instance.pin_dir(), settings.refusal_icmp)?;
         let timeouts = &settings.timeouts;
         run_until_signal(
             &mut maps,
-            reinjector,
+            (reinjector, notifier),
             timeouts,
             resolved.sweep_interval_ms,
             args.debug,
@@ -218,7 +226,7 @@ fn install_forwards(
 /// Sweeps expired entries every `interval_ms` until SIGINT or SIGTERM.
 async fn run_until_signal(
     maps: &mut PinnedMaps,
-    mut reinjector: Reinjector,
+    (mut reinjector, mut notifier): (Reinjector, Notifier),
     timeouts: &Timeouts,
     interval_ms: u64,
     debug: bool,
@@ -234,7 +242,9 @@ async fn run_until_signal(
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
             _ = fragment_ticker.tick() => {
-                let totals = reinjector.poll(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                notifier.poll(now, maps);
+                let totals = reinjector.poll(now);
                 if totals != published {
                     reinject::publish(&mut maps.counters, Counter::FragmentReinjected, totals.0)?;
                     reinject::publish(&mut maps.counters, Counter::FragmentParkExpired, totals.1)?;

@@ -6,17 +6,18 @@
 use std::{
     collections::VecDeque,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuValues, RingBuf};
 use nat_common::{
     checksum::{replace_u16, replace_u32},
     maps::{names, ParkedFragment},
     Counter, FragmentKey, FragmentValue,
 };
+
+use crate::raw::RawSocket;
 
 /// Most fragments held at once; the oldest goes first when more arrive.
 pub const MAX_PARKED: usize = 1024;
@@ -63,7 +64,7 @@ pub struct Reinjector {
     ring: RingBuf<MapData>,
     fragments: HashMap<MapData, FragmentKey, FragmentValue>,
     parked: VecDeque<(Instant, Vec<u8>)>,
-    socket: OwnedFd,
+    socket: RawSocket,
     reinjected: u64,
     expired: u64,
 }
@@ -75,16 +76,7 @@ impl Reinjector {
             |name: &str| MapData::from_pin(dir.join(name)).with_context(|| format!("cannot open {name}"));
         let ring = RingBuf::try_from(Map::RingBuf(open(names::PARKED_FRAGMENTS)?))?;
         let fragments = HashMap::try_from(Map::LruHashMap(open(names::FRAGMENTS)?))?;
-        // SAFETY: plain socket call; the descriptor is owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            bail!(
-                "cannot open a raw socket for out-of-order fragments: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = RawSocket::open().context("out-of-order fragments")?;
         Ok(Reinjector {
             ring,
             fragments,
@@ -133,24 +125,7 @@ impl Reinjector {
     }
 
     fn send(&self, packet: &[u8], dst: u32) -> bool {
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: dst },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: valid socket, buffer and address of the stated sizes.
-        let sent = unsafe {
-            libc::sendto(
-                self.socket.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&to as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        sent == packet.len() as isize
+        self.socket.send(packet, dst)
     }
 }
 

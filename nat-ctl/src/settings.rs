@@ -6,12 +6,14 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
+
+pub use crate::notices::RefusalIcmp;
 use nat_common::{
     alloc::PortRange,
     config::{
-        Timeout, CONFIG_FLAG_READY, DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN,
-        DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS, DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS,
-        MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
+        Timeout, CONFIG_FLAG_READY, CONFIG_FLAG_REFUSAL_ICMP, CONFIG_FLAG_SYN_ICMP,
+        DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS,
+        DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
     maps::DEFAULT_MAX_BINDINGS,
     Mode, NatConfig,
@@ -69,6 +71,10 @@ pub struct Settings {
     pub max_bindings: u32,
     /// Most dynamic bindings per internal host; 0 means no limit.
     pub max_bindings_per_host: u32,
+    /// Answer unsolicited SYNs with ICMP port unreachable after the RFC 5382 hold.
+    pub unsolicited_syn_icmp: bool,
+    /// What a host whose new flow is refused is told.
+    pub refusal_icmp: RefusalIcmp,
 }
 
 impl Settings {
@@ -86,6 +92,8 @@ impl Settings {
             internal_ifaces: Vec::new(),
             max_bindings: DEFAULT_MAX_BINDINGS,
             max_bindings_per_host: 0,
+            unsolicited_syn_icmp: false,
+            refusal_icmp: RefusalIcmp::Off,
         }
     }
 
@@ -130,6 +138,12 @@ impl Settings {
         config.max_bindings = self.max_bindings;
         config.max_bindings_per_host = self.max_bindings_per_host;
         config.flags = CONFIG_FLAG_READY;
+        if self.unsolicited_syn_icmp {
+            config.flags |= CONFIG_FLAG_SYN_ICMP;
+        }
+        if self.refusal_icmp != RefusalIcmp::Off {
+            config.flags |= CONFIG_FLAG_REFUSAL_ICMP;
+        }
         config
     }
 }
@@ -277,5 +291,14 @@ mod tests {
         let mut s = Settings::new("eth0");
         s.timeouts.set(Timeout::Icmp, Some(0));
         assert!(s.validate().is_err());
+    }
+}
+
+/// Parses `--unsolicited-syn`: `drop` (silently, the default) or `icmp`.
+pub fn parse_unsolicited_syn(text: &str) -> Result<bool> {
+    match text {
+        "drop" => Ok(false),
+        "icmp" => Ok(true),
+        _ => bail!("unsolicited SYN handling {text:?} is not one of drop, icmp"),
     }
 }

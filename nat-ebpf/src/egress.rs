@@ -10,6 +10,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nat_common::{
+    config::CONFIG_FLAG_REFUSAL_ICMP,
+    maps::NOTICE_REFUSED,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
         ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF, IPV4_MAX_HLEN,
@@ -23,6 +25,7 @@ use crate::{
     bindings::{self, external_addr_for, OutboundFlow},
     fragments, icmp,
     maps::NAT_CONFIG,
+    notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_check_off},
     stats::count,
 };
@@ -135,7 +138,7 @@ fn transport(
     };
     // Failures were counted where they happened (port exhaustion, table full).
     let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
-        return TC_ACT_SHOT;
+        return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if shape.fragment == Fragment::First {
         fragments::remember(ip, external_addr);
@@ -195,7 +198,7 @@ fn echo_request(
         remote_port: 0,
     };
     let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, 0) else {
-        return TC_ACT_SHOT;
+        return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()
         || write_at(l4, end, ICMP_ID_OFF, external_id).is_none()
@@ -273,6 +276,16 @@ fn non_first_fragment(cfg: &NatConfig, l3: usize, end: usize, ip: &Ipv4Header) -
     }
     count(Counter::FragmentTranslated);
     TC_ACT_OK
+}
+
+/// A new flow the NAT refused (no port, table or host limit, counted where it happened): drop
+/// it, and let the controller tell the host when configured to (RFC 5508 REQ-8).
+#[inline(always)]
+fn refused(ctx: &TcContext, cfg: &NatConfig, header_len: usize) -> i32 {
+    if cfg.flags & CONFIG_FLAG_REFUSAL_ICMP != 0 {
+        notices::post(Source::Tc(ctx), NOTICE_REFUSED, header_len);
+    }
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

@@ -11,6 +11,8 @@ use aya_ebpf::{
 };
 use nat_common::{
     checksum::replace_u16,
+    config::CONFIG_FLAG_SYN_ICMP,
+    maps::NOTICE_UNSOLICITED_SYN,
     maps::SESSION_KIND_ENDPOINT,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
@@ -26,6 +28,7 @@ use crate::{
     bindings::{self, Refusal},
     fastpath, fragments, icmp, local,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
+    notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
@@ -154,6 +157,9 @@ fn transport(
                 && !local::tcp_socket_exists(ctx, ip, head.src, head.dst) =>
         {
             count(Counter::UnsolicitedSyn);
+            if cfg.flags & CONFIG_FLAG_SYN_ICMP != 0 {
+                notices::post(Source::Xdp(ctx), NOTICE_UNSOLICITED_SYN, shape.header_len);
+            }
             return XDP_DROP;
         }
         Err(action) => return action,

@@ -14,6 +14,8 @@ use aya_ebpf::{
 };
 use nat_common::{
     checksum::replace_u16,
+    config::CONFIG_FLAG_REFUSAL_ICMP,
+    maps::NOTICE_REFUSED,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, L4Head, ETH_HLEN, ETH_P_IP_BE,
         ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
@@ -27,6 +29,7 @@ use crate::{
     bindings::{self, OutboundFlow, Refusal},
     fastpath, icmp,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
+    notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
@@ -74,7 +77,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
     // To one of the gateway's external addresses: hairpinning, or the gateway itself.
     match ip.proto {
-        proto::UDP | proto::TCP => hairpin_transport(cfg, (l3, l4, end), &ip, partial),
+        proto::UDP | proto::TCP => hairpin_transport(ctx, cfg, (l3, l4, end), &ip, partial),
         proto::ICMP => match read_u8_at(l4, end, 0) {
             Some(ty) if icmp_type::is_error(ty) => hairpin_icmp_error(cfg, l3, l4, end),
             // Echo requests to an external address are for the gateway itself.
@@ -127,7 +130,7 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
     };
     // A refused flow (exhausted, full, over its limit) is dropped and counted, as on TC egress.
     let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
-        return XDP_DROP;
+        return refused(ctx, cfg, l4 - l3);
     };
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).and_then(|_| {
         write_at(l4, end, port_off, external_port)?;
@@ -169,6 +172,7 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
 /// `partial`: the checksum is an offload seed (see `transport_checksum_is_partial`).
 #[inline(always)]
 fn hairpin_transport(
+    ctx: &XdpContext,
     cfg: &NatConfig,
     (l3, l4, end): (usize, usize, usize),
     ip: &Ipv4Header,
@@ -200,7 +204,7 @@ fn hairpin_transport(
         remote_port: head.dst,
     };
     let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
-        return XDP_DROP;
+        return refused(ctx, cfg, l4 - l3);
     };
     let target = match bindings::inbound_binding(cfg, ip.proto, ip.daddr, head.dst, src_addr, src_port) {
         Ok(target) => target,
@@ -309,4 +313,14 @@ fn hairpin_icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 
     }
     count(Counter::Hairpinned);
     XDP_PASS
+}
+
+/// A new flow the NAT refused (counted where it happened): drop it, and let the controller tell
+/// the host when configured to (RFC 5508 REQ-8).
+#[inline(always)]
+fn refused(ctx: &XdpContext, cfg: &NatConfig, header_len: usize) -> u32 {
+    if cfg.flags & CONFIG_FLAG_REFUSAL_ICMP != 0 {
+        notices::post(Source::Xdp(ctx), NOTICE_REFUSED, header_len);
+    }
+    XDP_DROP
 }

@@ -15,6 +15,7 @@ mod ingress;
 mod internal;
 mod local;
 mod maps;
+mod notices;
 mod rewrite;
 mod sessions;
 mod stats;

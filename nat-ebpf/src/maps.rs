@@ -9,7 +9,7 @@ use nat_common::{
     counters::COUNTER_COUNT,
     maps::{
         binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FAST_PATH_IFACES,
-        MAX_FRAGMENTS, MAX_USAGE_HOSTS, PARKED_RING_BYTES,
+        MAX_FRAGMENTS, MAX_USAGE_HOSTS, NOTICE_RING_BYTES, PARKED_RING_BYTES,
     },
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
@@ -58,6 +58,10 @@ pub static NAT_FAST_PATH_IFACES: HashMap<u32, u32> = HashMap::pinned(MAX_FAST_PA
 /// Out-of-order inbound fragments handed to the controller (see `ParkedFragment`).
 #[map]
 pub static NAT_PARKED_FRAGMENTS: RingBuf = RingBuf::pinned(PARKED_RING_BYTES, 0);
+
+/// Packets for the controller to answer with an ICMP error (see `Notice`).
+#[map]
+pub static NAT_NOTICES: RingBuf = RingBuf::pinned(NOTICE_RING_BYTES, 0);
 
 /// Per-CPU event counters, indexed by `nat_common::Counter`.
 #[map]
