@@ -203,6 +203,15 @@ pub fn validate_external_addrs(addrs: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
+/// Parses `--unsolicited-syn`: `drop` (silently, the default) or `icmp`.
+pub fn parse_unsolicited_syn(text: &str) -> Result<bool> {
+    match text {
+        "drop" => Ok(false),
+        "icmp" => Ok(true),
+        _ => bail!("unsolicited SYN handling {text:?} is not one of drop, icmp"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,14 +300,5 @@ mod tests {
         let mut s = Settings::new("eth0");
         s.timeouts.set(Timeout::Icmp, Some(0));
         assert!(s.validate().is_err());
-    }
-}
-
-/// Parses `--unsolicited-syn`: `drop` (silently, the default) or `icmp`.
-pub fn parse_unsolicited_syn(text: &str) -> Result<bool> {
-    match text {
-        "drop" => Ok(false),
-        "icmp" => Ok(true),
-        _ => bail!("unsolicited SYN handling {text:?} is not one of drop, icmp"),
     }
 }
