@@ -7,6 +7,8 @@
 
 /// Ethernet header length (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
+/// Offset of the EtherType in the Ethernet header.
+pub const ETH_TYPE_OFF: usize = 12;
 /// EtherType of IPv4, network byte order as loaded natively from the packet.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// Minimum IPv4 header length (IHL 5).

@@ -66,7 +66,8 @@ pub struct ForwardSpec {
     pub external_addr: Option<Ipv4Addr>,
 }
 
-/// What a config file holds, validated. `None`/empty means "not set in the file".
+/// What a config file holds, validated; the flags of `attach` take the same form. `None`/empty
+/// means "not set".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileConfig {
     /// External interface.
@@ -232,7 +233,8 @@ pub fn load(path: &Path) -> Result<FileConfig> {
 }
 
 impl FileConfig {
-    /// Applies the file's values onto `settings` (flags are applied afterwards, so they win).
+    /// Applies the values that are set onto `settings` (the file's first, then the flags', so
+    /// flags win).
     pub fn apply(&self, settings: &mut Settings) {
         if let Some(mode) = self.mode {
             settings.mode = mode;

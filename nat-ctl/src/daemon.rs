@@ -43,59 +43,54 @@ pub struct Resolved {
     pub persist: bool,
 }
 
+/// The flags, as the same kind of override record a config file gives.
+fn flag_overrides(args: &AttachArgs) -> FileConfig {
+    let mut timeouts = [None; nat_common::config::TIMEOUT_COUNT];
+    timeouts[Timeout::Udp as usize] = args.udp_timeout;
+    timeouts[Timeout::TcpEstablished as usize] = args.tcp_established_timeout;
+    timeouts[Timeout::TcpTransitory as usize] = args.tcp_transitory_timeout;
+    timeouts[Timeout::Icmp as usize] = args.icmp_timeout;
+    FileConfig {
+        interface: args.iface.clone(),
+        mode: args.mode,
+        external_addrs: (!args.external_addrs.is_empty()).then(|| args.external_addrs.clone()),
+        ports: args.ports,
+        internal_ifaces: (!args.internal_ifaces.is_empty()).then(|| args.internal_ifaces.clone()),
+        max_bindings: args.max_bindings,
+        max_bindings_per_host: args.max_bindings_per_host,
+        sweep_interval_ms: args.sweep_interval_ms,
+        metrics: args.metrics,
+        persist: args.persist.then_some(true),
+        unsolicited_syn_icmp: args.unsolicited_syn,
+        refusal_icmp: args.refusal_icmp,
+        timeouts,
+        forwards: Vec::new(),
+    }
+}
+
 /// Merges the config file (if any) and the flags; flags win.
 pub fn resolve(args: &AttachArgs) -> Result<Resolved> {
     let file = match &args.config {
         Some(path) => config_file::load(path)?,
         None => FileConfig::default(),
     };
-    let Some(iface) = args.iface.clone().or_else(|| file.interface.clone()) else {
+    let flags = flag_overrides(args);
+    let Some(iface) = flags.interface.clone().or_else(|| file.interface.clone()) else {
         bail!("no interface given: name it on the command line or as `interface` in the config file");
     };
     let mut settings = Settings::new(&iface);
     file.apply(&mut settings);
-    if let Some(mode) = args.mode {
-        settings.mode = mode;
-    }
-    if !args.external_addrs.is_empty() {
-        settings.external_addrs = args.external_addrs.clone();
-    }
-    if let Some(ports) = args.ports {
-        settings.ports = ports;
-    }
-    settings.timeouts.set(Timeout::Udp, args.udp_timeout);
-    settings
-        .timeouts
-        .set(Timeout::TcpEstablished, args.tcp_established_timeout);
-    settings
-        .timeouts
-        .set(Timeout::TcpTransitory, args.tcp_transitory_timeout);
-    settings.timeouts.set(Timeout::Icmp, args.icmp_timeout);
-    if !args.internal_ifaces.is_empty() {
-        settings.internal_ifaces = args.internal_ifaces.clone();
-    }
-    if let Some(n) = args.max_bindings {
-        settings.max_bindings = n;
-    }
-    if let Some(n) = args.max_bindings_per_host {
-        settings.max_bindings_per_host = n;
-    }
-    if let Some(icmp) = args.unsolicited_syn {
-        settings.unsolicited_syn_icmp = icmp;
-    }
-    if let Some(refusal) = args.refusal_icmp {
-        settings.refusal_icmp = refusal;
-    }
+    flags.apply(&mut settings);
     settings.validate()?;
     Ok(Resolved {
         settings,
         forwards: file.forwards,
-        sweep_interval_ms: args
+        sweep_interval_ms: flags
             .sweep_interval_ms
             .or(file.sweep_interval_ms)
             .unwrap_or(SWEEP_INTERVAL_MS_DEFAULT),
-        metrics: args.metrics.or(file.metrics),
-        persist: args.persist || file.persist.unwrap_or(false),
+        metrics: flags.metrics.or(file.metrics),
+        persist: flags.persist.or(file.persist).unwrap_or(false),
     })
 }
 

@@ -159,35 +159,23 @@ impl Attached {
         drop(maps);
 
         let iface = instance.iface.as_str();
-        let ingress: &mut Xdp = ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .context("XDP program missing")?
-            .try_into()?;
+        let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
         ingress.load().map_err(|e| rejected("XDP", e))?;
         let egress_ok = {
-            let egress: &mut SchedClassifier = ebpf
-                .program_mut(EGRESS_PROGRAM)
-                .context("TC program missing")?
-                .try_into()?;
+            let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
             egress.load().map_err(|e| rejected("TC", e))
         };
         egress_ok?;
         let internal_needed = !plan.internal_ifaces.is_empty() || adopted;
         if internal_needed {
-            let internal: &mut Xdp = ebpf
-                .program_mut(INTERNAL_PROGRAM)
-                .context("internal XDP program missing")?
-                .try_into()?;
+            let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
             internal.load().map_err(|e| rejected("internal XDP", e))?;
         }
 
         if adopted {
             adopt_links(ebpf, &pin_dir)?;
         } else {
-            let ingress: &mut Xdp = ebpf
-                .program_mut(INGRESS_PROGRAM)
-                .context("XDP program missing")?
-                .try_into()?;
+            let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
             let id = ingress
                 .attach(iface, XdpMode::default())
                 .with_context(|| format!("cannot attach XDP to {iface}"))?;
@@ -199,10 +187,7 @@ impl Attached {
             if !tcx {
                 attached.added_clsact = tc::qdisc_add_clsact(iface).is_ok();
             }
-            let egress: &mut SchedClassifier = ebpf
-                .program_mut(EGRESS_PROGRAM)
-                .context("TC program missing")?
-                .try_into()?;
+            let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
             let id = egress
                 .attach(iface, TcAttachType::Egress)
                 .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
@@ -212,10 +197,7 @@ impl Attached {
                     .context("cannot pin the TC link")?;
             }
             if !plan.internal_ifaces.is_empty() {
-                let internal: &mut Xdp = ebpf
-                    .program_mut(INTERNAL_PROGRAM)
-                    .context("internal XDP program missing")?
-                    .try_into()?;
+                let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
                 for lan in plan.internal_ifaces {
                     attached.sysctls.push(sysctl::accept_local(lan)?);
                     let id = internal
@@ -261,6 +243,22 @@ impl Attached {
     }
 }
 
+/// The XDP program `name` of the loaded object.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?)
+}
+
+/// The TC program `name` of the loaded object.
+fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?)
+}
+
 /// Internal interfaces named by the link pins of a persisted instance.
 fn attached_internal_ifaces(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = link_pins(dir)
@@ -284,24 +282,15 @@ fn adopt_links(ebpf: &mut Ebpf, dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot open pinned link {}", path.display()))?
             .into())
     };
-    let ingress: &mut Xdp = ebpf
-        .program_mut(INGRESS_PROGRAM)
-        .context("XDP program missing")?
-        .try_into()?;
+    let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
     ingress
         .attach_to_link(XdpLink::try_from(pinned(INGRESS_LINK_PIN)?)?)
         .context("cannot replace the XDP program")?;
-    let egress: &mut SchedClassifier = ebpf
-        .program_mut(EGRESS_PROGRAM)
-        .context("TC program missing")?
-        .try_into()?;
+    let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
     egress
         .attach_to_link(SchedClassifierLink::try_from(pinned(EGRESS_LINK_PIN)?)?)
         .context("cannot replace the TC program")?;
-    let internal: &mut Xdp = ebpf
-        .program_mut(INTERNAL_PROGRAM)
-        .context("internal XDP program missing")?
-        .try_into()?;
+    let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
     for lan in attached_internal_ifaces(dir) {
         internal
             .attach_to_link(XdpLink::try_from(pinned(&internal_pin(&lan))?)?)

@@ -19,11 +19,14 @@ const MAX_REQUEST_BYTES: usize = 8192;
 pub fn render(maps: &PinnedMaps) -> Result<String> {
     let mut out = String::new();
     for (counter, value) in maps.counters()? {
-        let name = format!("nat_{}_total", counter.name());
         let help = counter.help().split_whitespace().collect::<Vec<_>>().join(" ");
-        writeln!(out, "# HELP {name} {help}")?;
-        writeln!(out, "# TYPE {name} counter")?;
-        writeln!(out, "{name} {value}")?;
+        write_metric(
+            &mut out,
+            &format!("nat_{}_total", counter.name()),
+            &help,
+            "counter",
+            value,
+        )?;
     }
     let config = maps.read_config()?;
     let gauges = [
@@ -59,11 +62,16 @@ pub fn render(maps: &PinnedMaps) -> Result<String> {
         ),
     ];
     for (name, help, value) in gauges {
-        writeln!(out, "# HELP {name} {help}")?;
-        writeln!(out, "# TYPE {name} gauge")?;
-        writeln!(out, "{name} {value}")?;
+        write_metric(&mut out, name, help, "gauge", value)?;
     }
     Ok(out)
+}
+
+/// One metric with its HELP and TYPE lines.
+fn write_metric(out: &mut String, name: &str, help: &str, kind: &str, value: u64) -> std::fmt::Result {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {kind}")?;
+    writeln!(out, "{name} {value}")
 }
 
 /// Binds the listener (so a bad address fails before anything is attached).

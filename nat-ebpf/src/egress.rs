@@ -14,8 +14,8 @@ use nat_common::{
     maps::NOTICE_REFUSED,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
-        ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF, IPV4_MAX_HLEN,
-        IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN,
+        ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF,
+        IPV4_MAX_HLEN, IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN,
     },
     proto, Counter, NatConfig,
 };
@@ -30,8 +30,6 @@ use crate::{
     stats::count,
 };
 
-/// Offset of the EtherType in the Ethernet header.
-const ETH_TYPE_OFF: usize = 12;
 /// Headers that must be in the linear part of the skb for direct access: the deepest case is
 /// an ICMP error (outer IP with options, ICMP, embedded IP with options, embedded TCP).
 const PULL_LEN: u32 = (ETH_HLEN + IPV4_MAX_HLEN + ICMP_HLEN + IPV4_MAX_HLEN + TCP_MIN_HLEN) as u32;

@@ -16,7 +16,7 @@ use nat_common::{
     maps::SESSION_KIND_ENDPOINT,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
-        ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF, TCP_FLAGS_OFF,
+        ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF, TCP_FLAGS_OFF,
     },
     proto,
     tcp_state::flags as tcp_flags,
@@ -33,9 +33,6 @@ use crate::{
     sessions,
     stats::count,
 };
-
-/// Offset of the EtherType in the Ethernet header.
-const ETH_TYPE_OFF: usize = 12;
 
 /// Entry point logic: returns the XDP action.
 #[inline(always)]

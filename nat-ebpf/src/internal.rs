@@ -18,8 +18,8 @@ use nat_common::{
     maps::NOTICE_REFUSED,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, L4Head, ETH_HLEN, ETH_P_IP_BE,
-        ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
-        TCP_FLAGS_OFF,
+        ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF,
+        L4_SRC_PORT_OFF, TCP_FLAGS_OFF,
     },
     proto, Counter, ExternalKey, NatConfig,
 };
@@ -34,9 +34,6 @@ use crate::{
     sessions,
     stats::count,
 };
-
-/// Offset of the EtherType in the Ethernet header.
-const ETH_TYPE_OFF: usize = 12;
 
 /// Entry point logic: returns the XDP action.
 #[inline(always)]
