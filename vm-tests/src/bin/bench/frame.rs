@@ -76,7 +76,12 @@ pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: SocketAddrV4, dst: SocketAddrV
     let payload_len = FRAME_LEN - ETH_HLEN - IPV4_HLEN - UDP_HLEN;
     let mut out = Vec::with_capacity(FRAME_LEN);
     ethernet(&mut out, src_mac, dst_mac);
-    out.extend_from_slice(&ipv4_header(*src.ip(), *dst.ip(), IPPROTO_UDP, UDP_HLEN + payload_len));
+    out.extend_from_slice(&ipv4_header(
+        *src.ip(),
+        *dst.ip(),
+        IPPROTO_UDP,
+        UDP_HLEN + payload_len,
+    ));
     out.extend_from_slice(&udp_header(src, dst, payload_len));
     out.resize(FRAME_LEN, 0);
     out.try_into().expect("FRAME_LEN bytes")
@@ -105,7 +110,12 @@ pub fn icmp_error_frame(
     icmp[ICMP_CHECK_OFF..ICMP_CHECK_OFF + 2].copy_from_slice(&c.to_be_bytes());
     let mut out = Vec::new();
     ethernet(&mut out, src_mac, dst_mac);
-    out.extend_from_slice(&ipv4_header(reporter, *original_src.ip(), IPPROTO_ICMP, icmp.len()));
+    out.extend_from_slice(&ipv4_header(
+        reporter,
+        *original_src.ip(),
+        IPPROTO_ICMP,
+        icmp.len(),
+    ));
     out.extend_from_slice(&icmp);
     debug_assert_eq!(out.len(), ETH_HLEN + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + UDP_HLEN);
     out

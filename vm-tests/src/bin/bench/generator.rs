@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, PerCpuArray, PerCpuValues};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use aya::Ebpf;
 use vm_tests::netns::Netns;
 
@@ -20,13 +20,15 @@ use crate::objects;
 /// Program name in the bench object.
 const PROGRAM: &str = "bench_generator";
 /// Frames per live-frames batch: the kernel's NAPI budget, so each batch is one poll downstream.
-const BATCH: u32 = 64;
-/// Frames per `BPF_PROG_TEST_RUN` call when running for a duration: short enough (tens of ms)
-/// to stop close to the deadline.
-const CHUNK: u32 = 50_000;
+/// Must equal `STAMP_EVERY` in nat-ebpf/src/bench.rs (one timestamp per batch).
+pub const BATCH: u32 = 64;
+/// Frames per `BPF_PROG_TEST_RUN` call: every call costs tens of ms of set-up (left out of the
+/// timing, but wall time all the same), so calls are long, yet short enough (well under a
+/// second) to stop near a deadline. A multiple of `BATCH`.
+const CHUNK: u32 = BATCH * 4_096;
 /// The CPU the generator (and so the whole path) runs on: the last one, leaving CPU 0 to the
 /// harness, nat-ctl and the rest of the machine.
-fn generator_cpu() -> usize {
+pub fn generator_cpu() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() - 1)
         .unwrap_or(0)
@@ -66,27 +68,61 @@ pub struct Flows {
     pub vary: Vary,
 }
 
+/// Mirror of `GenClock` in nat-ebpf/src/bench.rs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GenClock {
+    first_ns: u64,
+    last_ns: u64,
+    frames_between: u64,
+}
+
+// SAFETY: repr(C), integers only, no padding bytes.
+unsafe impl aya::Pod for GenClock {}
+
 /// What one generator run did.
 #[derive(Clone, Copy, Debug)]
 pub struct GenRun {
-    /// Frames generated.
+    /// Frames generated (the program's own count).
     pub sent: u64,
-    /// Wall time of the run.
-    pub elapsed: Duration,
+    /// Time the generator was generating: the sum over test-run calls of the span between its
+    /// first and last timestamped frame, scaled to all frames of the call. Leaves out each
+    /// call's fixed set-up cost; includes everything that ran on the CPU meanwhile.
+    pub active: Duration,
+}
+
+impl GenRun {
+    /// `packets` per second of active generator time.
+    pub fn rate(&self, packets: u64) -> f64 {
+        packets as f64 / self.active.as_secs_f64()
+    }
 }
 
 /// How long a run lasts.
 #[derive(Clone, Copy, Debug)]
 pub enum Budget {
-    /// Exactly this many frames.
+    /// This many frames, rounded up to whole batches.
     Packets(u64),
-    /// Chunks of frames until this much time has passed.
+    /// Calls of `CHUNK` frames until this much wall time has passed.
     Time(Duration),
 }
 
-/// The loaded generator.
+/// The loaded generator and its maps.
 pub struct Generator {
     ebpf: Ebpf,
+    frame: Array<MapData, [u8; FRAME_LEN]>,
+    params: Array<MapData, GenParams>,
+    seq: PerCpuArray<MapData, u64>,
+    clock: PerCpuArray<MapData, GenClock>,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the bench object"))
+}
+
+fn cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
 }
 
 impl Generator {
@@ -94,17 +130,19 @@ impl Generator {
     pub fn load() -> Result<Generator> {
         let mut ebpf = objects::load_bench()?;
         objects::xdp(&mut ebpf, PROGRAM)?;
-        Ok(Generator { ebpf })
+        Ok(Generator {
+            frame: Array::try_from(take_map(&mut ebpf, "BENCH_FRAME")?)?,
+            params: Array::try_from(take_map(&mut ebpf, "BENCH_PARAMS")?)?,
+            seq: PerCpuArray::try_from(take_map(&mut ebpf, "BENCH_SEQ")?)?,
+            clock: PerCpuArray::try_from(take_map(&mut ebpf, "BENCH_CLOCK")?)?,
+            ebpf,
+        })
     }
 
     /// Sets the frame template and flows, and restarts the flow sequence at flow 0.
     pub fn configure(&mut self, frame: &[u8; FRAME_LEN], flows: Flows) -> Result<()> {
-        let mut template: Array<_, [u8; FRAME_LEN]> =
-            Array::try_from(self.ebpf.map_mut("BENCH_FRAME").context("BENCH_FRAME missing")?)?;
-        template.set(0, frame, 0)?;
-        let mut params: Array<_, GenParams> =
-            Array::try_from(self.ebpf.map_mut("BENCH_PARAMS").context("BENCH_PARAMS missing")?)?;
-        params.set(
+        self.frame.set(0, frame, 0)?;
+        self.params.set(
             0,
             GenParams {
                 flow_count: flows.count,
@@ -114,25 +152,29 @@ impl Generator {
             },
             0,
         )?;
-        let mut seq: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map_mut("BENCH_SEQ").context("BENCH_SEQ missing")?)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        seq.set(0, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        self.seq.set(0, PerCpuValues::try_from(vec![0u64; cpus()?])?, 0)?;
         Ok(())
     }
 
-    /// Sends frames out of `iface` in `ns` (the frames arrive at its veth peer) until `budget`
-    /// is spent, on the generator CPU. `frame` must be the configured template (it seeds the
-    /// page pool; the program rewrites every frame anyway).
-    pub fn run(&self, ns: &Netns, iface: &str, frame: &[u8; FRAME_LEN], budget: Budget) -> Result<GenRun> {
-        let prog: &aya::programs::Xdp = self
-            .ebpf
+    /// Sends frames out of `iface` in `ns` (they arrive at its veth peer) until `budget` is
+    /// spent, on the generator CPU. `frame` must be the configured template (it seeds the page
+    /// pool; the program rewrites every frame anyway).
+    pub fn run(
+        &mut self,
+        ns: &Netns,
+        iface: &str,
+        frame: &[u8; FRAME_LEN],
+        budget: Budget,
+    ) -> Result<GenRun> {
+        let Generator { ebpf, seq, clock, .. } = self;
+        let prog: &Xdp = ebpf
             .program(PROGRAM)
             .context("generator program missing")?
             .try_into()?;
         let iface = iface.to_string();
-        let prog_ref = &prog;
-        ns.enter(move || {
+        let sent_before = total(seq)?;
+        let ncpus = cpus()?;
+        let mut run = ns.enter(|| {
             pin_to_cpu(generator_cpu())?;
             let name = std::ffi::CString::new(iface.clone())?;
             // SAFETY: valid NUL-terminated string.
@@ -142,32 +184,52 @@ impl Generator {
             }
             let ctx = xdp_md(FRAME_LEN as u32, ifindex);
             let start = Instant::now();
-            let mut sent = 0u64;
+            let mut queued = 0u64;
+            let mut active = Duration::ZERO;
             loop {
-                let chunk = match budget {
-                    Budget::Packets(n) if sent >= n => break,
-                    Budget::Packets(n) => (n - sent).min(CHUNK as u64) as u32,
+                let frames = match budget {
+                    Budget::Packets(n) if queued >= n => break,
+                    Budget::Packets(n) => whole_batches(n - queued).min(CHUNK as u64) as u32,
                     Budget::Time(d) if start.elapsed() >= d => break,
                     Budget::Time(_) => CHUNK,
                 };
+                clock.set(0, PerCpuValues::try_from(vec![GenClock::default(); ncpus])?, 0)?;
                 let opts = TestRunOptions {
                     data_in: Some(frame),
                     ctx_in: Some(&ctx),
-                    repeat: chunk,
+                    repeat: frames,
                     attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
                     ..TestRunOptions::new()
                 };
-                prog_ref
-                    .test_run(opts)
+                prog.test_run(opts)
                     .with_context(|| format!("generator test run on {iface}"))?;
-                sent += chunk as u64;
+                let c = clock
+                    .get(&0, 0)?
+                    .iter()
+                    .copied()
+                    .find(|c| c.first_ns != 0)
+                    .context("the generator recorded no timestamp")?;
+                if c.frames_between == 0 {
+                    bail!("a generator call of {frames} frames is too short to time");
+                }
+                let span = c.last_ns.saturating_sub(c.first_ns) as f64;
+                active += Duration::from_nanos((span * frames as f64 / c.frames_between as f64) as u64);
+                queued += frames as u64;
             }
-            Ok(GenRun {
-                sent,
-                elapsed: start.elapsed(),
-            })
-        })
+            Ok(GenRun { sent: 0, active })
+        })?;
+        run.sent = total(seq)? - sent_before;
+        Ok(run)
     }
+}
+
+/// `n` rounded up to whole batches.
+fn whole_batches(n: u64) -> u64 {
+    n.div_ceil(BATCH as u64) * BATCH as u64
+}
+
+fn total(seq: &PerCpuArray<MapData, u64>) -> Result<u64> {
+    Ok(seq.get(&0, 0)?.iter().sum())
 }
 
 /// `struct xdp_md` for a live-frames run: `data_end` = frame length, and the interface the

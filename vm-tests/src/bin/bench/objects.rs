@@ -47,7 +47,8 @@ pub fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .try_into()
         .with_context(|| format!("{name} is not an XDP program"))?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| format!("the kernel rejected {name}"))?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
     }
     Ok(prog)
 }
@@ -58,7 +59,8 @@ pub fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedCla
         .try_into()
         .with_context(|| format!("{name} is not a TC program"))?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| format!("the kernel rejected {name}"))?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
     }
     Ok(prog)
 }

@@ -38,6 +38,22 @@ pub const HOST_IF: &str = "eth0";
 /// Tag in the namespace names.
 const TAG: &str = "bench";
 
+/// Context of every error building the topology: such an error stops the benchmark (rather than
+/// counting against one contender). Find it with `is_build_failure`.
+#[derive(Debug)]
+pub struct BuildFailed;
+
+impl std::fmt::Display for BuildFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot build the benchmark topology")
+    }
+}
+
+/// True if `e` came from building the topology.
+pub fn is_build_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<BuildFailed>().is_some()
+}
+
 /// A built topology. Dropping it detaches the sinks and deletes the namespaces.
 pub struct Topology {
     /// Sink on `src`'s veth (counts inbound traffic).
@@ -66,7 +82,18 @@ pub struct Topology {
 
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     let args = [
-        "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ];
     proc::run_ok("ip link add veth", proc::command("ip", &args), SETUP_TIMEOUT)?;
     Ok(())
@@ -85,6 +112,10 @@ fn mac(ns: &Netns, dev: &str) -> Result<Mac> {
 impl Topology {
     /// Builds the topology; on error everything made so far is removed.
     pub fn build() -> Result<Topology> {
+        Topology::try_build().context(BuildFailed)
+    }
+
+    fn try_build() -> Result<Topology> {
         let names = Names::new(TAG);
         let src = Netns::create(&names.ns("src"))?;
         let rtr = Netns::create(&names.ns("rtr"))?;
@@ -111,19 +142,38 @@ impl Topology {
         let int_mac = mac(&rtr, &int_if)?;
         let ext_mac = mac(&rtr, &ext_if)?;
         let dst_mac = mac(&dst, HOST_IF)?;
-        let fmt = |m: Mac| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
+        let fmt = |m: Mac| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
         rtr.ip(&[
-            "neigh", "replace", &SRC_IP.to_string(), "lladdr", &fmt(src_mac), "dev", &int_if, "nud", "permanent",
+            "neigh",
+            "replace",
+            &SRC_IP.to_string(),
+            "lladdr",
+            &fmt(src_mac),
+            "dev",
+            &int_if,
+            "nud",
+            "permanent",
         ])?;
         rtr.ip(&[
-            "neigh", "replace", &DST_IP.to_string(), "lladdr", &fmt(dst_mac), "dev", &ext_if, "nud", "permanent",
+            "neigh",
+            "replace",
+            &DST_IP.to_string(),
+            "lladdr",
+            &fmt(dst_mac),
+            "dev",
+            &ext_if,
+            "nud",
+            "permanent",
         ])?;
-        rtr.ip(&["route", "add", INTERNAL_PREFIX, "via", &SRC_IP.to_string(), "dev", &int_if])?;
+        rtr.ip(&[
+            "route",
+            "add",
+            INTERNAL_PREFIX,
+            "via",
+            &SRC_IP.to_string(),
+            "dev",
+            &int_if,
+        ])?;
         let src_sink = Sink::attach(&src, HOST_IF)?;
         let dst_sink = Sink::attach(&dst, HOST_IF)?;
         Ok(Topology {
@@ -150,15 +200,6 @@ impl Topology {
             SETUP_TIMEOUT,
         )?;
         parse_forw_datagrams(&out.stdout).context("no Ip: ForwDatagrams in /proc/net/snmp")
-    }
-
-    /// The namespace names, for the leftover check.
-    pub fn ns_names(&self) -> [String; 3] {
-        [
-            self.src.name().to_string(),
-            self.rtr.name().to_string(),
-            self.dst.name().to_string(),
-        ]
     }
 }
 

@@ -1,0 +1,374 @@
+//! Per-packet cost of each program path, from `BPF_PROG_TEST_RUN`, against the floor of an
+//! empty program.
+//!
+//! A test run with `repeat` runs the program on the *same* buffer again and again, so changes
+//! it makes stay for the next repeat: a translated packet would no longer match its binding.
+//! The hit cases therefore use bindings whose translated endpoint equals the original one
+//! (the inbound test binding maps external `E:p` to internal `E:p`, the outbound one internal
+//! `I:q` to "external" `I:q`): the program looks up, filters, refreshes and rewrites exactly as
+//! for any binding, but writes back the same bytes, so every repeat takes the same path. A new
+//! binding cannot repeat at all, so it is timed over many single runs with a fresh source port
+//! each, against the single-run floor of an empty TC program.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use aya::Ebpf;
+use aya::TestRunResult;
+use nat_common::Counter;
+
+use crate::frame::{icmp_error_frame, udp_frame, Mac};
+use crate::generator::pin_to_cpu;
+use crate::nat_maps::{monotonic_ns, Binding};
+use crate::objects;
+use crate::stats::median;
+use crate::test_instance::TestInstance;
+use crate::topology::{DST_IP, RTR_EXT_IP};
+
+/// XDP_DROP / XDP_PASS and TC_ACT_OK as the test run returns them.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+/// Made-up MACs: the programs never look at them.
+const MAC_A: Mac = [0x02, 0, 0, 0, 0, 0x0a];
+const MAC_B: Mac = [0x02, 0, 0, 0, 0, 0x0b];
+/// The remote of every test binding.
+const REMOTE: SocketAddrV4 = SocketAddrV4::new(DST_IP, 4_000);
+/// A remote no binding has talked to (filtered by port-restricted filtering).
+const STRANGER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 99), 4_000);
+/// An address that is not the NAT's (pass-through).
+const NOT_OURS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
+/// Test bindings use ports above the scale layout's (10 000..59 999).
+const EST_PORT: u16 = 61_000;
+const FILTERED_PORT: u16 = 61_001;
+const EGRESS_PORT: u16 = 61_002;
+/// Internal hosts of the test bindings, outside the scale layout's 10.64.0.0/16.
+const FILTERED_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const EGRESS_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const NEW_BINDING_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// New bindings take ports from here up, below the scale layout's ports so port preservation
+/// succeeds at every scale (the allocator's cheapest case, as for most real flows).
+const NEW_BINDING_PORT_BASE: u16 = 1_024;
+/// Most single runs of the new-binding case (ports 1024..9999 are free at every scale).
+pub const MAX_NEW_BINDING_RUNS: u32 = 8_000;
+
+/// How long to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Repeats per test run.
+    pub repeat: u32,
+    /// Test runs per case (the median is reported).
+    pub runs: usize,
+    /// Single runs of the new-binding case.
+    pub new_bindings: u32,
+}
+
+/// One measured path.
+#[derive(Clone, Debug)]
+pub struct Cost {
+    /// Program name.
+    pub program: &'static str,
+    /// What the packet exercises.
+    pub path: &'static str,
+    /// ns per packet from the duration the kernel returns: for repeated runs its per-run
+    /// average (whole ns), median over the calls; for single runs the mean over all of them.
+    /// (Wall time is no use here: around every repeated XDP call the kernel swaps its XDP
+    /// dispatcher image, an RCU grace period of tens of ms.)
+    pub ns: f64,
+    /// Timed as single runs (new bindings) rather than repeats.
+    pub single_runs: bool,
+}
+
+/// The floors: empty programs from the bench object.
+pub struct Floors {
+    ebpf: Ebpf,
+}
+
+impl Floors {
+    /// Loads the empty programs.
+    pub fn load() -> Result<Floors> {
+        let mut ebpf = objects::load_bench()?;
+        objects::xdp(&mut ebpf, "bench_empty_xdp")?;
+        objects::classifier(&mut ebpf, "bench_empty_tc")?;
+        Ok(Floors { ebpf })
+    }
+
+    /// Empty XDP, repeated.
+    pub fn xdp(&self, s: &Settings) -> Result<Cost> {
+        let prog: &aya::programs::Xdp = self
+            .ebpf
+            .program("bench_empty_xdp")
+            .context("no empty xdp")?
+            .try_into()?;
+        let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(RTR_EXT_IP, EST_PORT));
+        repeated(
+            prog,
+            "bench_empty_xdp",
+            "empty XDP program (floor)",
+            &data,
+            XDP_PASS,
+            s,
+        )
+    }
+
+    /// Empty TC, repeated.
+    pub fn tc(&self, s: &Settings) -> Result<Cost> {
+        let prog: &aya::programs::SchedClassifier = self
+            .ebpf
+            .program("bench_empty_tc")
+            .context("no empty tc")?
+            .try_into()?;
+        let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(RTR_EXT_IP, EST_PORT));
+        repeated(prog, "bench_empty_tc", "empty TC program", &data, TC_ACT_OK, s)
+    }
+
+    /// Empty TC, single runs (the floor of the new-binding case).
+    pub fn tc_single(&self, s: &Settings) -> Result<Cost> {
+        let prog: &aya::programs::SchedClassifier = self
+            .ebpf
+            .program("bench_empty_tc")
+            .context("no empty tc")?
+            .try_into()?;
+        let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(RTR_EXT_IP, EST_PORT));
+        let mut total = 0u64;
+        for _ in 0..s.new_bindings {
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&data),
+                ..TestRunOptions::new()
+            })?;
+            total += r.duration.as_nanos() as u64;
+        }
+        Ok(Cost {
+            program: "bench_empty_tc",
+            path: "empty TC program, single runs",
+            ns: total as f64 / s.new_bindings.max(1) as f64,
+            single_runs: true,
+        })
+    }
+}
+
+/// Times `repeat` runs of `prog` on `data`, `s.runs` times; checks the verdict.
+fn repeated<P>(
+    prog: &P,
+    program: &'static str,
+    path: &'static str,
+    data: &[u8],
+    expect: u32,
+    s: &Settings,
+) -> Result<Cost>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut kernel = Vec::new();
+    for _ in 0..s.runs {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(data),
+                repeat: s.repeat,
+                ..TestRunOptions::new()
+            })
+            .with_context(|| format!("test run of {program} ({path})"))?;
+        if r.return_value != expect {
+            bail!(
+                "{program} ({path}) returned {} instead of {expect}",
+                r.return_value
+            );
+        }
+        kernel.push(r.duration.as_nanos() as f64);
+    }
+    Ok(Cost {
+        program,
+        path,
+        ns: median(&kernel).unwrap_or(f64::NAN),
+        single_runs: false,
+    })
+}
+
+/// Inserts the test bindings (see the module comment).
+pub fn insert_test_bindings(inst: &mut TestInstance) -> Result<()> {
+    let now = monotonic_ns();
+    let ext = |p| SocketAddrV4::new(RTR_EXT_IP, p);
+    for b in [
+        // Inbound hit: external E:p -> internal E:p.
+        Binding {
+            internal: ext(EST_PORT),
+            external: ext(EST_PORT),
+            remote: REMOTE,
+        },
+        // Filtered: a normal binding; the test packet comes from a stranger.
+        Binding {
+            internal: SocketAddrV4::new(FILTERED_HOST, FILTERED_PORT),
+            external: ext(FILTERED_PORT),
+            remote: REMOTE,
+        },
+        // Outbound hit: internal I:q -> "external" I:q.
+        Binding {
+            internal: SocketAddrV4::new(EGRESS_HOST, EGRESS_PORT),
+            external: SocketAddrV4::new(EGRESS_HOST, EGRESS_PORT),
+            remote: REMOTE,
+        },
+    ] {
+        inst.maps.insert(&b, now)?;
+    }
+    Ok(())
+}
+
+/// Runs `case` and checks that `counter` grew by at least `expected`: the packet really took
+/// the path the table says.
+fn checked(
+    inst: &TestInstance,
+    counter: Counter,
+    expected: u64,
+    case: impl FnOnce() -> Result<Cost>,
+) -> Result<Cost> {
+    let before = inst.maps.counter(counter)?;
+    let cost = case()?;
+    let grew = inst.maps.counter(counter)? - before;
+    if grew < expected {
+        bail!(
+            "{} ({}): counter {} grew by {grew}, expected {expected}",
+            cost.program,
+            cost.path,
+            counter.name()
+        );
+    }
+    Ok(cost)
+}
+
+/// nat_ingress: established hit.
+pub fn ingress_established(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(RTR_EXT_IP, EST_PORT));
+    let n = s.repeat as u64 * s.runs as u64;
+    checked(inst, Counter::TranslatedIn, n, || {
+        repeated(
+            inst.ingress()?,
+            "nat_ingress",
+            "established hit (UDP)",
+            &data,
+            XDP_PASS,
+            s,
+        )
+    })
+}
+
+/// nat_ingress: a stranger's packet to a bound port, dropped by the filter.
+pub fn ingress_filtered(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = udp_frame(
+        MAC_A,
+        MAC_B,
+        STRANGER,
+        SocketAddrV4::new(RTR_EXT_IP, FILTERED_PORT),
+    );
+    let n = s.repeat as u64 * s.runs as u64;
+    checked(inst, Counter::FilteredIn, n, || {
+        repeated(
+            inst.ingress()?,
+            "nat_ingress",
+            "filtered drop (APDF)",
+            &data,
+            XDP_DROP,
+            s,
+        )
+    })
+}
+
+/// nat_ingress: ICMP port unreachable about a packet of the established binding.
+pub fn ingress_icmp_error(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = icmp_error_frame(
+        MAC_A,
+        MAC_B,
+        *REMOTE.ip(),
+        SocketAddrV4::new(RTR_EXT_IP, EST_PORT),
+        REMOTE,
+    );
+    let n = s.repeat as u64 * s.runs as u64;
+    checked(inst, Counter::IcmpErrorIn, n, || {
+        repeated(
+            inst.ingress()?,
+            "nat_ingress",
+            "ICMP error translated",
+            &data,
+            XDP_PASS,
+            s,
+        )
+    })
+}
+
+/// nat_ingress: a packet not addressed to the NAT.
+pub fn ingress_pass(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(NOT_OURS, EST_PORT));
+    let n = s.repeat as u64 * s.runs as u64;
+    checked(inst, Counter::PassedNotNat, n, || {
+        repeated(
+            inst.ingress()?,
+            "nat_ingress",
+            "pass-through (not for the NAT)",
+            &data,
+            XDP_PASS,
+            s,
+        )
+    })
+}
+
+/// nat_egress: established hit.
+pub fn egress_established(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = udp_frame(MAC_A, MAC_B, SocketAddrV4::new(EGRESS_HOST, EGRESS_PORT), REMOTE);
+    let n = s.repeat as u64 * s.runs as u64;
+    checked(inst, Counter::TranslatedOut, n, || {
+        repeated(
+            inst.egress()?,
+            "nat_egress",
+            "established hit (UDP)",
+            &data,
+            TC_ACT_OK,
+            s,
+        )
+    })
+}
+
+/// nat_egress: a new binding per packet (single runs, fresh source port each). Ports of
+/// `NEW_BINDING_HOST` from `NEW_BINDING_PORT_BASE + offset` on are used, so a caller measuring
+/// the same instance twice passes a different offset.
+pub fn egress_new_binding(inst: &TestInstance, s: &Settings, offset: u32) -> Result<Cost> {
+    let runs = s.new_bindings.min(MAX_NEW_BINDING_RUNS.saturating_sub(offset));
+    if runs == 0 {
+        bail!("no free ports left for the new-binding case");
+    }
+    checked(inst, Counter::NewBinding, runs as u64, || {
+        let prog = inst.egress()?;
+        let mut total = 0u64;
+        for i in 0..runs {
+            let port = NEW_BINDING_PORT_BASE + (offset + i) as u16;
+            let data = udp_frame(MAC_A, MAC_B, SocketAddrV4::new(NEW_BINDING_HOST, port), REMOTE);
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&data),
+                ..TestRunOptions::new()
+            })?;
+            if r.return_value != TC_ACT_OK {
+                bail!("nat_egress (new binding) returned {}", r.return_value);
+            }
+            total += r.duration.as_nanos() as u64;
+        }
+        Ok(Cost {
+            program: "nat_egress",
+            path: "new binding (single runs)",
+            ns: total as f64 / runs as f64,
+            single_runs: true,
+        })
+    })
+}
+
+/// Runs `f` on a thread pinned to the generator CPU, so test runs are timed on the same core
+/// as the forwarding runs and do not migrate.
+pub fn on_bench_cpu<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pin_to_cpu(crate::generator::generator_cpu())?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

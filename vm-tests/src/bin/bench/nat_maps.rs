@@ -1,0 +1,234 @@
+//! The NAT's maps, opened from their pins, and filling them with bindings from userspace.
+//!
+//! A binding as the data path would create it is four entries: the outbound entry, the inbound
+//! entry, and the two sessions of its one remote (address and port for APDF, address only for
+//! ADF). Filling from userspace lets the scale runs start with up to a million live bindings
+//! without first sending a million new flows.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use nat_common::{
+    maps::{names, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT},
+    proto, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
+    SessionValue,
+};
+
+/// `BPF_NOEXIST`: fail rather than overwrite (each filler binding is new).
+const BPF_NOEXIST: u64 = 1;
+
+/// The maps the benchmark reads and writes.
+pub struct NatMaps {
+    /// Single-entry config.
+    pub config: Array<MapData, NatConfig>,
+    /// Outbound bindings.
+    pub bindings_out: HashMap<MapData, BindingKey, BindingValue>,
+    /// Inbound bindings.
+    pub bindings_in: HashMap<MapData, ExternalKey, ExternalValue>,
+    /// Sessions.
+    pub sessions: HashMap<MapData, SessionKey, SessionValue>,
+    /// Per-CPU counters.
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("cannot open pinned map {}", path.display()))
+}
+
+/// IPv4 address in network byte order as the maps store it.
+pub fn be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// Port in network byte order as the maps store it.
+pub fn be16(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// CLOCK_MONOTONIC now, in ns: the data path's clock (`bpf_ktime_get_coarse_ns`), so filler
+/// bindings look freshly used and no expiry sweep removes them during a run.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One UDP binding with one remote.
+#[derive(Clone, Copy, Debug)]
+pub struct Binding {
+    /// Internal endpoint.
+    pub internal: SocketAddrV4,
+    /// External endpoint.
+    pub external: SocketAddrV4,
+    /// The remote it has sent to.
+    pub remote: SocketAddrV4,
+}
+
+impl NatMaps {
+    /// Opens the maps pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<NatMaps> {
+        Ok(NatMaps {
+            config: Array::try_from(Map::Array(open(dir, names::CONFIG)?))?,
+            bindings_out: HashMap::try_from(Map::HashMap(open(dir, names::BINDINGS_OUT)?))?,
+            bindings_in: HashMap::try_from(Map::HashMap(open(dir, names::BINDINGS_IN)?))?,
+            sessions: HashMap::try_from(Map::HashMap(open(dir, names::SESSIONS)?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(dir, names::COUNTERS)?))?,
+        })
+    }
+
+    /// A counter summed over CPUs.
+    pub fn counter(&self, c: Counter) -> Result<u64> {
+        Ok(self.counters.get(&(c as u32), 0)?.iter().sum())
+    }
+
+    /// Inserts `b` as the data path would have created it (endpoint-independent mapping).
+    pub fn insert(&mut self, b: &Binding, now_ns: u64) -> Result<()> {
+        let out_key = BindingKey {
+            internal_addr: be(*b.internal.ip()),
+            remote_addr: 0,
+            internal_port: be16(b.internal.port()),
+            remote_port: 0,
+            proto: proto::UDP,
+            _pad: [0; 3],
+        };
+        let out_value = BindingValue {
+            last_seen_ns: now_ns,
+            external_addr: be(*b.external.ip()),
+            external_port: be16(b.external.port()),
+            flags: 0,
+            _pad: 0,
+        };
+        let in_key = ExternalKey {
+            external_addr: out_value.external_addr,
+            external_port: out_value.external_port,
+            proto: proto::UDP,
+            _pad: 0,
+        };
+        let in_value = ExternalValue {
+            internal_addr: out_key.internal_addr,
+            remote_addr: 0,
+            internal_port: out_key.internal_port,
+            remote_port: 0,
+            flags: 0,
+            _pad: [0; 3],
+        };
+        self.bindings_in
+            .insert(in_key, in_value, BPF_NOEXIST)
+            .with_context(|| format!("cannot insert the inbound entry of {b:?}"))?;
+        self.bindings_out
+            .insert(out_key, out_value, BPF_NOEXIST)
+            .with_context(|| format!("cannot insert the outbound entry of {b:?}"))?;
+        let session = SessionValue {
+            last_seen_ns: now_ns,
+            tcp_state: 0,
+            _pad: [0; 7],
+        };
+        for (kind, remote_port) in [
+            (SESSION_KIND_ENDPOINT, be16(b.remote.port())),
+            (SESSION_KIND_ADDRESS, 0),
+        ] {
+            let key = SessionKey {
+                external_addr: in_key.external_addr,
+                remote_addr: be(*b.remote.ip()),
+                external_port: in_key.external_port,
+                remote_port,
+                proto: proto::UDP,
+                kind,
+                _pad: [0; 2],
+            };
+            self.sessions
+                .insert(key, session, BPF_NOEXIST)
+                .with_context(|| format!("cannot insert a session of {b:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Inserts bindings `0..n` of `layout`; returns how long it took.
+    pub fn fill(&mut self, layout: &ScaleLayout, n: u32) -> Result<Duration> {
+        let start = Instant::now();
+        let now = monotonic_ns();
+        for i in 0..n {
+            self.insert(&layout.binding(i), now)?;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// How the scale runs number their bindings, so the generator can address any of them by a
+/// flow index: binding `i` is internal `host_base + i / PORTS_PER_HOST : PORT_BASE + i %
+/// PORTS_PER_HOST`, keeps its port, and talks to `remote`. The first `PORTS_PER_HOST` use the
+/// NAT's external address; the rest, which one address could not hold (64 512 ports), use
+/// addresses from `filler_external_base` on: the data path never checks a binding's external
+/// address against the config, so they translate like any other binding.
+#[derive(Clone, Copy, Debug)]
+pub struct ScaleLayout {
+    /// First internal host.
+    pub host_base: Ipv4Addr,
+    /// The NAT's external address.
+    pub external: Ipv4Addr,
+    /// First external address of bindings beyond the first `PORTS_PER_HOST`.
+    pub filler_external_base: Ipv4Addr,
+    /// The remote every binding talks to.
+    pub remote: SocketAddrV4,
+}
+
+impl ScaleLayout {
+    /// Ports per internal host (and per external address).
+    pub const PORTS_PER_HOST: u32 = 50_000;
+    /// First port of every host.
+    pub const PORT_BASE: u16 = 10_000;
+
+    /// Binding `i`.
+    pub fn binding(&self, i: u32) -> Binding {
+        let host = i / Self::PORTS_PER_HOST;
+        let port = Self::PORT_BASE + (i % Self::PORTS_PER_HOST) as u16;
+        let external = if host == 0 {
+            self.external
+        } else {
+            Ipv4Addr::from(u32::from(self.filler_external_base) + host)
+        };
+        Binding {
+            internal: SocketAddrV4::new(Ipv4Addr::from(u32::from(self.host_base) + host), port),
+            external: SocketAddrV4::new(external, port),
+            remote: self.remote,
+        }
+    }
+
+    /// How many bindings inbound traffic can address (those on the NAT's external address).
+    pub fn inbound_reachable(n: u32) -> u32 {
+        n.min(Self::PORTS_PER_HOST)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_spreads_hosts_and_keeps_ports() {
+        let l = ScaleLayout {
+            host_base: Ipv4Addr::new(10, 64, 0, 0),
+            external: Ipv4Addr::new(198, 51, 100, 254),
+            filler_external_base: Ipv4Addr::new(100, 64, 0, 0),
+            remote: "198.51.100.1:4000".parse().unwrap(),
+        };
+        let b = l.binding(0);
+        assert_eq!(b.internal, "10.64.0.0:10000".parse().unwrap());
+        assert_eq!(b.external, "198.51.100.254:10000".parse().unwrap());
+        let b = l.binding(ScaleLayout::PORTS_PER_HOST + 5);
+        assert_eq!(b.internal, "10.64.0.1:10005".parse().unwrap());
+        assert_eq!(b.external, "100.64.0.1:10005".parse().unwrap());
+        assert_eq!(
+            ScaleLayout::inbound_reachable(1_000_000),
+            ScaleLayout::PORTS_PER_HOST
+        );
+    }
+}

@@ -1,0 +1,680 @@
+//! The results of a run, as BENCHMARKS.md (tables, targets, method), JSON and an SVG plot.
+
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::contender::Contender;
+use crate::cost::Cost;
+use crate::forwarding::{self, Direction, Measurement};
+use crate::machine::Machine;
+use crate::memory::{Memory, SESSIONS_PER_LIVE_BINDING};
+use crate::plot::{bars_svg, Bar, Group};
+use crate::scale::{CostPoint, ForwardingPoint};
+use crate::stats::{median, range};
+
+/// Issue 5 targets.
+const TARGET_VS_NFTABLES: f64 = 2.0;
+const TARGET_VS_KERNEL: f64 = 1.0;
+const TARGET_VS_EMPTY_XDP: f64 = 3.0;
+const TARGET_SCALE_LOSS: f64 = 0.10;
+const TARGET_NEW_BINDINGS_PER_SEC: f64 = 1_000_000.0;
+/// The scale points the 10% target compares.
+const SCALE_SMALL: u32 = 1_000;
+const SCALE_LARGE: u32 = 1_000_000;
+
+/// Everything one run measured.
+pub struct Run {
+    /// Where.
+    pub machine: Machine,
+    /// The command that produced it.
+    pub command: String,
+    /// A short smoke run (numbers not meaningful).
+    pub smoke: bool,
+    /// The settings, for the record.
+    pub plan: String,
+    /// Per-packet costs.
+    pub costs: Option<Vec<Cost>>,
+    /// The forwarding comparison.
+    pub forwarding: Option<forwarding::Results>,
+    /// Forwarding at each scale.
+    pub scale_forwarding: Option<Vec<ForwardingPoint>>,
+    /// Per-packet cost at each scale.
+    pub scale_costs: Option<Vec<CostPoint>>,
+    /// Memory per binding.
+    pub memory: Option<Memory>,
+    /// Remarks about the scale runs.
+    pub scale_notes: Vec<String>,
+    /// Anything of this run still present at the end (should be empty).
+    pub leftovers: Vec<String>,
+    /// Wall time of the whole run.
+    pub duration: Duration,
+}
+
+impl Run {
+    /// An empty run record.
+    pub fn new(machine: Machine, command: String, smoke: bool) -> Run {
+        Run {
+            machine,
+            command,
+            smoke,
+            plan: String::new(),
+            costs: None,
+            forwarding: None,
+            scale_forwarding: None,
+            scale_costs: None,
+            memory: None,
+            scale_notes: Vec::new(),
+            leftovers: Vec::new(),
+            duration: Duration::ZERO,
+        }
+    }
+
+    fn cost(&self, program: &str, path_prefix: &str) -> Option<&Cost> {
+        self.costs
+            .as_ref()?
+            .iter()
+            .find(|c| c.program == program && c.path.starts_with(path_prefix))
+    }
+
+    fn point(&self, c: Contender, d: Direction) -> Option<&Measurement> {
+        self.forwarding.as_ref()?.points.get(&(c, d))
+    }
+}
+
+/// The plot's file name for a report at `out` (`BENCHMARKS.md` -> `BENCHMARKS.svg`).
+pub fn plot_file_name(out: &Path) -> String {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned());
+    format!("{}.svg", stem.unwrap_or_else(|| "BENCHMARKS".into()))
+}
+
+fn mpps(pps: f64) -> String {
+    format!("{:.3}", pps / 1e6)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn cell(m: Option<&Measurement>, nft: Option<f64>) -> String {
+    let Some(m) = m else {
+        return "not run".into();
+    };
+    if let Some(why) = &m.unavailable {
+        return format!("unavailable: {}", why.replace('|', "/"));
+    }
+    let Some(med) = median(&m.pps) else {
+        return "no samples".into();
+    };
+    let mut s = mpps(med);
+    if let Some((lo, hi)) = range(&m.pps) {
+        let _ = write!(s, " ({}–{})", mpps(lo), mpps(hi));
+    }
+    if let Some(n) = nft.filter(|n| *n > 0.0) {
+        let _ = write!(s, ", {:.2}× nft", med / n);
+    }
+    s
+}
+
+/// The SVG plot of the forwarding comparison.
+pub fn plot(run: &Run) -> String {
+    let series: Vec<&str> = Contender::ALL.iter().map(|c| c.label()).collect();
+    let groups: Vec<Group> = Direction::ALL
+        .iter()
+        .map(|&d| Group {
+            label: d.label().into(),
+            bars: Contender::ALL
+                .iter()
+                .map(|&c| {
+                    let m = run.point(c, d);
+                    Bar {
+                        value: m.and_then(|m| m.median_pps()),
+                        range: m.filter(|m| m.unavailable.is_none()).and_then(|m| range(&m.pps)),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let ceiling = run.forwarding.as_ref().and_then(|f| median(&f.ceiling_pps));
+    bars_svg(
+        &format!(
+            "Packets per second through the router ({} CPU{}, kernel {})",
+            run.machine.cpus,
+            if run.machine.cpus == 1 { "" } else { "s" },
+            run.machine.kernel
+        ),
+        &series,
+        &groups,
+        ceiling,
+    )
+}
+
+fn targets(run: &Run, md: &mut String) {
+    let _ = writeln!(md, "## Targets of issue 5\n");
+    let _ = writeln!(md, "| target | measured | verdict |\n|---|---|---|");
+    let median_of = |c, d| run.point(c, d).and_then(|m| m.median_pps());
+    for ours in [Contender::NatFastPath, Contender::Nat] {
+        for d in Direction::ALL {
+            let Some(v) = median_of(ours, d) else {
+                let why = run
+                    .point(ours, d)
+                    .and_then(|m| m.unavailable.clone())
+                    .unwrap_or_else(|| "not run".into());
+                let _ = writeln!(
+                    md,
+                    "| {}, {}: ≥ {TARGET_VS_NFTABLES}× nftables and ≥ kernel forwarding | unavailable: {} | **missed** |",
+                    ours.label(),
+                    d.label(),
+                    why.replace('|', "/")
+                );
+                continue;
+            };
+            if let Some(n) = median_of(Contender::Nftables, d) {
+                let r = v / n;
+                let _ = writeln!(
+                    md,
+                    "| {}, {}: ≥ {TARGET_VS_NFTABLES}× nftables | {} vs {} Mpps = {r:.2}× | {} |",
+                    ours.label(),
+                    d.label(),
+                    mpps(v),
+                    mpps(n),
+                    verdict(r >= TARGET_VS_NFTABLES)
+                );
+            }
+            if let Some(k) = median_of(Contender::Kernel, d) {
+                let r = v / k;
+                let _ = writeln!(
+                    md,
+                    "| {}, {}: ≥ kernel forwarding | {} vs {} Mpps = {r:.2}× | {} |",
+                    ours.label(),
+                    d.label(),
+                    mpps(v),
+                    mpps(k),
+                    verdict(r >= TARGET_VS_KERNEL)
+                );
+            }
+        }
+    }
+    if let Some(floor) = run.cost("bench_empty_xdp", "") {
+        for (program, path) in [("nat_ingress", "established"), ("nat_egress", "established")] {
+            if let Some(c) = run.cost(program, path) {
+                let r = c.ns / floor.ns;
+                let _ = writeln!(
+                    md,
+                    "| {program} established hit within {TARGET_VS_EMPTY_XDP}× the empty XDP program | {:.1} ns vs {:.1} ns = {r:.1}× | {} |",
+                    c.ns,
+                    floor.ns,
+                    verdict(r <= TARGET_VS_EMPTY_XDP)
+                );
+            }
+        }
+    }
+    if let Some(points) = &run.scale_forwarding {
+        for c in [Contender::Nat, Contender::NatFastPath] {
+            let at = |n: u32| points.iter().find(|p| p.contender == c && p.bindings == n);
+            let (Some(small), Some(large)) = (at(SCALE_SMALL), at(SCALE_LARGE)) else {
+                continue;
+            };
+            for (dir, s, l) in [
+                ("outbound", small.out(), large.out()),
+                ("inbound", small.inbound(), large.inbound()),
+            ] {
+                match (s, l) {
+                    (Some(s), Some(l)) => {
+                        let loss = 1.0 - l / s;
+                        let _ = writeln!(
+                            md,
+                            "| {}, {dir}: 1 000 000 bindings at most {:.0}% below 1 000 | {} vs {} Mpps = {:+.1}% | {} |",
+                            c.label(),
+                            TARGET_SCALE_LOSS * 100.0,
+                            mpps(l),
+                            mpps(s),
+                            -loss * 100.0,
+                            verdict(loss <= TARGET_SCALE_LOSS)
+                        );
+                    }
+                    _ => {
+                        let _ = writeln!(
+                            md,
+                            "| {}, {dir}: 1 000 000 bindings at most {:.0}% below 1 000 | unavailable | **missed** |",
+                            c.label(),
+                            TARGET_SCALE_LOSS * 100.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let new_binding = run
+        .scale_costs
+        .as_ref()
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p.bindings == SCALE_SMALL)
+                .map(|p| p.new_binding.ns)
+        })
+        .or_else(|| run.cost("nat_egress", "new binding").map(|c| c.ns));
+    if let Some(ns) = new_binding {
+        let rate = 1e9 / ns;
+        let _ = writeln!(
+            md,
+            "| ≥ 1 000 000 new bindings per second per core in the data path | {:.0} ns per new binding = {:.2} M/s on one core | {} |",
+            ns,
+            rate / 1e6,
+            verdict(rate >= TARGET_NEW_BINDINGS_PER_SEC)
+        );
+    }
+    if let Some(m) = &run.memory {
+        let _ = writeln!(
+            md,
+            "| memory per binding stated | {} bytes per live binding (elements); {:.0} bytes per configured binding (preallocated) | stated |",
+            m.per_live_binding(),
+            m.per_configured_binding()
+        );
+    }
+    md.push('\n');
+}
+
+fn forwarding_section(run: &Run, plot_name: &str, md: &mut String) {
+    let Some(f) = &run.forwarding else {
+        return;
+    };
+    let _ = writeln!(md, "## Forwarding throughput\n");
+    let _ = writeln!(md, "![packets per second per contender]({plot_name})\n");
+    let _ = writeln!(
+        md,
+        "Median delivered Mpps over the rounds (min–max in brackets) and the ratio to nftables.\n"
+    );
+    let _ = write!(md, "| contender |");
+    for d in Direction::ALL {
+        let _ = write!(md, " {} |", d.label());
+    }
+    let _ = writeln!(md, "\n|---|---|---|---|");
+    for c in Contender::ALL {
+        let _ = write!(md, "| {} |", c.label());
+        for d in Direction::ALL {
+            let nft = run.point(Contender::Nftables, d).and_then(|m| m.median_pps());
+            let _ = write!(md, " {} |", cell(run.point(c, d), nft));
+        }
+        md.push('\n');
+    }
+    if let Some(c) = median(&f.ceiling_pps) {
+        let _ = writeln!(
+            md,
+            "| generator ceiling (frames dropped on arrival at the router) | {} | | |",
+            mpps(c)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nShare of delivered packets that went through the router's kernel forwarding path \
+         (`ForwDatagrams`; 0% = all on an XDP path):\n"
+    );
+    let _ = writeln!(
+        md,
+        "| contender | {} |",
+        Direction::ALL.map(|d| d.label()).join(" | ")
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for c in Contender::ALL {
+        let shares: Vec<String> = Direction::ALL
+            .iter()
+            .map(|&d| match run.point(c, d) {
+                Some(m) if m.unavailable.is_none() => median(&m.kernel_share)
+                    .map(|s| format!("{:.0}%", s * 100.0))
+                    .unwrap_or_default(),
+                _ => "–".into(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", c.label(), shares.join(" | "));
+    }
+    md.push('\n');
+}
+
+fn cost_section(run: &Run, md: &mut String) {
+    let Some(costs) = &run.costs else {
+        return;
+    };
+    let floor = run.cost("bench_empty_xdp", "").map(|c| c.ns);
+    let _ = writeln!(md, "## Per-packet cost (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        md,
+        "| program | path | ns per packet | × empty XDP |\n|---|---|---|---|"
+    );
+    for c in costs {
+        let ratio = floor
+            .filter(|f| *f > 0.0)
+            .map(|f| format!("{:.1}×", c.ns / f))
+            .unwrap_or_default();
+        let _ = writeln!(md, "| `{}` | {} | {:.1} | {} |", c.program, c.path, c.ns, ratio);
+    }
+    if let (Some(new), Some(single)) = (
+        run.cost("nat_egress", "new binding"),
+        run.cost("bench_empty_tc", "empty TC program, single"),
+    ) {
+        let _ = writeln!(
+            md,
+            "\nThe new-binding case can only be timed one run at a time; compare it with the single-run \
+             floor of an empty TC program ({:.1} ns): a new binding costs about {:.0} ns more than doing nothing.",
+            single.ns,
+            new.ns - single.ns
+        );
+    }
+    md.push('\n');
+}
+
+fn scale_section(run: &Run, md: &mut String) {
+    if run.scale_forwarding.is_none() && run.scale_costs.is_none() {
+        return;
+    }
+    let _ = writeln!(md, "## Scale: live bindings\n");
+    for n in &run.scale_notes {
+        let _ = writeln!(md, "Note: {n}.\n");
+    }
+    if let Some(points) = &run.scale_forwarding {
+        let _ = writeln!(
+            md,
+            "Forwarding, median Mpps; outbound traffic is spread over all N bindings, inbound over \
+             all bindings on the NAT's external address (at most 50 000).\n"
+        );
+        let contenders: Vec<Contender> = Contender::ALL
+            .into_iter()
+            .filter(|c| points.iter().any(|p| p.contender == *c))
+            .collect();
+        let _ = write!(md, "| live bindings |");
+        for c in &contenders {
+            let _ = write!(md, " {} out | {} in |", c.label(), c.label());
+        }
+        let _ = writeln!(md, " fill time |");
+        let _ = writeln!(md, "|---|{}---|", "---|".repeat(contenders.len() * 2));
+        let mut scales: Vec<u32> = points.iter().map(|p| p.bindings).collect();
+        scales.dedup();
+        for n in scales {
+            let _ = write!(md, "| {n} |");
+            let mut fill = Duration::ZERO;
+            for c in &contenders {
+                match points.iter().find(|p| p.bindings == n && p.contender == *c) {
+                    Some(p) if p.unavailable.is_none() => {
+                        fill = fill.max(p.fill);
+                        let _ = write!(
+                            md,
+                            " {} | {} |",
+                            p.out().map(mpps).unwrap_or_default(),
+                            p.inbound().map(mpps).unwrap_or_default()
+                        );
+                    }
+                    Some(p) => {
+                        let why = p.unavailable.clone().unwrap_or_default().replace('|', "/");
+                        let _ = write!(md, " unavailable: {why} | |");
+                    }
+                    None => {
+                        let _ = write!(md, " | |");
+                    }
+                }
+            }
+            let _ = writeln!(md, " {:.1} s |", fill.as_secs_f64());
+        }
+        md.push('\n');
+    }
+    if let Some(points) = &run.scale_costs {
+        let floor = run.cost("bench_empty_xdp", "").map(|c| c.ns);
+        let _ = writeln!(
+            md,
+            "Per-packet cost (ns) with N live bindings in the maps, and the new-binding rate on one core \
+             (10⁹ / ns per new binding).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| live bindings | `--max-bindings` | ingress hit | egress hit | ingress hit × empty XDP | new binding | new bindings/s |\n|---|---|---|---|---|---|---|"
+        );
+        for p in points {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} M |",
+                p.bindings,
+                p.max_bindings,
+                p.ingress.ns,
+                p.egress.ns,
+                floor
+                    .map(|f| format!("{:.1}×", p.ingress.ns / f))
+                    .unwrap_or_default(),
+                p.new_binding.ns,
+                1e3 / p.new_binding.ns
+            );
+        }
+        md.push('\n');
+    }
+    if let Some(m) = &run.memory {
+        memory_section(m, md);
+    }
+}
+
+fn memory_section(m: &Memory, md: &mut String) {
+    let _ = writeln!(md, "### Memory per binding\n");
+    let _ = writeln!(
+        md,
+        "Kernel hash-map element = `struct htab_elem` ({} bytes) + key + value, each rounded up to 8; \
+         one bucket ({} bytes) per power-of-two slot. Sizes from {}. Capacities of the measured \
+         instance (`--max-bindings` {}).\n",
+        m.htab_elem, m.bucket, m.source, m.max_bindings
+    );
+    let _ = writeln!(
+        md,
+        "| map | key | value | bytes per element | capacity | kernel memlock (bpftool) |\n|---|---|---|---|---|---|"
+    );
+    for map in &m.maps {
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {} | {} | {} | {} |",
+            map.name,
+            map.key,
+            map.value,
+            map.elem,
+            map.max_entries,
+            map.memlock
+                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n- **Per live binding: {} bytes** of map elements = outbound entry {} + inbound entry {} + \
+         {SESSIONS_PER_LIVE_BINDING} sessions × {} (one remote: address-and-port and address-only).",
+        m.per_live_binding(),
+        m.maps[0].elem,
+        m.maps[1].elem,
+        m.maps[2].elem
+    );
+    let _ = write!(
+        md,
+        "- The maps are preallocated, so what a NAT actually holds is set by `--max-bindings`: \
+         **{:.0} bytes per configured binding** computed (elements and buckets of both binding maps \
+         and of the session map, which has room for {} sessions per binding)",
+        m.per_configured_binding(),
+        nat_common::maps::SESSIONS_PER_BINDING
+    );
+    match m.memlock_per_configured_binding() {
+        Some(k) => {
+            let _ = writeln!(
+                md,
+                "; the kernel's own accounting (bpftool `bytes_memlock`) says {k:.0} bytes."
+            );
+        }
+        None => {
+            let _ = writeln!(md, "; bpftool's memlock figure was not available.");
+        }
+    }
+    md.push('\n');
+}
+
+const METHOD: &str = "\
+## Method
+
+- **Topology** (fresh for every contender in every round, removed afterwards): namespace `src` \
+(internal host) — veth — `rtr` (forwards, `rp_filter` off, static neighbours) — veth — `dst` \
+(remote). The NAT attaches to `rtr`'s external veth; nftables masquerades on it.
+- **Generator**: `bench_generator` (nat-ebpf/src/bench.rs) run with `BPF_PROG_TEST_RUN` in XDP \
+live-frames mode, transmitting with `XDP_TX` out of the end host's veth into the router, batches \
+of 64. It rewrites the whole 64-byte UDP frame from a template on every run (the page pool \
+recycles pages without resetting them) and varies the source (outbound) or destination (inbound) \
+endpoint per flow. All of the path — the router's NAPI poll, forwarding or XDP, the far veth, \
+the sink — runs on the generator's CPU (pinned to the last CPU), so the generator's rate is the \
+path's rate. The router's veths have GRO on so they accept `XDP_TX` frames without an XDP \
+program of their own.
+- **Sinks**: `bench_sink`, native XDP on both end veths, counts UDP per CPU and drops it. \
+*Packets per second = packets counted by the far sink / generator wall time.* The generator \
+ceiling row is the same generator with a sink on the router's first veth (no forwarding at all).
+- **Contenders**, alternated within one process, order rotated every round: plain kernel \
+forwarding (no NAT, no conntrack); nftables `masquerade` in a `postrouting` nat chain (conntrack); \
+`nat-ctl attach --mode port-restricted`; the same with `--internal-iface` (the XDP fast path). A \
+fast-path result only counts if the router's kernel forwarded at most 10% of the delivered \
+packets (`ForwDatagrams`); otherwise the row says so instead of showing a number.
+- **Directions**: *outbound, established*: 16 flows of one internal host, warmed up with 10 000 \
+packets first; *inbound replies*: the remote sends to the external endpoints of those 16 \
+bindings (for plain forwarding: to the internal endpoints), after checking that our NAT kept \
+their ports; *outbound, new flow per packet*: a burst of new flows, one packet each, from a \
+second internal host (source ports 1024 up), into fresh tables. The burst is short (tens of ms) \
+because one external address has 64 512 ports per protocol: a port-preserving NAT cannot \
+create new flows for seconds on end without running out, so each round measures one burst.
+- **Per-packet cost**: the NAT object loaded unattached, with its maps pinned in a private \
+bpffs directory, a ready config and test bindings. `BPF_PROG_TEST_RUN` repeats a program on the \
+same buffer, so hit cases use bindings whose translated endpoint equals the original (the rewrite \
+writes back the same bytes and every repeat takes the full path); each case checks the counter \
+it must bump. ns per packet = wall time of the call / repeats (the kernel's own figure is \
+rounded to whole ns and is shown alongside). A new binding cannot repeat: it is the mean of the \
+kernel's times over single runs, each with a fresh source port.
+- **Scale**: bindings (with their two sessions) are inserted from userspace into the running \
+NAT's pinned maps (or the test instance's): binding *i* is internal `10.64.0.1 + i / 50 000 : \
+10 000 + i % 50 000`, keeping its port; the first 50 000 use the NAT's external address, the rest \
+addresses from 100.64.0.1 on (one address cannot hold more; the data path does not check it). \
+The generator cycles through all N (outbound) or all on the external address (inbound). The \
+scale runs use `--sweep-interval-ms 60000` so the userspace expiry sweep (on the other CPU) does \
+not walk a million entries during a measurement.
+";
+
+/// BENCHMARKS.md.
+pub fn markdown(run: &Run, plot_name: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    if run.smoke {
+        let _ = writeln!(
+            md,
+            "**Smoke run: every path ran only briefly; the numbers are not meaningful.**\n"
+        );
+    }
+    let m = &run.machine;
+    let _ = writeln!(
+        md,
+        "Produced by `{}` (as root) on {}, in {:.0} s.\n\n\
+         - Machine: {} CPUs ({}), {} MiB RAM, kernel {}.\n\
+         - The whole forwarding path runs on one CPU (see Method); numbers are per core.\n",
+        run.command,
+        m.date,
+        run.duration.as_secs_f64(),
+        m.cpus,
+        m.cpu_model,
+        m.memory_mib,
+        m.kernel
+    );
+    targets(run, &mut md);
+    forwarding_section(run, plot_name, &mut md);
+    cost_section(run, &mut md);
+    scale_section(run, &mut md);
+    md.push_str(METHOD);
+    let _ = writeln!(md, "\nSettings of this run: `{}`", run.plan);
+    md
+}
+
+fn cost_json(c: &Cost) -> Value {
+    json!({
+        "program": c.program,
+        "path": c.path,
+        "ns": finite(c.ns),
+        "single_runs": c.single_runs,
+    })
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+/// Machine-readable results (used by the smoke test).
+pub fn json(run: &Run) -> Value {
+    let forwarding = run.forwarding.as_ref().map(|f| {
+        let points: Vec<Value> = f
+            .points
+            .iter()
+            .map(|((c, d), m)| {
+                json!({
+                    "contender": c.key(),
+                    "direction": d.key(),
+                    "pps": m.pps,
+                    "median_pps": m.median_pps(),
+                    "kernel_share": m.kernel_share,
+                    "unavailable": m.unavailable,
+                })
+            })
+            .collect();
+        json!({ "points": points, "ceiling_pps": f.ceiling_pps })
+    });
+    let scale_forwarding = run.scale_forwarding.as_ref().map(|ps| {
+        ps.iter()
+            .map(|p| {
+                json!({
+                    "bindings": p.bindings,
+                    "contender": p.contender.key(),
+                    "out_pps": p.out_pps,
+                    "in_pps": p.in_pps,
+                    "unavailable": p.unavailable,
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    let scale_costs = run.scale_costs.as_ref().map(|ps| {
+        ps.iter()
+            .map(|p| {
+                json!({
+                    "bindings": p.bindings,
+                    "max_bindings": p.max_bindings,
+                    "ingress": cost_json(&p.ingress),
+                    "egress": cost_json(&p.egress),
+                    "new_binding": cost_json(&p.new_binding),
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    let memory = run.memory.as_ref().map(|m| {
+        json!({
+            "per_live_binding": m.per_live_binding(),
+            "per_configured_binding": m.per_configured_binding(),
+            "memlock_per_configured_binding": m.memlock_per_configured_binding(),
+        })
+    });
+    json!({
+        "smoke": run.smoke,
+        "command": run.command,
+        "machine": {
+            "cpus": run.machine.cpus,
+            "kernel": run.machine.kernel,
+            "cpu_model": run.machine.cpu_model,
+            "date": run.machine.date,
+        },
+        "costs": run.costs.as_ref().map(|cs| cs.iter().map(cost_json).collect::<Vec<_>>()),
+        "forwarding": forwarding,
+        "scale_forwarding": scale_forwarding,
+        "scale_costs": scale_costs,
+        "memory": memory,
+        "leftovers": run.leftovers,
+        "seconds": run.duration.as_secs_f64(),
+    })
+}
