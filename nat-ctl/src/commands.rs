@@ -91,6 +91,13 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         n => n.to_string(),
     };
     let addrs: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
+    let mut fast_path: Vec<String> = maps
+        .fast_path_ifaces
+        .keys()
+        .filter_map(|k| k.ok())
+        .map(crate::iface::name)
+        .collect();
+    fast_path.sort();
     let mode: Mode = config.mode();
     let t = config.timeouts_secs;
     if query.json {
@@ -102,6 +109,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "ports": format!("{}-{}", config.port_min, config.port_max),
             "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
             "programs": programs,
+            "fast_path_towards": fast_path,
             "bindings": bindings, "bindings_capacity": binding_map_capacity(config.max_bindings),
             "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
             "max_bindings_per_host": config.max_bindings_per_host,
@@ -121,6 +129,12 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             t[0], t[1], t[2], t[3]
         );
         println!("programs:   {programs}");
+        let towards = if fast_path.is_empty() {
+            "off".to_string()
+        } else {
+            format!("towards {}", fast_path.join(", "))
+        };
+        println!("fast path:  {towards}");
         println!(
             "bindings:   {dynamic} dynamic / {} allowed ({per_host} per host); {bindings} entries in all",
             config.max_bindings

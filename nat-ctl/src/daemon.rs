@@ -14,6 +14,7 @@ use crate::{
     config_file::{self, FileConfig},
     events::{now_rfc3339, BindingEvents},
     expiry,
+    fastpath::FastPathDevices,
     forwards::{self, Forward},
     iface,
     instance::{ensure_bpffs, Instance, InstanceLock},
@@ -147,6 +148,9 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     };
     let attached = Attached::attach(&instance, &config, &plan)?;
     let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let mut fast_path =
+        FastPathDevices::new(fast_path_candidates(&settings.iface, &attached.internal_ifaces)?)?;
+    fast_path.refresh(&mut maps)?;
     install_forwards(&mut maps, &config, &resolved.forwards)?;
     lock.write_info(&attached.description)?;
 
@@ -175,7 +179,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         let timeouts = &settings.timeouts;
         run_until_signal(
             &mut maps,
-            (reinjector, notifier),
+            (reinjector, notifier, fast_path),
             timeouts,
             resolved.sweep_interval_ms,
             args.debug,
@@ -194,6 +198,18 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     drop(attached);
     drop(lock);
     result
+}
+
+/// The devices the fast path may send to: all of the NAT's interfaces, when it has internal
+/// ones (the internal-side program is what does outbound fast-path translation).
+fn fast_path_candidates(external: &str, internal: &[String]) -> Result<Vec<(String, u32)>> {
+    if internal.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::iter::once(external)
+        .chain(internal.iter().map(String::as_str))
+        .map(|name| Ok((name.to_string(), iface::index(name)?)))
+        .collect()
 }
 
 /// Installs the config file's forwards; one already in place (adopted state) is kept.
@@ -221,7 +237,7 @@ fn install_forwards(
 /// Sweeps expired entries every `interval_ms` until SIGINT or SIGTERM.
 async fn run_until_signal(
     maps: &mut PinnedMaps,
-    (mut reinjector, mut notifier): (Reinjector, Notifier),
+    (mut reinjector, mut notifier, mut fast_path): (Reinjector, Notifier, FastPathDevices),
     timeouts: &Timeouts,
     interval_ms: u64,
     debug: bool,
@@ -250,6 +266,7 @@ async fn run_until_signal(
                 if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts) {
                     eprintln!("nat-ctl: expiry sweep failed: {e:#}");
                 }
+                fast_path.refresh(maps)?;
                 if debug {
                     let time = now_rfc3339();
                     for line in events.observe(maps.bindings()?, &time) {

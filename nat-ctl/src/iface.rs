@@ -16,6 +16,20 @@ pub fn index(name: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// The name of interface `index`, or the index itself when it has none here.
+pub fn name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as the call requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return format!("#{index}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The IPv4 addresses assigned to `name`, primary first (kernel order).
 pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();

@@ -68,6 +68,8 @@ pub struct Attached {
     persist: bool,
     /// True when this attach took over a persisted instance.
     pub adopted: bool,
+    /// Internal interfaces carrying the internal-side program (adopted ones included).
+    pub internal_ifaces: Vec<String>,
     /// How the programs are attached, for `nat-ctl status`.
     pub description: String,
 }
@@ -134,6 +136,7 @@ impl Attached {
             // alone, and undo everything of a new one (pinned links included).
             persist: adopted,
             adopted,
+            internal_ifaces: Vec::new(),
             description: String::new(),
         };
         let bindings = binding_map_capacity(config.max_bindings);
@@ -147,16 +150,7 @@ impl Attached {
         let ebpf = attached.ebpf.insert(ebpf);
 
         // Config first: the programs see a complete config from their first packet.
-        let mut maps = PinnedMaps::open(&pin_dir)?;
-        maps.write_config(config)?;
-        if !adopted && !plan.internal_ifaces.is_empty() {
-            // The fast path redirects only between the NAT's own interfaces.
-            maps.fast_path_ifaces.insert(config.external_ifindex, 0, 0)?;
-            for lan in plan.internal_ifaces {
-                maps.fast_path_ifaces.insert(crate::iface::index(lan)?, 0, 0)?;
-            }
-        }
-        drop(maps);
+        PinnedMaps::open(&pin_dir)?.write_config(config)?;
 
         let iface = instance.iface.as_str();
         let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
@@ -233,12 +227,13 @@ impl Attached {
             if tcx { "tcx" } else { "tc clsact" }
         );
         if !internal.is_empty() {
-            description += &format!("; xdp hairpinning on {}", internal.join(", "));
+            description += &format!("; xdp fast path and hairpinning on {}", internal.join(", "));
         }
         if plan.persist {
             description += "; persistent";
         }
         attached.description = description;
+        attached.internal_ifaces = internal;
         Ok(attached)
     }
 }

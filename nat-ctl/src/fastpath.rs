@@ -1,0 +1,55 @@
+//! Which interfaces the XDP fast path may redirect to. A device is registered in the
+//! `FAST_PATH_IFACES` map only while it accepts redirected frames (see `xdp_features`); the
+//! others get their packets through the kernel's forwarding, which never drops them silently.
+//! Checked at attach and at every sweep, since a veth's answer changes with its peer's settings.
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+
+use crate::{pinned::PinnedMaps, xdp_features::NetdevFamily};
+
+/// The fast path's candidate devices and the kernel interface that vouches for them.
+pub struct FastPathDevices {
+    candidates: Vec<(String, u32)>,
+    netdev: Option<NetdevFamily>,
+    active: BTreeSet<u32>,
+}
+
+impl FastPathDevices {
+    /// Candidates: the external interface and the internal ones (empty when there are no
+    /// internal interfaces: then there is no fast path at all).
+    pub fn new(candidates: Vec<(String, u32)>) -> Result<Self> {
+        let netdev = if candidates.is_empty() {
+            None
+        } else {
+            NetdevFamily::open()?
+        };
+        if !candidates.is_empty() && netdev.is_none() {
+            eprintln!("nat-ctl: this kernel cannot tell which devices accept XDP redirects (Linux 6.3+); the fast path stays off");
+        }
+        Ok(FastPathDevices {
+            candidates,
+            netdev,
+            active: BTreeSet::new(),
+        })
+    }
+
+    /// Brings the map in line with what the devices accept now; reports each change on stderr.
+    pub fn refresh(&mut self, maps: &mut PinnedMaps) -> Result<()> {
+        let Some(netdev) = &self.netdev else { return Ok(()) };
+        for (name, ifindex) in &self.candidates {
+            let accepts = netdev.accepts_redirects(*ifindex);
+            if accepts && self.active.insert(*ifindex) {
+                maps.fast_path_ifaces.insert(*ifindex, 0, 0)?;
+                eprintln!("nat-ctl: fast path on towards {name}");
+            } else if !accepts
+                && (self.active.remove(ifindex) || maps.fast_path_ifaces.get(ifindex, 0).is_ok())
+            {
+                let _ = maps.fast_path_ifaces.remove(ifindex);
+                eprintln!("nat-ctl: fast path off towards {name}: it does not accept XDP-redirected frames (a veth needs GRO or XDP on its peer)");
+            }
+        }
+        Ok(())
+    }
+}
