@@ -3,6 +3,7 @@
 //! Every command installs what it needs when it is missing (see `setup`), prints each command
 //! it runs on one line, and fails with one sentence saying what went wrong.
 
+mod bench;
 mod build;
 mod check;
 mod cmd;
@@ -58,6 +59,12 @@ enum Command {
     },
     /// Check formatting and run clippy, for the workspace and for nat-ebpf.
     Check,
+    /// Build everything and run the benchmark (root): writes BENCHMARKS.md and its SVG plots.
+    Bench {
+        /// Arguments passed to the bench binary (e.g. `--smoke`, `--only forwarding`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -74,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Test { unit, e2e, filters } => test::run(test::Selection { unit, e2e, filters }),
         Command::Demo { args } => demo::run(&args),
         Command::Check => check::run(),
+        Command::Bench { args } => bench::run(&args),
     }
 }
 

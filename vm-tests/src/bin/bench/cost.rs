@@ -327,6 +327,32 @@ pub fn egress_established(inst: &TestInstance, s: &Settings) -> Result<Cost> {
     })
 }
 
+/// nat_egress: established hit timed like the new-binding case (single runs), so the two
+/// compare directly.
+pub fn egress_established_single(inst: &TestInstance, s: &Settings) -> Result<Cost> {
+    let data = udp_frame(MAC_A, MAC_B, SocketAddrV4::new(EGRESS_HOST, EGRESS_PORT), REMOTE);
+    checked(inst, Counter::TranslatedOut, s.new_bindings as u64, || {
+        let prog = inst.egress()?;
+        let mut total = 0u64;
+        for _ in 0..s.new_bindings {
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&data),
+                ..TestRunOptions::new()
+            })?;
+            if r.return_value != TC_ACT_OK {
+                bail!("nat_egress (established, single run) returned {}", r.return_value);
+            }
+            total += r.duration.as_nanos() as u64;
+        }
+        Ok(Cost {
+            program: "nat_egress",
+            path: "established hit (single runs)",
+            ns: total as f64 / s.new_bindings.max(1) as f64,
+            single_runs: true,
+        })
+    })
+}
+
 /// nat_egress: a new binding per packet (single runs, fresh source port each). Ports of
 /// `NEW_BINDING_HOST` from `NEW_BINDING_PORT_BASE + offset` on are used, so a caller measuring
 /// the same instance twice passes a different offset.

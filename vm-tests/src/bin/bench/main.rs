@@ -191,6 +191,7 @@ fn cost_phase(s: &cost::Settings) -> Result<Vec<cost::Cost>> {
             cost::ingress_icmp_error(&inst, s)?,
             cost::ingress_pass(&inst, s)?,
             cost::egress_established(&inst, s)?,
+            cost::egress_established_single(&inst, s)?,
             cost::egress_new_binding(&inst, s, 0)?,
         ])
     })?;
@@ -311,13 +312,16 @@ fn main() -> ExitCode {
             write(json, &serde_json::to_string_pretty(&report::json(&run))?)?;
         }
         if let Some(out) = &o.out {
-            let svg_name = report::plot_file_name(out);
-            let svg = out.with_file_name(&svg_name);
-            write(&svg, &report::plot(&run))?;
-            write(out, &report::markdown(&run, &svg_name))?;
-            log(&format!("wrote {} and {}", out.display(), svg.display()));
+            let names = report::plot_file_names(out);
+            write(&out.with_file_name(&names.0), &report::plot(&run))?;
+            if let Some(svg) = report::scale_plot(&run) {
+                write(&out.with_file_name(&names.1), &svg)?;
+            }
+            write(out, &report::markdown(&run, &names))?;
+            log(&format!("wrote {} and its plots", out.display()));
         } else {
-            println!("{}", report::markdown(&run, "(no plot written)"));
+            let none = ("(no plot written)".to_string(), "(no plot written)".to_string());
+            println!("{}", report::markdown(&run, &none));
         }
         Ok(())
     })();

@@ -1,6 +1,6 @@
-//! The plot in BENCHMARKS.md: packets per second per contender, grouped by direction, as a
-//! self-contained SVG (no plotting tool needed). Bars are medians, whiskers min..max over the
-//! rounds, and a dashed line marks the generator's ceiling.
+//! The plots in BENCHMARKS.md as self-contained SVG (no plotting tool needed): grouped bars of
+//! packets per second. Bars are medians, whiskers min..max over the repetitions; a reference
+//! line (the generator's ceiling) is drawn when it fits the scale, else named in a corner.
 
 use std::fmt::Write;
 
@@ -39,13 +39,17 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A reference line further above the highest bar than this factor is not drawn to scale
+/// (it would squash the bars), only named.
+const REFERENCE_MAX_FACTOR: f64 = 1.6;
+
 /// A "nice" axis maximum at or above `max`.
 fn nice_max(max: f64) -> f64 {
     if max <= 0.0 || !max.is_finite() {
         return 1.0;
     }
     let mag = 10f64.powf(max.log10().floor());
-    for step in [1.0, 2.0, 2.5, 5.0, 10.0] {
+    for step in [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0] {
         if step * mag >= max {
             return step * mag;
         }
@@ -53,14 +57,16 @@ fn nice_max(max: f64) -> f64 {
     10.0 * mag
 }
 
-/// Renders a grouped bar chart of Mpps. `series` names the bars of each group, in order.
-pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], ceiling: Option<f64>) -> String {
+/// Renders a grouped bar chart of Mpps. `series` names the bars of each group, in order;
+/// `reference` is a labelled horizontal line (name, pps).
+pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], reference: Option<(&str, f64)>) -> String {
     let top = groups
         .iter()
         .flat_map(|g| &g.bars)
         .filter_map(|b| b.range.map(|r| r.1).or(b.value))
-        .chain(ceiling)
         .fold(0.0, f64::max);
+    let drawn = reference.filter(|(_, pps)| *pps <= top * REFERENCE_MAX_FACTOR);
+    let top = drawn.map_or(top, |(_, pps)| top.max(pps));
     let y_max = nice_max(top / 1e6);
     let plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
     let plot_h = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM;
@@ -147,16 +153,30 @@ pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], ceiling: Option<
             escape(&g.label)
         );
     }
-    if let Some(c) = ceiling {
-        let yy = y(c);
-        let _ = writeln!(
-            s,
-            r#"<line x1="{MARGIN_LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="black" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">generator ceiling {:.2} Mpps</text>"#,
-            WIDTH - MARGIN_RIGHT,
-            WIDTH - MARGIN_RIGHT,
-            yy - 4.0,
-            c / 1e6
-        );
+    match (reference, drawn) {
+        (Some((name, pps)), Some(_)) => {
+            let yy = y(pps);
+            let _ = writeln!(
+                s,
+                r#"<line x1="{MARGIN_LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="black" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{} {:.2} Mpps</text>"#,
+                WIDTH - MARGIN_RIGHT,
+                WIDTH - MARGIN_RIGHT,
+                yy - 4.0,
+                escape(name),
+                pps / 1e6
+            );
+        }
+        (Some((name, pps)), None) => {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{} {:.2} Mpps (off the scale)</text>"#,
+                WIDTH - MARGIN_RIGHT,
+                MARGIN_TOP - 8.0,
+                escape(name),
+                pps / 1e6
+            );
+        }
+        _ => {}
     }
     let _ = writeln!(
         s,
@@ -207,14 +227,17 @@ mod tests {
                     },
                 ],
             }],
-            Some(2e6),
+            Some(("generator ceiling", 2e6)),
         );
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("1.50"));
         assert!(svg.contains("n/a"));
         assert!(svg.contains("generator ceiling 2.00 Mpps"));
+        let far = bars_svg("t", &["a"], &[], Some(("ceiling", 9e6)));
+        assert!(far.contains("(off the scale)"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(nice_max(1.7), 2.0);
+        assert_eq!(nice_max(1.2), 1.5);
         assert_eq!(nice_max(0.0), 1.0);
     }
 }

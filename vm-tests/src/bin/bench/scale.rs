@@ -1,9 +1,10 @@
 //! How forwarding rate and per-packet cost change with the number of live bindings.
 //!
-//! The bindings are filled from userspace (see `nat_maps::ScaleLayout`), and the generator
-//! spreads its packets over *all* of them (inbound: over all those on the NAT's external
-//! address), so a large table really is touched all over, as with that many active flows,
-//! rather than one hot entry sitting in a big table.
+//! The bindings are filled from userspace (see `nat_maps::ScaleLayout`). Two traffic patterns:
+//! the generator spreads its packets over *all* of them (inbound: over all those on the NAT's
+//! external address), so a large table really is touched all over, as with that many active
+//! flows; and over a hot subset of `HOT_FLOWS` while the rest sit idle, which isolates the cost
+//! of the table's size from the cost of touching many entries.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub const SCALES: [u32; 4] = [1, 1_000, 100_000, 1_000_000];
 const SWEEP_INTERVAL_MS: &str = "60000";
 /// Time for frames still queued downstream to reach the sink.
 const SETTLE: Duration = Duration::from_millis(30);
+/// Flows of the "hot subset" pattern: the first this many bindings carry all the traffic while
+/// the rest of the table sits idle (many live but quiet flows, a few busy ones).
+pub const HOT_FLOWS: u32 = 1_000;
 /// The remote port of every filler binding.
 const REMOTE_PORT: u16 = crate::forwarding::REMOTE_PORT;
 
@@ -64,10 +68,14 @@ pub struct ForwardingPoint {
     pub bindings: u32,
     /// Contender (one of ours).
     pub contender: Contender,
-    /// Outbound pps samples.
+    /// Outbound pps samples, traffic spread over all bindings.
     pub out_pps: Vec<f64>,
-    /// Inbound pps samples.
+    /// Inbound pps samples, traffic spread over all bindings on the external address.
     pub in_pps: Vec<f64>,
+    /// Outbound pps samples, traffic on the first `HOT_FLOWS` bindings only.
+    pub out_hot_pps: Vec<f64>,
+    /// Inbound pps samples, traffic on the first `HOT_FLOWS` bindings only.
+    pub in_hot_pps: Vec<f64>,
     /// How long filling the maps took.
     pub fill: Duration,
     /// Why there is no number.
@@ -86,16 +94,32 @@ impl ForwardingPoint {
     pub fn inbound(&self) -> Option<f64> {
         self.unavailable.is_none().then(|| median(&self.in_pps)).flatten()
     }
+    /// Median outbound pps, hot subset.
+    pub fn out_hot(&self) -> Option<f64> {
+        self.unavailable
+            .is_none()
+            .then(|| median(&self.out_hot_pps))
+            .flatten()
+    }
+    /// Median inbound pps, hot subset.
+    pub fn in_hot(&self) -> Option<f64> {
+        self.unavailable
+            .is_none()
+            .then(|| median(&self.in_hot_pps))
+            .flatten()
+    }
 }
 
-fn spread(gen: &mut Generator, topo: &Topology, n: u32, outbound: bool, point: Duration) -> Result<f64> {
+/// Sends for `point` over the first `flows` bindings of the layout (outbound: any binding;
+/// inbound: only those on the external address are reachable, so at most `PORTS_PER_HOST`).
+fn spread(gen: &mut Generator, topo: &Topology, flows: u32, outbound: bool, point: Duration) -> Result<f64> {
     let l = layout();
     let first = l.binding(0);
     let (frame, flows, ns, sink) = if outbound {
         (
             udp_frame(topo.src_mac, topo.int_mac, first.internal, first.remote),
             Flows {
-                count: n,
+                count: flows,
                 ports_per_addr: ScaleLayout::PORTS_PER_HOST,
                 vary: Vary::Source,
             },
@@ -106,7 +130,7 @@ fn spread(gen: &mut Generator, topo: &Topology, n: u32, outbound: bool, point: D
         (
             udp_frame(topo.dst_mac, topo.ext_mac, first.remote, first.external),
             Flows {
-                count: ScaleLayout::inbound_reachable(n),
+                count: ScaleLayout::inbound_reachable(flows),
                 ports_per_addr: ScaleLayout::PORTS_PER_HOST,
                 vary: Vary::Destination,
             },
@@ -146,19 +170,26 @@ fn forwarding_point(
         contender,
         out_pps: Vec::new(),
         in_pps: Vec::new(),
+        out_hot_pps: Vec::new(),
+        in_hot_pps: Vec::new(),
         fill,
         unavailable: None,
     };
+    let hot = n.min(HOT_FLOWS);
     for _ in 0..s.reps {
         p.out_pps.push(spread(gen, &topo, n, true, s.point)?);
         p.in_pps.push(spread(gen, &topo, n, false, s.point)?);
+        p.out_hot_pps.push(spread(gen, &topo, hot, true, s.point)?);
+        p.in_hot_pps.push(spread(gen, &topo, hot, false, s.point)?);
     }
     log(&format!(
-        "  {:<34} {:>9} bindings: out {:>10.0} pps, in {:>10.0} pps (filled in {:.1} s)",
+        "  {:<34} {:>9} bindings: all: out {:>9.0} in {:>9.0} pps; {hot} hot: out {:>9.0} in {:>9.0} pps (filled in {:.1} s)",
         contender.label(),
         n,
         p.out().unwrap_or(f64::NAN),
         p.inbound().unwrap_or(f64::NAN),
+        p.out_hot().unwrap_or(f64::NAN),
+        p.in_hot().unwrap_or(f64::NAN),
         fill.as_secs_f64()
     ));
     running.stop()?;
@@ -187,6 +218,8 @@ pub fn forwarding(
                         contender: c,
                         out_pps: Vec::new(),
                         in_pps: Vec::new(),
+                        out_hot_pps: Vec::new(),
+                        in_hot_pps: Vec::new(),
                         fill: Duration::ZERO,
                         unavailable: Some(format!("{e:#}")),
                     });
