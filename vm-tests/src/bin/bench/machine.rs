@@ -17,6 +17,8 @@ pub struct Machine {
     pub memory_mib: u64,
     /// UTC date and time of the run.
     pub date: String,
+    /// The source measured: git commit of the workspace, and whether the tree had changes.
+    pub revision: String,
 }
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +47,25 @@ impl Machine {
                 .map(|kib| kib / 1024)
                 .unwrap_or(0),
             date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            revision: revision(),
         }
+    }
+}
+
+/// `<commit>` or `<commit> plus uncommitted changes` of the workspace this binary was built from.
+fn revision() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let commit = cmd("git", &["-C", root, "rev-parse", "--short", "HEAD"]);
+    let dirty = proc::run(
+        "git status",
+        proc::command("git", &["-C", root, "status", "--porcelain", "--untracked-files=no"]),
+        TOOL_TIMEOUT,
+    )
+    .map(|o| !o.stdout.trim().is_empty())
+    .unwrap_or(false);
+    if dirty {
+        format!("{commit} plus uncommitted changes")
+    } else {
+        commit
     }
 }

@@ -667,12 +667,13 @@ pub fn markdown(run: &Run, plots: &(String, String)) -> String {
     let m = &run.machine;
     let _ = writeln!(
         md,
-        "Produced by `{}` (as root) on {}, in {:.0} s.\n\n\
+        "Produced by `{}` (as root) on {}, in {:.0} s, from source {}.\n\n\
          - Machine: {} CPUs ({}), {} MiB RAM, kernel {}.\n\
          - The whole forwarding path runs on one CPU (see Method); numbers are per core.\n",
         run.command,
         m.date,
         run.duration.as_secs_f64(),
+        m.revision,
         m.cpus,
         m.cpu_model,
         m.memory_mib,
@@ -766,6 +767,7 @@ pub fn json(run: &Run) -> Value {
             "kernel": run.machine.kernel,
             "cpu_model": run.machine.cpu_model,
             "date": run.machine.date,
+            "revision": run.machine.revision,
         },
         "costs": run.costs.as_ref().map(|cs| cs.iter().map(cost_json).collect::<Vec<_>>()),
         "forwarding": forwarding,
