@@ -9,6 +9,7 @@
 pub mod lab;
 pub mod nat;
 pub mod netns;
+pub mod ops;
 pub mod packet;
 pub mod proc;
 pub mod tools;
