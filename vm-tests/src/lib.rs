@@ -10,6 +10,7 @@ pub mod lab;
 pub mod nat;
 pub mod netns;
 pub mod ops;
+pub mod p2p;
 pub mod packet;
 pub mod proc;
 pub mod tools;
