@@ -207,6 +207,26 @@ pub fn forward_entry(proto: &str, external: SocketAddrV4, internal: SocketAddrV4
     }
 }
 
+/// `tools::whoami` through `nat`; when no answer comes, the error carries what the NAT's
+/// counters did meanwhile and its table, so a lost flow can be told apart from a slow tool.
+pub fn whoami_via(nat: &NatProcess, sock: &std::net::UdpSocket, to: SocketAddrV4) -> Result<SocketAddrV4> {
+    let before = nat.stats().ok();
+    match crate::tools::whoami(sock, to) {
+        Ok(seen) => Ok(seen),
+        Err(e) => {
+            let changes = match (before, nat.stats()) {
+                (Some(b), Ok(a)) => a.changes(&b),
+                _ => "counters unavailable".into(),
+            };
+            let table = nat.ctl_ok("mappings", &[]).unwrap_or_default();
+            Err(e.context(format!(
+                "from {:?} to {to}; NAT counters meanwhile: {changes}; table:\n{table}",
+                sock.local_addr()
+            )))
+        }
+    }
+}
+
 /// A scratch directory under /tmp for config files, removed on drop.
 pub struct TempDir {
     path: PathBuf,
