@@ -53,6 +53,9 @@ pub const STATIC_FORWARD_RESERVE: u32 = 4_096;
 pub const SESSIONS_PER_BINDING: u32 = 4;
 /// Capacity of the per-host usage maps: how many internal hosts can hold bindings at once.
 pub const MAX_USAGE_HOSTS: u32 = 65_536;
+/// Key of `FAST_PATH_IFACES` present while any device is registered (no interface has index 0):
+/// one cheap lookup tells the data path whether a route lookup can be worth it.
+pub const FAST_PATH_ANY: u32 = 0;
 /// Most interfaces the fast path redirects between (the external one and the internal ones).
 pub const MAX_FAST_PATH_IFACES: u32 = 64;
 /// Key of the all-hosts total in the usage maps (0.0.0.0 is never an internal host).

@@ -95,6 +95,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         .fast_path_ifaces
         .keys()
         .filter_map(|k| k.ok())
+        .filter(|k| *k != nat_common::maps::FAST_PATH_ANY)
         .map(crate::iface::name)
         .collect();
     fast_path.sort();

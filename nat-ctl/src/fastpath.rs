@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
+use nat_common::maps::FAST_PATH_ANY;
 
 use crate::{pinned::PinnedMaps, xdp_features::NetdevFamily};
 
@@ -38,6 +39,7 @@ impl FastPathDevices {
     /// Brings the map in line with what the devices accept now; reports each change on stderr.
     pub fn refresh(&mut self, maps: &mut PinnedMaps) -> Result<()> {
         let Some(netdev) = &self.netdev else { return Ok(()) };
+        let was_on = !self.active.is_empty();
         for (name, ifindex) in &self.candidates {
             let accepts = netdev.accepts_redirects(*ifindex);
             if accepts && self.active.insert(*ifindex) {
@@ -48,6 +50,13 @@ impl FastPathDevices {
             {
                 let _ = maps.fast_path_ifaces.remove(ifindex);
                 eprintln!("nat-ctl: fast path off towards {name}: it does not accept XDP-redirected frames (a veth needs GRO or XDP on its peer)");
+            }
+        }
+        if self.active.is_empty() == was_on {
+            if self.active.is_empty() {
+                let _ = maps.fast_path_ifaces.remove(&FAST_PATH_ANY);
+            } else {
+                maps.fast_path_ifaces.insert(FAST_PATH_ANY, 0, 0)?;
             }
         }
         Ok(())

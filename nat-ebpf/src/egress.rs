@@ -49,8 +49,11 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let len = ctx.len();
-    // Best effort: a short packet cannot be pulled further; the bounds checks below catch it.
-    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    let wanted = if len < PULL_LEN { len } else { PULL_LEN };
+    if ctx.data_end() - ctx.data() < wanted as usize {
+        // Best effort: a short packet cannot be pulled further; the bounds checks catch it.
+        let _ = ctx.pull_data(wanted);
+    }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Some(eth_type) = read_at::<u16>(start, end, ETH_TYPE_OFF) else {
         return TC_ACT_OK;

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use nat_common::{checksum::replace_u16, packet::Ipv4Header};
+use nat_common::{checksum::replace_u16, maps::FAST_PATH_ANY, packet::Ipv4Header};
 
 use crate::{
     access::{read_at, write_at},
@@ -42,7 +42,7 @@ pub struct Route {
 /// MTU, or an egress interface the fast path does not serve.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, ip: &Ipv4Header, ingress_ifindex: u32) -> Option<Route> {
-    if ip.ttl <= 1 {
+    if ip.ttl <= 1 || NAT_FAST_PATH_IFACES.get_ptr(&FAST_PATH_ANY).is_none() {
         return None;
     }
     // SAFETY: all-zero is a valid lookup request; the IPv4 fields are set below.
