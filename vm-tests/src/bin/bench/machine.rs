@@ -58,7 +58,10 @@ fn revision() -> String {
     let commit = cmd("git", &["-C", root, "rev-parse", "--short", "HEAD"]);
     let dirty = proc::run(
         "git status",
-        proc::command("git", &["-C", root, "status", "--porcelain", "--untracked-files=no"]),
+        proc::command(
+            "git",
+            &["-C", root, "status", "--porcelain", "--untracked-files=no"],
+        ),
         TOOL_TIMEOUT,
     )
     .map(|o| !o.stdout.trim().is_empty())
