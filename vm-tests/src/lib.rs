@@ -6,6 +6,7 @@
 //! uses unique names and removes itself on drop, and every process it starts is ended by pid.
 //! Root only.
 
+pub mod classify;
 pub mod lab;
 pub mod nat;
 pub mod netns;

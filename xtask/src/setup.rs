@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::cmd::{is_root, log_dir, Cmd};
+use crate::cmd::{is_root, log_dir, target_dir, Cmd};
 
 /// Debian packages bpf-linker links against (LLVM 22 from bookworm-security).
 const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -36,6 +36,10 @@ const LAB_PACKAGES: &[&str] = &[
     "kmod",
 ];
 
+/// PyPI packages the end-to-end tests use: (name, version, a file the install must contain).
+/// Installed with `pip install --target target/pypi`, where vm-tests looks for them.
+const PYPI_PACKAGES: &[(&str, &str, &str)] = &[("pystun3", "2.0.0", "stun/cli.py")];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_FEATURES: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -52,6 +56,8 @@ pub enum Piece {
     BpfLinker,
     /// Tools used by the end-to-end tests and the demo.
     LabPackages,
+    /// Python tools from PyPI used by the end-to-end tests (a second RFC 3489 STUN client).
+    PypiPackages,
     /// bpffs mounted at /sys/fs/bpf, where nat-ctl pins its maps.
     Bpffs,
 }
@@ -62,6 +68,7 @@ pub const ALL: &[Piece] = &[
     Piece::RustSrc,
     Piece::BpfLinker,
     Piece::LabPackages,
+    Piece::PypiPackages,
     Piece::Bpffs,
 ];
 
@@ -83,6 +90,9 @@ pub fn ensure(pieces: &[Piece]) -> Result<()> {
     }
     if pieces.contains(&Piece::BpfLinker) {
         ensure_bpf_linker()?;
+    }
+    if pieces.contains(&Piece::PypiPackages) {
+        ensure_pypi_packages()?;
     }
     if pieces.contains(&Piece::Bpffs) {
         ensure_bpffs()?;
@@ -255,6 +265,42 @@ fn ensure_bpf_linker() -> Result<()> {
             "bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH? (see {})",
             log.display()
         );
+    }
+    Ok(())
+}
+
+fn ensure_pypi_packages() -> Result<()> {
+    let dir = target_dir().join("pypi");
+    for (name, version, marker) in PYPI_PACKAGES {
+        let dist_info = dir.join(format!("{name}-{version}.dist-info"));
+        if dir.join(marker).exists() && dist_info.is_dir() {
+            continue;
+        }
+        println!(
+            "setup: installing {name} {version} from PyPI into {}…",
+            dir.display()
+        );
+        let log = log_file(&format!("pip-install-{name}.log"));
+        let spec = format!("{name}=={version}");
+        if !Cmd::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(&spec)
+            .run_logged(&log)?
+            || !dir.join(marker).exists()
+        {
+            bail!(
+                "could not install {spec} from PyPI: pip failed (see {})",
+                log.display()
+            );
+        }
     }
     Ok(())
 }
