@@ -92,8 +92,12 @@ pub const fn external_addr_index(internal_addr: u32, addr_count: u32) -> u32 {
     if addr_count <= 1 {
         return 0;
     }
-    // Fibonacci hashing spreads neighbouring addresses over the pool.
-    (internal_addr.wrapping_mul(0x9E37_79B1) >> 16) % addr_count
+    // Fibonacci hashing spreads neighbouring addresses over the pool. Bit k of the product
+    // depends only on bits 0..=k of the input, so the address is hashed in host order, where
+    // its last octet (what differs between the hosts of a subnet) is in the low bits; read in
+    // network order, a pool of two would see the first octets only and put a whole /24 on one
+    // address.
+    (u32::from_be(internal_addr).wrapping_mul(0x9E37_79B1) >> 16) % addr_count
 }
 
 #[cfg(test)]
@@ -186,5 +190,17 @@ mod tests {
         }
         assert_eq!(used.len(), 3);
         assert_eq!(external_addr_index(12345, 1), 0);
+    }
+
+    #[test]
+    fn hosts_of_one_subnet_use_every_pool_address() {
+        // Addresses as the data path reads them (network order in a native u32); the last
+        // octet is the only one that differs.
+        for count in [2u32, 3, 4, 8] {
+            let used: BTreeSet<u32> = (1..=32u8)
+                .map(|host| external_addr_index(u32::from_ne_bytes([192, 168, 1, host]), count))
+                .collect();
+            assert_eq!(used.len(), count as usize, "pool of {count}: only {used:?} used");
+        }
     }
 }
