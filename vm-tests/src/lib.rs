@@ -7,6 +7,7 @@
 //! Root only.
 
 pub mod classify;
+pub mod flows;
 pub mod lab;
 pub mod nat;
 pub mod netns;
