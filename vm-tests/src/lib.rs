@@ -8,6 +8,7 @@
 
 pub mod classify;
 pub mod flows;
+pub mod icmpcheck;
 pub mod lab;
 pub mod nat;
 pub mod netns;
