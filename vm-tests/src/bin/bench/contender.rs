@@ -7,6 +7,7 @@ use vm_tests::nat::PIN_ROOT;
 use vm_tests::netns::SETUP_TIMEOUT;
 use vm_tests::NatProcess;
 
+use crate::cpu;
 use crate::topology::{Topology, RTR_EXT_IP};
 
 /// Name of the nftables table the masquerade contender adds.
@@ -79,6 +80,7 @@ impl Contender {
                 args.extend_from_slice(nat_args);
                 let nat = NatProcess::attach_in(&topo.rtr, &topo.ext_if, &args)
                     .with_context(|| format!("cannot start {}", self.label()))?;
+                cpu::pin_process(nat.pid(), cpu::HOUSEKEEPING_CPU)?;
                 Ok(Running::Nat(Box::new(nat)))
             }
         }

@@ -18,8 +18,8 @@ use aya::Ebpf;
 use aya::TestRunResult;
 use nat_common::Counter;
 
+use crate::cpu;
 use crate::frame::{icmp_error_frame, udp_frame, Mac};
-use crate::generator::pin_to_cpu;
 use crate::nat_maps::{monotonic_ns, Binding};
 use crate::objects;
 use crate::stats::median;
@@ -391,7 +391,7 @@ pub fn on_bench_cpu<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> 
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                pin_to_cpu(crate::generator::generator_cpu())?;
+                cpu::pin_thread(cpu::generator_cpu())?;
                 f()
             })
             .join()

@@ -14,6 +14,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use aya::Ebpf;
 use vm_tests::netns::Netns;
 
+use crate::cpu;
 use crate::frame::FRAME_LEN;
 use crate::objects;
 
@@ -26,13 +27,6 @@ pub const BATCH: u32 = 64;
 /// timing, but wall time all the same), so calls are long, yet short enough (well under a
 /// second) to stop near a deadline. A multiple of `BATCH`.
 const CHUNK: u32 = BATCH * 4_096;
-/// The CPU the generator (and so the whole path) runs on: the last one, leaving CPU 0 to the
-/// harness, nat-ctl and the rest of the machine.
-pub fn generator_cpu() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get() - 1)
-        .unwrap_or(0)
-}
 
 /// `GenParams::vary` values (see nat-ebpf/src/bench.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +169,7 @@ impl Generator {
         let sent_before = total(seq)?;
         let ncpus = cpus()?;
         let mut run = ns.enter(|| {
-            pin_to_cpu(generator_cpu())?;
+            cpu::pin_thread(cpu::generator_cpu())?;
             let name = std::ffi::CString::new(iface.clone())?;
             // SAFETY: valid NUL-terminated string.
             let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -240,18 +234,4 @@ fn xdp_md(len: u32, ifindex: u32) -> Vec<u8> {
         .iter()
         .flat_map(|v: &u32| v.to_ne_bytes())
         .collect()
-}
-
-/// Pins the calling thread to `cpu`.
-pub fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity(0 = this thread) are
-    // plain libc calls on it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot pin to CPU {cpu}"));
-        }
-    }
-    Ok(())
 }

@@ -16,6 +16,7 @@
 
 mod contender;
 mod cost;
+mod cpu;
 mod forwarding;
 mod frame;
 mod generator;
@@ -56,7 +57,7 @@ struct Plan {
 }
 
 impl Plan {
-    /// The full benchmark (about 6 minutes on 2 cores).
+    /// The full benchmark (about 8 minutes on 2 cores).
     fn full() -> Plan {
         Plan {
             forwarding: forwarding::Settings {
@@ -71,8 +72,8 @@ impl Plan {
             },
             scale: scale::Settings {
                 scales: scale::SCALES.to_vec(),
-                point: Duration::from_secs(2),
-                reps: 3,
+                point: Duration::from_millis(1_500),
+                reps: 5,
             },
         }
     }
@@ -299,7 +300,8 @@ fn main() -> ExitCode {
     let mut run = match result {
         Ok(run) => run,
         Err(e) => {
-            eprintln!("bench: {e:#}");
+            // One line: tool output inside the error may span several.
+            eprintln!("bench: {}", format!("{e:#}").replace('\n', " "));
             if !left.is_empty() {
                 eprintln!("bench: left behind: {}", left.join(", "));
             }

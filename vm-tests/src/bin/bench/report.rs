@@ -720,9 +720,29 @@ and of the empty TC program.
 NAT's pinned maps (or the test instance's): binding *i* is internal `10.64.0.1 + i / 50 000 : \
 10 000 + i % 50 000`, keeping its port; the first 50 000 use the NAT's external address, the rest \
 addresses from 100.64.0.1 on (one address cannot hold more; the data path does not check it). \
-The generator cycles through all N (outbound) or all on the external address (inbound). The \
-scale runs use `--sweep-interval-ms 60000` so the userspace expiry sweep (on the other CPU) does \
-not walk a million entries during a measurement.
+The generator cycles through all N (outbound) or all on the external address (inbound), or \
+through the first 1 000 only. Each (N, contender) has its own topology and NAT; all are set up \
+first and then measured in turn, once per repetition. The NATs run with \
+`--sweep-interval-ms 60000` (the longest allowed), so the userspace expiry sweep walks the \
+table rarely. `nat-ctl` is pinned to CPU 0 throughout, away from the measured CPU.
+
+## Caveats
+
+- This is a 2-vCPU virtual machine that other work may share; interference shows up as low \
+minimums. Contenders are alternated and medians reported, but single numbers move by 10-20% \
+between runs; compare ratios within one run.
+- Everything runs on one CPU and every packet crosses two veth pairs: absolute rates are far \
+below what physical NICs and several cores would give. The generator alone reaches the ceiling \
+row, well above every contender, so it does not limit them.
+- Plain kernel forwarding keeps no per-flow state, so its \"new flow\" rate equals its \
+established rate; the new-flow comparison that matters is against nftables (conntrack creates \
+an entry per flow, as our NAT creates a binding).
+- Per-packet costs include the test-run loop's own overhead (the empty-program rows); the 3× \
+target is applied to the figures as measured.
+- With traffic spread over a million bindings, every packet's binding and session entries are \
+most likely cache misses, and since each flow is then seen less often than the NAT's 100 ms \
+timestamp-refresh granularity, every packet also writes both timestamps. The hot-subset table \
+separates that from the cost of the table's size alone.
 ";
 
 /// BENCHMARKS.md; `plots` are the file names of the comparison and scale plots.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use nat_common::maps::DEFAULT_MAX_BINDINGS;
 
-use crate::contender::{self, Contender};
+use crate::contender::{self, Contender, Running};
 use crate::cost::{self, Cost, MAX_NEW_BINDING_RUNS};
 use crate::frame::udp_frame;
 use crate::generator::{Budget, Flows, Generator, Vary};
@@ -149,13 +149,14 @@ fn spread(gen: &mut Generator, topo: &Topology, flows: u32, outbound: bool, poin
     Ok(run.rate(delivered))
 }
 
-fn forwarding_point(
-    gen: &mut Generator,
-    contender: Contender,
-    n: u32,
-    s: &Settings,
-    log: &mut dyn FnMut(&str),
-) -> Result<ForwardingPoint> {
+/// One NAT with its bindings filled, in its own topology, waiting to be measured.
+struct Setup {
+    point: ForwardingPoint,
+    running: Running,
+    topo: Topology,
+}
+
+fn set_up(contender: Contender, n: u32) -> Result<(Topology, Running, Duration)> {
     let topo = Topology::build()?;
     let max = max_bindings_for(n).to_string();
     let running = contender.start(
@@ -164,69 +165,101 @@ fn forwarding_point(
     )?;
     let mut maps = NatMaps::open(&contender::pin_dir(&topo.ext_if)?)?;
     let fill = maps.fill(&layout(), n)?;
-    drop(maps);
-    let mut p = ForwardingPoint {
-        bindings: n,
-        contender,
-        out_pps: Vec::new(),
-        in_pps: Vec::new(),
-        out_hot_pps: Vec::new(),
-        in_hot_pps: Vec::new(),
-        fill,
-        unavailable: None,
-    };
-    let hot = n.min(HOT_FLOWS);
-    for _ in 0..s.reps {
-        p.out_pps.push(spread(gen, &topo, n, true, s.point)?);
-        p.in_pps.push(spread(gen, &topo, n, false, s.point)?);
-        p.out_hot_pps.push(spread(gen, &topo, hot, true, s.point)?);
-        p.in_hot_pps.push(spread(gen, &topo, hot, false, s.point)?);
-    }
-    log(&format!(
-        "  {:<34} {:>9} bindings: all: out {:>9.0} in {:>9.0} pps; {hot} hot: out {:>9.0} in {:>9.0} pps (filled in {:.1} s)",
-        contender.label(),
-        n,
-        p.out().unwrap_or(f64::NAN),
-        p.inbound().unwrap_or(f64::NAN),
-        p.out_hot().unwrap_or(f64::NAN),
-        p.in_hot().unwrap_or(f64::NAN),
-        fill.as_secs_f64()
-    ));
-    running.stop()?;
-    Ok(p)
+    Ok((topo, running, fill))
 }
 
-/// Forwarding at every scale for each of `contenders`.
+impl ForwardingPoint {
+    fn new(contender: Contender, bindings: u32, fill: Duration, unavailable: Option<String>) -> Self {
+        ForwardingPoint {
+            bindings,
+            contender,
+            out_pps: Vec::new(),
+            in_pps: Vec::new(),
+            out_hot_pps: Vec::new(),
+            in_hot_pps: Vec::new(),
+            fill,
+            unavailable,
+        }
+    }
+}
+
+/// The four measurements of one repetition at one setup.
+fn measure(gen: &mut Generator, setup: &mut Setup, point: Duration) -> Result<()> {
+    let (n, topo) = (setup.point.bindings, &setup.topo);
+    let hot = n.min(HOT_FLOWS);
+    let p = &mut setup.point;
+    p.out_pps.push(spread(gen, topo, n, true, point)?);
+    p.in_pps.push(spread(gen, topo, n, false, point)?);
+    p.out_hot_pps.push(spread(gen, topo, hot, true, point)?);
+    p.in_hot_pps.push(spread(gen, topo, hot, false, point)?);
+    Ok(())
+}
+
+/// Forwarding at every scale for each of `contenders`. Every (scale, contender) gets its own
+/// topology and NAT, all set up first, then measured in turn once per repetition, so a slow
+/// drift of the machine affects every scale alike (as the rounds do in the comparison).
 pub fn forwarding(
     gen: &mut Generator,
     contenders: &[Contender],
     s: &Settings,
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<ForwardingPoint>> {
-    let mut points = Vec::new();
+    let mut setups: Vec<Setup> = Vec::new();
+    let mut failed: Vec<ForwardingPoint> = Vec::new();
     for &n in &s.scales {
         for &c in contenders {
-            match forwarding_point(gen, c, n, s, log) {
-                Ok(p) => points.push(p),
+            match set_up(c, n) {
+                Ok((topo, running, fill)) => {
+                    log(&format!(
+                        "  {:<34} {:>9} bindings filled in {:.1} s",
+                        c.label(),
+                        n,
+                        fill.as_secs_f64()
+                    ));
+                    let point = ForwardingPoint::new(c, n, fill, None);
+                    setups.push(Setup { point, running, topo });
+                }
+                Err(e) if is_build_failure(&e) => return Err(e),
                 Err(e) => {
-                    if is_build_failure(&e) {
-                        return Err(e);
-                    }
                     log(&format!("  {} at {n} bindings: {e:#}", c.label()));
-                    points.push(ForwardingPoint {
-                        bindings: n,
-                        contender: c,
-                        out_pps: Vec::new(),
-                        in_pps: Vec::new(),
-                        out_hot_pps: Vec::new(),
-                        in_hot_pps: Vec::new(),
-                        fill: Duration::ZERO,
-                        unavailable: Some(format!("{e:#}")),
-                    });
+                    failed.push(ForwardingPoint::new(c, n, Duration::ZERO, Some(format!("{e:#}"))));
                 }
             }
         }
     }
+    for rep in 0..s.reps {
+        log(&format!("  repetition {}/{}", rep + 1, s.reps));
+        for setup in setups.iter_mut().filter(|s| s.point.unavailable.is_none()) {
+            if let Err(e) = measure(gen, setup, s.point) {
+                log(&format!(
+                    "  {} at {} bindings: {e:#}",
+                    setup.point.contender.label(),
+                    setup.point.bindings
+                ));
+                setup.point.unavailable = Some(format!("{e:#}"));
+            }
+        }
+    }
+    let mut points = failed;
+    for setup in setups {
+        let p = setup.point;
+        if p.unavailable.is_none() {
+            log(&format!(
+                "  {:<34} {:>9} bindings: all: out {:>9.0} in {:>9.0} pps; {} hot: out {:>9.0} in {:>9.0} pps",
+                p.contender.label(),
+                p.bindings,
+                p.out().unwrap_or(f64::NAN),
+                p.inbound().unwrap_or(f64::NAN),
+                p.bindings.min(HOT_FLOWS),
+                p.out_hot().unwrap_or(f64::NAN),
+                p.in_hot().unwrap_or(f64::NAN),
+            ));
+        }
+        setup.running.stop()?;
+        drop(setup.topo);
+        points.push(p);
+    }
+    points.sort_by_key(|p| (p.bindings, p.contender));
     Ok(points)
 }
 
