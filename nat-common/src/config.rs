@@ -25,6 +25,11 @@ pub const CONFIG_FLAG_SYN_ICMP: u8 = 1 << 1;
 /// `NatConfig::flags` bit: post refused new flows (limits, exhaustion) for the controller, which
 /// tells the internal host with an ICMP error (RFC 5508 REQ-8, RFC 6888 REQ-11).
 pub const CONFIG_FLAG_REFUSAL_ICMP: u8 = 1 << 2;
+/// `NatConfig::flags` bit: per-remote bindings made in symmetric mode may still exist after a
+/// switch to a cone mode; the data path then looks a flow's own per-remote binding up first, so
+/// the flow keeps its external port. Set by `nat-ctl mode`, cleared by the sweep once none is
+/// left, so cone modes normally pay no extra lookup.
+pub const CONFIG_FLAG_PER_REMOTE_BINDINGS: u8 = 1 << 3;
 
 /// Configuration of one NAT instance. Written only by the controller, read by every packet.
 #[repr(C)]

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use nat_common::{
+    config::CONFIG_FLAG_PER_REMOTE_BINDINGS,
     maps::{binding_map_capacity, session_map_capacity, USAGE_ALL_HOSTS},
     Mode, NatConfig,
 };
@@ -160,6 +161,9 @@ pub fn mode(args: &ModeArgs) -> Result<()> {
         );
     }
     config.mode = args.mode as u8;
+    if old.mapping_is_remote_dependent() && !args.mode.mapping_is_remote_dependent() {
+        config.flags |= CONFIG_FLAG_PER_REMOTE_BINDINGS;
+    }
     maps.write_config(&config)?;
     println!("{}: mode {} -> {}", instance.iface, old.name(), args.mode.name());
     Ok(())

@@ -130,6 +130,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     if loader::is_persisted(&instance) {
         // The persisted tables were sized at their first attach and cannot be resized live.
         let running = loader::persisted_config(&instance)?;
+        // Per-remote bindings made before may live on under a cone mode: keep finding them.
+        let per_remote = running.mode().mapping_is_remote_dependent()
+            || running.flags & nat_common::config::CONFIG_FLAG_PER_REMOTE_BINDINGS != 0;
+        if per_remote && !config.mode().mapping_is_remote_dependent() {
+            config.flags |= nat_common::config::CONFIG_FLAG_PER_REMOTE_BINDINGS;
+        }
         if running.max_bindings != config.max_bindings {
             eprintln!(
                 "nat-ctl: keeping the running table size (--max-bindings {}); detach first to change it",

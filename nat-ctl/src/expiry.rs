@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use anyhow::Result;
 use nat_common::{
-    config::Timeout,
+    config::{Timeout, CONFIG_FLAG_PER_REMOTE_BINDINGS},
     maps::{BINDING_FLAG_STATIC, SESSION_KIND_ADDRESS},
     proto,
     tcp_state::TcpState,
@@ -120,6 +120,28 @@ pub fn plan(
     plan
 }
 
+/// Clears `CONFIG_FLAG_PER_REMOTE_BINDINGS` once a cone mode runs and no per-remote binding
+/// outlives this sweep, so cone modes stop paying the extra lookup.
+fn clear_per_remote_flag(
+    maps: &mut PinnedMaps,
+    bindings: &[(BindingKey, BindingValue)],
+    plan: &SweepPlan,
+) -> Result<()> {
+    let mut config = maps.read_config()?;
+    if config.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS == 0 || config.mode().mapping_is_remote_dependent() {
+        return Ok(());
+    }
+    let expiring: HashSet<&BindingKey> = plan.bindings.iter().map(|(k, _)| k).collect();
+    if bindings
+        .iter()
+        .any(|(k, _)| k.remote_addr != 0 && !expiring.contains(k))
+    {
+        return Ok(());
+    }
+    config.flags &= !CONFIG_FLAG_PER_REMOTE_BINDINGS;
+    maps.write_config(&config)
+}
+
 /// What a sweep removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -131,7 +153,9 @@ pub struct SweepReport {
 
 /// Runs one sweep over the live maps.
 pub fn sweep(maps: &mut PinnedMaps, now_ns: u64, timeouts: &Timeouts) -> Result<SweepReport> {
-    let plan = plan(now_ns, &maps.bindings()?, &maps.sessions()?, timeouts);
+    let bindings = maps.bindings()?;
+    let plan = plan(now_ns, &bindings, &maps.sessions()?, timeouts);
+    clear_per_remote_flag(maps, &bindings, &plan)?;
     let mut report = SweepReport::default();
     for key in &plan.sessions {
         if maps.sessions.remove(key).is_ok() {

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     alloc::{candidate_port, external_addr_index, range_for, PortRange, MAX_PORT_PROBES},
-    config::MAX_EXTERNAL_ADDRS,
+    config::{CONFIG_FLAG_PER_REMOTE_BINDINGS, MAX_EXTERNAL_ADDRS},
     maps::{BINDING_FLAG_STATIC, SESSION_KIND_ENDPOINT},
     BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig,
 };
@@ -77,10 +77,11 @@ impl OutboundFlow {
 /// The binding for `flow`, creating it when `create` is set.
 ///
 /// The key follows the mode: endpoint-independent (no remote) in the cone modes, per remote in
-/// symmetric mode. On a miss the other form is tried too, so a run-time mode switch keeps the
-/// flows that already exist: a per-remote binding always belongs to this exact flow; an
-/// endpoint-independent one is reused in symmetric mode only for a static forward or for a
-/// remote that binding has already talked to.
+/// symmetric mode. A run-time mode switch keeps the flows that already exist: after a switch to
+/// a cone mode a flow's own per-remote binding is found first (while
+/// `CONFIG_FLAG_PER_REMOTE_BINDINGS` says some may exist); in symmetric mode an
+/// endpoint-independent binding is reused only for a static forward or for a remote it has
+/// already talked to.
 #[inline(always)]
 pub fn outbound_binding(
     cfg: &NatConfig,
@@ -88,27 +89,32 @@ pub fn outbound_binding(
     create: bool,
 ) -> Result<*mut BindingValue, BindingError> {
     let symmetric = cfg.mode().mapping_is_remote_dependent();
+    if !symmetric && cfg.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS != 0 {
+        // A flow that got its own binding in symmetric mode keeps it after the switch.
+        if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(true)) {
+            return Ok(binding);
+        }
+    }
     let primary = flow.key(symmetric);
     if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(primary) {
         return Ok(binding);
     }
-    if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(!symmetric)) {
-        if !symmetric {
-            return Ok(binding);
-        }
-        // SAFETY: map value pointer from a successful lookup.
-        let value = unsafe { *binding };
-        if value.flags & BINDING_FLAG_STATIC != 0
-            || sessions::exists(
-                flow.proto,
-                value.external_addr,
-                value.external_port,
-                flow.remote_addr,
-                flow.remote_port,
-                SESSION_KIND_ENDPOINT,
-            )
-        {
-            return Ok(binding);
+    if symmetric {
+        if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(false)) {
+            // SAFETY: map value pointer from a successful lookup.
+            let value = unsafe { *binding };
+            if value.flags & BINDING_FLAG_STATIC != 0
+                || sessions::exists(
+                    flow.proto,
+                    value.external_addr,
+                    value.external_port,
+                    flow.remote_addr,
+                    flow.remote_port,
+                    SESSION_KIND_ENDPOINT,
+                )
+            {
+                return Ok(binding);
+            }
         }
     }
     if !create {

@@ -487,7 +487,6 @@ fn symmetric_gives_each_remote_its_own_port_and_admits_only_that_remote() -> Res
 }
 
 #[test]
-#[ignore = "NAT bug: after symmetric -> cone, a flow whose internal endpoint also has an endpoint-independent binding leaves from that binding instead of its own per-remote one (bindings::outbound_binding looks the cone key up first)"]
 fn bindings_survive_switches_between_cone_and_symmetric_as_documented() -> Result<()> {
     // README: cone -> symmetric keeps an endpoint-independent binding for the remotes it
     // already talked to, new remotes get new ports; symmetric -> cone keeps each per-remote
