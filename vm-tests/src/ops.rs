@@ -207,10 +207,18 @@ pub fn forward_entry(proto: &str, external: SocketAddrV4, internal: SocketAddrV4
     }
 }
 
-/// `tools::whoami` through `nat`; when no answer comes, the error carries what the NAT's
-/// counters did meanwhile and its table, so a lost flow can be told apart from a slow tool.
-pub fn whoami_via(nat: &NatProcess, sock: &std::net::UdpSocket, to: SocketAddrV4) -> Result<SocketAddrV4> {
+/// `tools::whoami` from the lab's internal host `lan` through `nat`; when no answer comes,
+/// the error carries what the NAT's counters did meanwhile, its table, and the frames lan's
+/// and wan's interfaces saw, so a lost flow can be told apart from a slow tool.
+pub fn whoami_via(
+    lab: &Lab,
+    nat: &NatProcess,
+    sock: &std::net::UdpSocket,
+    to: SocketAddrV4,
+) -> Result<SocketAddrV4> {
     let before = nat.stats().ok();
+    let lan_cap = crate::packet::Sniffer::open(&lab.lan, HOST_IF).ok();
+    let wan_cap = crate::packet::Sniffer::open(&lab.wan, HOST_IF).ok();
     match crate::tools::whoami(sock, to) {
         Ok(seen) => Ok(seen),
         Err(e) => {
@@ -219,9 +227,26 @@ pub fn whoami_via(nat: &NatProcess, sock: &std::net::UdpSocket, to: SocketAddrV4
                 _ => "counters unavailable".into(),
             };
             let table = nat.ctl_ok("mappings", &[]).unwrap_or_default();
+            let frames = |cap: Option<crate::packet::Sniffer>| -> Vec<String> {
+                cap.map(|c| {
+                    c.capture_for(Duration::from_millis(100))
+                        .iter()
+                        .map(|f| {
+                            format!(
+                                "{}{}",
+                                if f.outgoing { "out " } else { "in " },
+                                crate::packet::describe(f)
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
             Err(e.context(format!(
-                "from {:?} to {to}; NAT counters meanwhile: {changes}; table:\n{table}",
-                sock.local_addr()
+                "from {:?} to {to}; NAT counters meanwhile: {changes}; table:\n{table}\nlan saw {:?}\nwan saw {:?}",
+                sock.local_addr(),
+                frames(lan_cap),
+                frames(wan_cap)
             )))
         }
     }

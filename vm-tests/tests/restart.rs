@@ -308,7 +308,7 @@ fn restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leav
     let udp_flows: Vec<(UdpSocket, SocketAddrV4)> = (0..5)
         .map(|i| {
             let s = udp_bind(&lab.lan, sa(LAN_IP, 42000 + i))?;
-            let ext = ops::whoami_via(&first, &s, sa(WAN_IP, 9999))?;
+            let ext = ops::whoami_via(&lab, &first, &s, sa(WAN_IP, 9999))?;
             Ok((s, ext))
         })
         .collect::<Result<_>>()?;
@@ -360,7 +360,8 @@ fn restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leav
     );
     // A new flow while no daemon runs: allocated by the data path alone.
     let gap_sock = udp_bind(&lab.lan, sa(LAN_IP, 43000))?;
-    let gap_ext = whoami(&gap_sock, sa(WAN_IP, 9999)).context("a new flow while no daemon runs")?;
+    let gap_ext = ops::whoami_via(&lab, &first, &gap_sock, sa(WAN_IP, 9999))
+        .context("a new flow while no daemon runs")?;
     ensure!(*gap_ext.ip() == NAT_EXT, "the gap flow left as {gap_ext}");
     udp_forward_works(&lab.wan, 7100).context("forward while no daemon runs")?;
     thread::sleep(Duration::from_millis(500));
@@ -434,7 +435,7 @@ fn restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leav
             listed,
             "binding {internal} -> {ext} is not in mappings after the restart:\nbefore {rows_before:#?}\nafter {rows_after:#?}"
         );
-        let now = whoami(s, sa(WAN_IP, 9999))?;
+        let now = ops::whoami_via(&lab, &second, s, sa(WAN_IP, 9999))?;
         ensure!(
             now == *ext,
             "binding {internal} was {ext}, is {now} after the restart"
@@ -473,7 +474,7 @@ fn restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leav
     let out = ops::ctl(&lab.nat, &["detach", &wan_if])?;
     ops::refused("detach while the daemon runs", &out)?;
     ensure!(
-        whoami(&udp_flows[0].0, sa(WAN_IP, 9999))? == udp_flows[0].1,
+        ops::whoami_via(&lab, &second, &udp_flows[0].0, sa(WAN_IP, 9999))? == udp_flows[0].1,
         "refused detach broke a flow"
     );
 
@@ -532,19 +533,24 @@ fn a_persisted_internal_iface_is_adopted_and_detach_restores_its_sysctl() -> Res
     let wan_if = lab.wan_if.clone();
     let lan_if = lab.lan_if.clone();
 
-    let first = NatProcess::attach(&lab, &["--persist", "--internal-iface", &lan_if])?;
+    let mut first = NatProcess::attach(&lab, &["--persist", "--internal-iface", &lan_if])?;
     ensure!(
         ops::sysctl_get(&lab.nat, &key)? == "1",
         "{key} not set while attached"
     );
     let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
     let flow = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
-    let ext = whoami(&flow, sa(WAN_IP, 9999))?;
+    let ext = ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))?;
     let pingpong = PingPong::start(&lab.lan, &lab.wan, 41000, 7001)?;
     thread::sleep(Duration::from_millis(500));
     let stats0 = first.stats()?;
     let seq_stop = pingpong.sent.load(Ordering::Relaxed);
-    first.stop()?;
+    let st = first.terminate()?;
+    ensure!(
+        st.success(),
+        "the --persist daemon exited {st}: {}",
+        first.stderr()
+    );
 
     // No daemon: the internal side's program and its sysctl stay.
     let lan_left = Leftovers::inspect(&lab.nat, &lan_if)?;
@@ -557,7 +563,7 @@ fn a_persisted_internal_iface_is_adopted_and_detach_restores_its_sysctl() -> Res
         "{key} restored while the NAT still runs"
     );
     ensure!(
-        whoami(&flow, sa(WAN_IP, 9999))? == ext,
+        ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))? == ext,
         "flow changed with no daemon"
     );
 
@@ -587,7 +593,7 @@ fn a_persisted_internal_iface_is_adopted_and_detach_restores_its_sysctl() -> Res
         "status programs after adoption: {programs}"
     );
     ensure!(
-        whoami(&flow, sa(WAN_IP, 9999))? == ext,
+        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
         "flow changed after adoption"
     );
     let stats1 = second.stats()?;
@@ -619,7 +625,7 @@ fn adopting_without_persist_takes_over_and_removes_everything_on_stop() -> Resul
     let mut first = NatProcess::attach(&lab, &["--persist", "--internal-iface", &lab.lan_if])?;
     let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
     let flow = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
-    let ext = whoami(&flow, sa(WAN_IP, 9999))?;
+    let ext = ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))?;
     ops::forward_ok(&lab.nat, &lab.wan_if, "add", &["udp", "5353", "10.0.0.2:5353"])?;
 
     // A crash (SIGKILL: no cleanup at all) is what Restart=on-failure restarts from.
@@ -628,7 +634,7 @@ fn adopting_without_persist_takes_over_and_removes_everything_on_stop() -> Resul
     ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -KILL {pid}");
     let _ = first.terminate();
     ensure!(
-        whoami(&flow, sa(WAN_IP, 9999))? == ext,
+        ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))? == ext,
         "after the daemon was killed, the flow no longer maps to {ext}"
     );
 
@@ -640,7 +646,7 @@ fn adopting_without_persist_takes_over_and_removes_everything_on_stop() -> Resul
         second.attached_line()
     );
     ensure!(
-        whoami(&flow, sa(WAN_IP, 9999))? == ext,
+        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
         "binding lost across the crash"
     );
     ensure!(
