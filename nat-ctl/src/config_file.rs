@@ -105,11 +105,42 @@ fn line_of(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1
 }
 
-/// Parses and validates config text; errors read `FILE:LINE: what (field)`.
+/// The key set on the line holding byte `at` (`table.key` inside a table), for errors whose
+/// message does not name it (a wrong type or an out-of-range number).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// Parses and validates config text; errors read `FILE:LINE: field: what`.
 pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-        anyhow!("{name}:{line}: {}", e.message().trim())
+        let message = e.message().trim();
+        let Some(span) = e.span() else {
+            return anyhow!("{name}: {message}");
+        };
+        let line = line_of(text, span.start);
+        match key_at(text, span.start) {
+            Some(key) if !message.contains(key.rsplit('.').next().unwrap_or(&key)) => {
+                anyhow!("{name}:{line}: {key}: {message}")
+            }
+            _ => anyhow!("{name}:{line}: {message}"),
+        }
     })?;
     let at = |span: Range<usize>, field: &str, e: anyhow::Error| {
         anyhow!("{name}:{}: {field}: {e:#}", line_of(text, span.start))
@@ -330,9 +361,11 @@ internal = "10.0.0.2:80"
         let e = error("ports = \"5000-4000\"\n");
         assert!(e.starts_with("f.toml:1: ports:") && e.contains("inverted"), "{e}");
         let e = error("max_bindings = \"lots\"\n");
-        assert!(e.starts_with("f.toml:1:"), "{e}");
+        assert!(e.starts_with("f.toml:1: max_bindings:"), "{e}");
         let e = error("[[forwards]]\nproto = \"tcp\"\nexternal_port = 70000\ninternal = \"10.0.0.2:80\"\n");
-        assert!(e.starts_with("f.toml:3:"), "{e}");
+        assert!(e.starts_with("f.toml:3: forwards.external_port:"), "{e}");
+        let e = error("interface = \"x\"\npersist = \"yes\"\n");
+        assert!(e.starts_with("f.toml:2: persist:"), "{e}");
         let e = error("[[forwards]]\nproto = \"tcp\"\nexternal_port = 80\ninternal = \"2001:db8::1:80\"\n");
         assert!(e.starts_with("f.toml:4: forwards.internal:"), "{e}");
         let e = error("[timeouts]\nudp = 0\n");
