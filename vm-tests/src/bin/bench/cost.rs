@@ -72,7 +72,7 @@ pub struct Cost {
     /// What the packet exercises.
     pub path: &'static str,
     /// ns per packet from the duration the kernel returns: for repeated runs its per-run
-    /// average (whole ns), median over the calls; for single runs the mean over all of them.
+    /// average (whole ns), median over the calls; for single runs the median over all of them.
     /// (Wall time is no use here: around every repeated XDP call the kernel swaps its XDP
     /// dispatcher image, an RCU grace period of tens of ms.)
     pub ns: f64,
@@ -131,21 +131,27 @@ impl Floors {
             .context("no empty tc")?
             .try_into()?;
         let data = udp_frame(MAC_A, MAC_B, REMOTE, SocketAddrV4::new(RTR_EXT_IP, EST_PORT));
-        let mut total = 0u64;
+        let mut times = Vec::new();
         for _ in 0..s.new_bindings {
             let r = prog.test_run(TestRunOptions {
                 data_in: Some(&data),
                 ..TestRunOptions::new()
             })?;
-            total += r.duration.as_nanos() as u64;
+            times.push(r.duration.as_nanos() as f64);
         }
         Ok(Cost {
             program: "bench_empty_tc",
             path: "empty TC program, single runs",
-            ns: total as f64 / s.new_bindings.max(1) as f64,
+            ns: single_run_ns(&times),
             single_runs: true,
         })
     }
+}
+
+/// The figure of a series of single runs: their median, so the odd run hit by an interrupt or
+/// by other work on the CPU does not move it.
+fn single_run_ns(times: &[f64]) -> f64 {
+    median(times).unwrap_or(f64::NAN)
 }
 
 /// Times `repeat` runs of `prog` on `data`, `s.runs` times; checks the verdict.
@@ -333,7 +339,7 @@ pub fn egress_established_single(inst: &TestInstance, s: &Settings) -> Result<Co
     let data = udp_frame(MAC_A, MAC_B, SocketAddrV4::new(EGRESS_HOST, EGRESS_PORT), REMOTE);
     checked(inst, Counter::TranslatedOut, s.new_bindings as u64, || {
         let prog = inst.egress()?;
-        let mut total = 0u64;
+        let mut times = Vec::new();
         for _ in 0..s.new_bindings {
             let r = prog.test_run(TestRunOptions {
                 data_in: Some(&data),
@@ -342,12 +348,12 @@ pub fn egress_established_single(inst: &TestInstance, s: &Settings) -> Result<Co
             if r.return_value != TC_ACT_OK {
                 bail!("nat_egress (established, single run) returned {}", r.return_value);
             }
-            total += r.duration.as_nanos() as u64;
+            times.push(r.duration.as_nanos() as f64);
         }
         Ok(Cost {
             program: "nat_egress",
             path: "established hit (single runs)",
-            ns: total as f64 / s.new_bindings.max(1) as f64,
+            ns: single_run_ns(&times),
             single_runs: true,
         })
     })
@@ -363,7 +369,7 @@ pub fn egress_new_binding(inst: &TestInstance, s: &Settings, offset: u32) -> Res
     }
     checked(inst, Counter::NewBinding, runs as u64, || {
         let prog = inst.egress()?;
-        let mut total = 0u64;
+        let mut times = Vec::new();
         for i in 0..runs {
             let port = NEW_BINDING_PORT_BASE + (offset + i) as u16;
             let data = udp_frame(MAC_A, MAC_B, SocketAddrV4::new(NEW_BINDING_HOST, port), REMOTE);
@@ -374,12 +380,12 @@ pub fn egress_new_binding(inst: &TestInstance, s: &Settings, offset: u32) -> Res
             if r.return_value != TC_ACT_OK {
                 bail!("nat_egress (new binding) returned {}", r.return_value);
             }
-            total += r.duration.as_nanos() as u64;
+            times.push(r.duration.as_nanos() as f64);
         }
         Ok(Cost {
             program: "nat_egress",
             path: "new binding (single runs)",
-            ns: total as f64 / runs as f64,
+            ns: single_run_ns(&times),
             single_runs: true,
         })
     })

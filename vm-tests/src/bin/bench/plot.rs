@@ -30,8 +30,11 @@ const MARGIN_TOP: f64 = 50.0;
 const MARGIN_BOTTOM: f64 = 110.0;
 /// Fraction of a group's width taken by bars.
 const GROUP_FILL: f64 = 0.8;
-/// Series colours (colour-blind friendly).
-const COLOURS: [&str; 6] = ["#888888", "#e69f00", "#56b4e9", "#009e73", "#cc79a7", "#0072b2"];
+/// Series colours of the comparison (colour-blind friendly, Okabe-Ito): one per contender.
+pub const CONTENDER_COLOURS: [&str; 4] = ["#888888", "#e69f00", "#56b4e9", "#009e73"];
+/// Series colours of the scale plot: our NAT light/dark blue, the fast path light/dark green
+/// (outbound, inbound), so the NAT keeps its colour family from the comparison.
+pub const SCALE_COLOURS: [&str; 4] = ["#56b4e9", "#0072b2", "#7fd4a8", "#009e73"];
 /// Horizontal grid lines.
 const TICKS: usize = 5;
 
@@ -57,9 +60,21 @@ fn nice_max(max: f64) -> f64 {
     10.0 * mag
 }
 
-/// Renders a grouped bar chart of Mpps. `series` names the bars of each group, in order;
-/// `reference` is a labelled horizontal line (name, pps).
-pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], reference: Option<(&str, f64)>) -> String {
+/// Renders a grouped bar chart of Mpps. `series` names the bars of each group, in order, drawn
+/// in `colours` (cycled); `reference` is a labelled horizontal line (name, pps).
+pub fn bars_svg(
+    title: &str,
+    series: &[&str],
+    colours: &[&str],
+    groups: &[Group],
+    reference: Option<(&str, f64)>,
+) -> String {
+    let colour = |i: usize| {
+        colours
+            .get(i % colours.len().max(1))
+            .copied()
+            .unwrap_or("#888888")
+    };
     let top = groups
         .iter()
         .flat_map(|g| &g.bars)
@@ -106,13 +121,13 @@ pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], reference: Optio
         let gx = MARGIN_LEFT + gi as f64 * group_w + group_w * (1.0 - GROUP_FILL) / 2.0;
         for (bi, b) in g.bars.iter().enumerate() {
             let x = gx + bi as f64 * bar_w;
-            let colour = COLOURS[bi % COLOURS.len()];
+            let fill = colour(bi);
             match b.value {
                 Some(v) => {
                     let yy = y(v);
                     let _ = writeln!(
                         s,
-                        r#"<rect x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{colour}"><title>{}: {:.3} Mpps</title></rect>"#,
+                        r#"<rect x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{fill}"><title>{}: {:.3} Mpps</title></rect>"#,
                         bar_w - 2.0,
                         MARGIN_TOP + plot_h - yy,
                         escape(series.get(bi).copied().unwrap_or("")),
@@ -195,7 +210,7 @@ pub fn bars_svg(title: &str, series: &[&str], groups: &[Group], reference: Optio
             s,
             r#"<rect x="{lx:.1}" y="{:.1}" width="14" height="14" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
             ly - 11.0,
-            COLOURS[i % COLOURS.len()],
+            colour(i),
             lx + 20.0,
             ly,
             escape(name)
@@ -214,6 +229,7 @@ mod tests {
         let svg = bars_svg(
             "t",
             &["a", "b"],
+            &CONTENDER_COLOURS,
             &[Group {
                 label: "out".into(),
                 bars: vec![
@@ -233,7 +249,7 @@ mod tests {
         assert!(svg.contains("1.50"));
         assert!(svg.contains("n/a"));
         assert!(svg.contains("generator ceiling 2.00 Mpps"));
-        let far = bars_svg("t", &["a"], &[], Some(("ceiling", 9e6)));
+        let far = bars_svg("t", &["a"], &SCALE_COLOURS, &[], Some(("ceiling", 9e6)));
         assert!(far.contains("(off the scale)"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(nice_max(1.7), 2.0);

@@ -11,7 +11,7 @@ use crate::cost::Cost;
 use crate::forwarding::{self, Direction, Measurement};
 use crate::machine::Machine;
 use crate::memory::{Memory, SESSIONS_PER_LIVE_BINDING};
-use crate::plot::{bars_svg, Bar, Group};
+use crate::plot::{bars_svg, Bar, Group, CONTENDER_COLOURS, SCALE_COLOURS};
 use crate::scale::{CostPoint, ForwardingPoint};
 use crate::stats::{median, range};
 
@@ -98,6 +98,19 @@ fn mpps(pps: f64) -> String {
     format!("{:.3}", pps / 1e6)
 }
 
+/// `n` with a thin space between groups of three digits (1 000 000).
+pub fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `median (min–max)` in Mpps.
 fn samples(v: &[f64]) -> String {
     match (median(v), range(v)) {
@@ -149,7 +162,7 @@ pub fn scale_plot(run: &Run) -> Option<String> {
     let groups: Vec<Group> = scales
         .iter()
         .map(|&n| Group {
-            label: format!("{n} live bindings"),
+            label: format!("{} live bindings", thousands(n)),
             bars: contenders
                 .iter()
                 .flat_map(|&c| {
@@ -171,6 +184,7 @@ pub fn scale_plot(run: &Run) -> Option<String> {
     Some(bars_svg(
         "Our NAT: packets per second with N live bindings, traffic over all of them",
         &series,
+        &SCALE_COLOURS,
         &groups,
         None,
     ))
@@ -208,6 +222,7 @@ pub fn plot(run: &Run) -> String {
             run.machine.kernel
         ),
         &series,
+        &CONTENDER_COLOURS,
         &groups,
         ceiling,
     )
@@ -534,8 +549,8 @@ fn scale_section(run: &Run, plot_name: &str, md: &mut String) {
             let _ = writeln!(
                 md,
                 "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} M |",
-                p.bindings,
-                p.max_bindings,
+                thousands(p.bindings),
+                thousands(p.max_bindings),
                 p.ingress.ns,
                 p.egress.ns,
                 floor
@@ -580,7 +595,7 @@ fn scale_forwarding_tables(points: &[ForwardingPoint], md: &mut String) {
         }
         let _ = writeln!(md, "\n|---|{}", "---|".repeat(contenders.len() * 2));
         for &n in &scales {
-            let _ = write!(md, "| {n} |");
+            let _ = write!(md, "| {} |", thousands(n));
             for c in &contenders {
                 match points.iter().find(|p| p.bindings == n && p.contender == *c) {
                     Some(p) if p.unavailable.is_none() => {
@@ -604,7 +619,7 @@ fn scale_forwarding_tables(points: &[ForwardingPoint], md: &mut String) {
         .iter()
         .filter_map(|&n| {
             let fill = points.iter().filter(|p| p.bindings == n).map(|p| p.fill).max()?;
-            Some(format!("{n}: {:.1} s", fill.as_secs_f64()))
+            Some(format!("{}: {:.1} s", thousands(n), fill.as_secs_f64()))
         })
         .collect();
     let _ = writeln!(
@@ -713,9 +728,9 @@ same buffer, so hit cases use bindings whose translated endpoint equals the orig
 writes back the same bytes and every repeat takes the full path); each case checks the counter \
 it must bump. ns per packet = the duration the kernel returns (its average per repeat, in whole \
 ns; median over the calls). It includes the test-run loop's own overhead, which is what the \
-empty programs measure. A new binding cannot repeat: it is the mean of the kernel's times over \
-single runs with a fresh source port each, to compare with single runs of the established hit \
-and of the empty TC program.
+empty programs measure. A new binding cannot repeat: it is the median of the kernel's times \
+over single runs with a fresh source port each, to compare with single runs of the established \
+hit and of the empty TC program.
 - **Scale**: bindings (with their two sessions) are inserted from userspace into the running \
 NAT's pinned maps (or the test instance's): binding *i* is internal `10.64.0.1 + i / 50 000 : \
 10 000 + i % 50 000`, keeping its port; the first 50 000 use the NAT's external address, the rest \
@@ -868,4 +883,26 @@ pub fn json(run: &Run) -> Value {
         "leftovers": run.leftovers,
         "seconds": run.duration.as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_digits_and_sums_up_verdicts() {
+        assert_eq!(thousands(1), "1");
+        assert_eq!(thousands(1_000), "1 000");
+        assert_eq!(thousands(1_000_000), "1 000 000");
+        let part = |what: &str, met| Part {
+            what: what.into(),
+            met,
+        };
+        assert_eq!(overall(&[part("a", Some(true))]), "met");
+        assert_eq!(overall(&[part("a", Some(false)), part("b", None)]), "**missed**");
+        assert_eq!(
+            overall(&[part("a", Some(true)), part("b", Some(false))]),
+            "met for a; **missed** for b"
+        );
+    }
 }
