@@ -70,7 +70,7 @@ pub fn run_nat_ctl(ns: &Netns, args: &[&str]) -> Result<Output> {
     )
 }
 
-/// One row of `nat-ctl mappings --json`.
+/// One row of `nat-ctl mappings --json`, static forwards included (their `expires_in` is null).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// "udp", "tcp" or "icmp".
@@ -81,13 +81,16 @@ pub struct Mapping {
     pub external: SocketAddrV4,
     /// Remote endpoint, where the mode tracks it.
     pub remote: Option<SocketAddrV4>,
-    /// State (protocol specific).
+    /// State (protocol specific; "static" for a forward).
     pub state: String,
-    /// Seconds until expiry.
-    pub expires_in: i64,
+    /// Seconds until expiry; `None` for what never expires.
+    pub expires_in: Option<i64>,
 }
 
-fn endpoint(v: &serde_json::Value, key: &str) -> Result<SocketAddrV4> {
+/// The keys every row of `mappings --json` must have (issue 4, item 3).
+pub const MAPPING_KEYS: [&str; 6] = ["proto", "internal", "external", "remote", "state", "expires_in"];
+
+pub(crate) fn endpoint(v: &serde_json::Value, key: &str) -> Result<SocketAddrV4> {
     let s = v[key]
         .as_str()
         .with_context(|| format!("mapping field {key} is not a string: {v}"))?;
@@ -95,7 +98,8 @@ fn endpoint(v: &serde_json::Value, key: &str) -> Result<SocketAddrV4> {
         .with_context(|| format!("mapping field {key} = {s:?} is not ip:port"))
 }
 
-/// Parses the JSON of `nat-ctl mappings --json`.
+/// Parses the JSON of `nat-ctl mappings --json`, requiring every key of [`MAPPING_KEYS`] in
+/// every row.
 pub fn parse_mappings(json: &str) -> Result<Vec<Mapping>> {
     let v: serde_json::Value =
         serde_json::from_str(json).with_context(|| format!("mappings JSON: {json}"))?;
@@ -104,6 +108,12 @@ pub fn parse_mappings(json: &str) -> Result<Vec<Mapping>> {
         .with_context(|| format!("mappings JSON is not an array: {json}"))?;
     rows.iter()
         .map(|r| {
+            let obj = r
+                .as_object()
+                .with_context(|| format!("row {r} is not an object"))?;
+            if let Some(missing) = MAPPING_KEYS.iter().find(|k| !obj.contains_key(**k)) {
+                anyhow::bail!("row {r} has no key {missing:?}");
+            }
             Ok(Mapping {
                 proto: r["proto"]
                     .as_str()
@@ -120,9 +130,15 @@ pub fn parse_mappings(json: &str) -> Result<Vec<Mapping>> {
                     .as_str()
                     .with_context(|| format!("no state in {r}"))?
                     .to_string(),
-                expires_in: r["expires_in"]
-                    .as_i64()
-                    .with_context(|| format!("no expires_in in {r}"))?,
+                expires_in: if r["expires_in"].is_null() {
+                    None
+                } else {
+                    Some(
+                        r["expires_in"]
+                            .as_i64()
+                            .with_context(|| format!("expires_in is not an integer in {r}"))?,
+                    )
+                },
             })
         })
         .collect()

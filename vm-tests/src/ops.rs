@@ -63,80 +63,10 @@ pub fn ctl_ok(ns: &Netns, args: &[&str]) -> Result<String> {
         .stdout)
 }
 
-/// One row of `nat-ctl mappings --json`, static forwards included (their `expires_in` is null).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Row {
-    /// "udp", "tcp" or "icmp".
-    pub proto: String,
-    /// Internal endpoint.
-    pub internal: SocketAddrV4,
-    /// External endpoint.
-    pub external: SocketAddrV4,
-    /// Remote endpoint, where the mode tracks it.
-    pub remote: Option<SocketAddrV4>,
-    /// State ("static" for a forward).
-    pub state: String,
-    /// Seconds until expiry; `None` for what never expires.
-    pub expires_in: Option<i64>,
-}
-
-fn endpoint(v: &serde_json::Value, key: &str) -> Result<SocketAddrV4> {
-    let s = v[key]
-        .as_str()
-        .with_context(|| format!("field {key} is not a string in {v}"))?;
-    s.parse()
-        .with_context(|| format!("field {key} = {s:?} is not ip:port in {v}"))
-}
-
-/// The keys every row of `mappings --json` must have (issue 4, item 3).
-pub const MAPPING_KEYS: [&str; 6] = ["proto", "internal", "external", "remote", "state", "expires_in"];
-
-/// Parses `mappings --json`, requiring every key of [`MAPPING_KEYS`] in every row.
-pub fn parse_rows(json: &str) -> Result<Vec<Row>> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).with_context(|| format!("mappings JSON: {json}"))?;
-    let rows = v
-        .as_array()
-        .with_context(|| format!("mappings JSON is not an array: {json}"))?;
-    rows.iter()
-        .map(|r| {
-            let obj = r
-                .as_object()
-                .with_context(|| format!("row {r} is not an object"))?;
-            for k in MAPPING_KEYS {
-                if !obj.contains_key(k) {
-                    bail!("row {r} has no key {k:?}");
-                }
-            }
-            Ok(Row {
-                proto: r["proto"]
-                    .as_str()
-                    .with_context(|| format!("no proto in {r}"))?
-                    .to_string(),
-                internal: endpoint(r, "internal")?,
-                external: endpoint(r, "external")?,
-                remote: if r["remote"].is_null() {
-                    None
-                } else {
-                    Some(endpoint(r, "remote")?)
-                },
-                state: r["state"]
-                    .as_str()
-                    .with_context(|| format!("no state in {r}"))?
-                    .to_string(),
-                expires_in: if r["expires_in"].is_null() {
-                    None
-                } else {
-                    Some(
-                        r["expires_in"]
-                            .as_i64()
-                            .with_context(|| format!("expires_in is not an integer in {r}"))?,
-                    )
-                },
-            })
-        })
-        .collect()
-}
+/// One row of `nat-ctl mappings --json` (the one parser lives in `nat`).
+pub type Row = crate::nat::Mapping;
+use crate::nat::endpoint;
+pub use crate::nat::{parse_mappings as parse_rows, MAPPING_KEYS};
 
 /// `nat-ctl mappings -i IFACE --json extra...`, parsed (forwards included).
 pub fn rows(nat: &NatProcess, extra: &[&str]) -> Result<Vec<Row>> {

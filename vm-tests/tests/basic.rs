@@ -99,7 +99,10 @@ fn udp_mapping_is_endpoint_independent_and_listed() -> Result<()> {
             "mapping lists external {} but the remote saw {seen1}: {m:?}",
             m.external
         );
-        ensure!(m.expires_in > 0, "mapping already expired: {m:?}");
+        ensure!(
+            m.expires_in.is_some_and(|s| s > 0),
+            "mapping already expired: {m:?}"
+        );
         if let Some(r) = m.remote {
             ensure!(
                 r == sa(WAN_IP, 9999) || r == sa(WAN2_IP, 9999),

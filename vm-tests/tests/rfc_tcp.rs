@@ -191,7 +191,7 @@ fn rfc7857_tcp_states_visible() -> Result<()> {
             &TRANSITORY.to_string(),
         ],
     )?;
-    let transitory = |m: &Mapping| m.expires_in > 0 && m.expires_in <= TRANSITORY;
+    let transitory = |m: &Mapping| m.expires_in.is_some_and(|s| s > 0 && s <= TRANSITORY);
 
     // syn_sent: wan drops SYNs to port 5999, so the connection stays half open.
     for args in [
@@ -225,7 +225,7 @@ fn rfc7857_tcp_states_visible() -> Result<()> {
     let (client, mut server) = connection(&lab, &listener, 40101)?;
     let row = wait_state(&nat, local, "established")?;
     ensure!(
-        row.expires_in > TRANSITORY && row.expires_in <= ESTABLISHED,
+        row.expires_in.is_some_and(|s| s > TRANSITORY && s <= ESTABLISHED),
         "established with the wrong timer: {row:?}"
     );
     client.shutdown(Shutdown::Write)?;
@@ -309,7 +309,7 @@ fn rfc7857_rst_translated_and_kept() -> Result<()> {
     );
     let row = wait_state(&nat, local, "reset")?;
     ensure!(
-        row.external == ext && row.expires_in > 0 && row.expires_in <= TRANSITORY,
+        row.external == ext && row.expires_in.is_some_and(|s| s > 0 && s <= TRANSITORY),
         "after the RST the session should stay, on the transitory timer: {row:?}"
     );
     nat.stop()
