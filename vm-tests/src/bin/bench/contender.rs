@@ -116,6 +116,35 @@ impl Running {
     }
 }
 
+/// Keeps our NAT's controller process stopped (SIGSTOP) while it lives; SIGCONT on drop. The
+/// data path runs in the kernel and does not need the controller for a while; pausing it keeps
+/// its expiry sweep (a walk over every binding, up to a million) off a machine being measured.
+pub struct Paused {
+    pid: libc::pid_t,
+}
+
+impl Paused {
+    /// Stops `running`'s controller, if it has one.
+    pub fn pause(running: &Running) -> Result<Option<Paused>> {
+        let Some(nat) = running.nat() else {
+            return Ok(None);
+        };
+        let pid = nat.pid() as libc::pid_t;
+        // SAFETY: kill(2) on the pid of our own running child (NatProcess owns and reaps it).
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot pause nat-ctl");
+        }
+        Ok(Some(Paused { pid }))
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as in `pause`; the child is not reaped while stopped.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
 /// The pin directory of the NAT attached to `iface` (`<netns inode>-<iface>` under PIN_ROOT).
 pub fn pin_dir(iface: &str) -> Result<PathBuf> {
     let suffix = format!("-{iface}");

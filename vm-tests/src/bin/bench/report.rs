@@ -99,8 +99,8 @@ fn mpps(pps: f64) -> String {
 }
 
 /// `n` with a thin space between groups of three digits (1 000 000).
-pub fn thousands(n: u32) -> String {
-    let digits = n.to_string();
+pub fn thousands(n: impl Into<u64>) -> String {
+    let digits = n.into().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i).is_multiple_of(3) {
@@ -636,7 +636,10 @@ fn memory_section(m: &Memory, md: &mut String) {
         "Kernel hash-map element = `struct htab_elem` ({} bytes) + key + value, each rounded up to 8; \
          one bucket ({} bytes) per power-of-two slot. Sizes from {}. Capacities of the measured \
          instance (`--max-bindings` {}).\n",
-        m.htab_elem, m.bucket, m.source, m.max_bindings
+        m.htab_elem,
+        m.bucket,
+        m.source,
+        thousands(m.max_bindings)
     );
     let _ = writeln!(
         md,
@@ -650,7 +653,7 @@ fn memory_section(m: &Memory, md: &mut String) {
             map.key,
             map.value,
             map.elem,
-            map.max_entries,
+            thousands(map.max_entries),
             map.memlock
                 .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
                 .unwrap_or_else(|| "n/a".into())
@@ -719,8 +722,8 @@ packets (`ForwDatagrams`); otherwise the row says so instead of showing a number
 packets first; *inbound replies*: the remote sends to the external endpoints of those 16 \
 bindings (for plain forwarding: to the internal endpoints), after checking that our NAT kept \
 their ports; *outbound, new flow per packet*: a burst of new flows, one packet each, from a \
-second internal host (source ports 1024 up), into fresh tables. The burst is short (tens of ms) \
-because one external address has 64 512 ports per protocol: a port-preserving NAT cannot \
+second internal host (source ports 1024 up), into fresh tables. The burst is short (about a \
+tenth of a second) because one external address has 64 512 ports per protocol: a port-preserving NAT cannot \
 create new flows for seconds on end without running out, so each round measures one burst.
 - **Per-packet cost**: the NAT object loaded unattached, with its maps pinned in a private \
 bpffs directory, a ready config and test bindings. `BPF_PROG_TEST_RUN` repeats a program on the \
@@ -737,9 +740,10 @@ NAT's pinned maps (or the test instance's): binding *i* is internal `10.64.0.1 +
 addresses from 100.64.0.1 on (one address cannot hold more; the data path does not check it). \
 The generator cycles through all N (outbound) or all on the external address (inbound), or \
 through the first 1 000 only. Each (N, contender) has its own topology and NAT; all are set up \
-first and then measured in turn, once per repetition. The NATs run with \
-`--sweep-interval-ms 60000` (the longest allowed), so the userspace expiry sweep walks the \
-table rarely. `nat-ctl` is pinned to CPU 0 throughout, away from the measured CPU.
+first and then measured in turn, once per repetition. While they are measured their `nat-ctl` \
+processes are paused (SIGSTOP; the data path does not need them), so no expiry sweep walks a \
+million entries during a measurement; they resume before they are stopped. `nat-ctl` is pinned \
+to CPU 0 throughout, away from the measured CPU.
 
 ## Caveats
 
@@ -891,9 +895,9 @@ mod tests {
 
     #[test]
     fn groups_digits_and_sums_up_verdicts() {
-        assert_eq!(thousands(1), "1");
-        assert_eq!(thousands(1_000), "1 000");
-        assert_eq!(thousands(1_000_000), "1 000 000");
+        assert_eq!(thousands(1u32), "1");
+        assert_eq!(thousands(1_000u32), "1 000");
+        assert_eq!(thousands(1_000_000u64), "1 000 000");
         let part = |what: &str, met| Part {
             what: what.into(),
             met,

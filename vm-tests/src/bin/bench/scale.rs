@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use nat_common::maps::DEFAULT_MAX_BINDINGS;
 
-use crate::contender::{self, Contender, Running};
+use crate::contender::{self, Contender, Paused, Running};
 use crate::cost::{self, Cost, MAX_NEW_BINDING_RUNS};
 use crate::frame::udp_frame;
 use crate::generator::{Budget, Flows, Generator, Vary};
@@ -149,9 +149,11 @@ fn spread(gen: &mut Generator, topo: &Topology, flows: u32, outbound: bool, poin
     Ok(run.rate(delivered))
 }
 
-/// One NAT with its bindings filled, in its own topology, waiting to be measured.
+/// One NAT with its bindings filled, in its own topology, waiting to be measured. Fields drop
+/// in order: the controller resumes before it is stopped, and stops before its namespaces go.
 struct Setup {
     point: ForwardingPoint,
+    paused: Option<Paused>,
     running: Running,
     topo: Topology,
 }
@@ -217,7 +219,12 @@ pub fn forwarding(
                         fill.as_secs_f64()
                     ));
                     let point = ForwardingPoint::new(c, n, fill, None);
-                    setups.push(Setup { point, running, topo });
+                    setups.push(Setup {
+                        point,
+                        paused: None,
+                        running,
+                        topo,
+                    });
                 }
                 Err(e) if is_build_failure(&e) => return Err(e),
                 Err(e) => {
@@ -226,6 +233,9 @@ pub fn forwarding(
                 }
             }
         }
+    }
+    for setup in &mut setups {
+        setup.paused = Paused::pause(&setup.running)?;
     }
     for rep in 0..s.reps {
         log(&format!("  repetition {}/{}", rep + 1, s.reps));
@@ -255,6 +265,7 @@ pub fn forwarding(
                 p.in_hot().unwrap_or(f64::NAN),
             ));
         }
+        drop(setup.paused);
         setup.running.stop()?;
         drop(setup.topo);
         points.push(p);
