@@ -34,6 +34,12 @@ const LAB_PACKAGES: &[&str] = &[
     "procps",
     "psmisc",
     "kmod",
+    // nsenter (nat-ctl must see the host's bpffs from inside a lab namespace).
+    "util-linux",
+    // Metrics scrapes.
+    "curl",
+    // `systemd-analyze verify` of the packaged unit.
+    "systemd",
 ];
 
 /// PyPI packages the end-to-end tests use: (name, version, a file the install must contain).
