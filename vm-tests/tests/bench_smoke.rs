@@ -59,11 +59,12 @@ fn every_benchmark_path_produces_numbers_and_cleans_up() -> Result<()> {
     );
 
     // Nothing of the run is left: namespaces (named after its pid), test-instance pins, and
-    // NAT pin directories (named after interfaces that carry its pid in hex).
+    // NAT pin directories and lock files (named after interfaces that carry its pid in hex).
     let left: Vec<String> = [
         entries_containing("/var/run/netns", &format!("-{pid}-")),
         entries_containing("/sys/fs/bpf", &format!("nat-bench-{pid}-")),
         entries_containing(vm_tests::nat::PIN_ROOT, &format!("{pid:x}x")),
+        entries_containing("/run/nat-ctl", &format!("{pid:x}x")),
     ]
     .concat();
     ensure!(left.is_empty(), "left behind: {left:?}");

@@ -45,6 +45,8 @@ use generator::Generator;
 use report::Run;
 use test_instance::TestInstance;
 
+/// Where nat-ctl keeps the lock file of each running instance.
+const NAT_CTL_RUN_DIR: &str = "/run/nat-ctl";
 /// Tools the benchmark runs.
 const TOOLS: [&str; 6] = ["ip", "nft", "ethtool", "bpftool", "nsenter", "sysctl"];
 
@@ -214,14 +216,18 @@ fn leftovers() -> Vec<String> {
         })
         .unwrap_or_default();
     left.extend(test_instance::own_pin_dirs());
-    // nat-ctl names its pin directory after the interface, whose name holds our pid in hex.
+    // nat-ctl names its pin directory and lock file after the interface, whose name holds our
+    // pid in hex.
     let ours = format!("{pid:x}x");
-    if let Ok(rd) = std::fs::read_dir(vm_tests::nat::PIN_ROOT) {
-        left.extend(
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(&ours)),
-        );
+    for dir in [vm_tests::nat::PIN_ROOT, NAT_CTL_RUN_DIR] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            left.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(&ours))
+                    .map(|n| format!("{dir}/{n}")),
+            );
+        }
     }
     left
 }

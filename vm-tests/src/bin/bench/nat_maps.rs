@@ -61,6 +61,75 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The map entries of one binding.
+struct Entries {
+    out_key: BindingKey,
+    out_value: BindingValue,
+    in_key: ExternalKey,
+    in_value: ExternalValue,
+    /// Address-and-port and address-only sessions with the remote.
+    session_keys: [SessionKey; 2],
+    session: SessionValue,
+}
+
+impl Entries {
+    fn of(b: &Binding, now_ns: u64) -> Entries {
+        let out_key = BindingKey {
+            internal_addr: be(*b.internal.ip()),
+            remote_addr: 0,
+            internal_port: be16(b.internal.port()),
+            remote_port: 0,
+            proto: proto::UDP,
+            _pad: [0; 3],
+        };
+        let out_value = BindingValue {
+            last_seen_ns: now_ns,
+            external_addr: be(*b.external.ip()),
+            external_port: be16(b.external.port()),
+            flags: 0,
+            _pad: 0,
+        };
+        let in_key = ExternalKey {
+            external_addr: out_value.external_addr,
+            external_port: out_value.external_port,
+            proto: proto::UDP,
+            _pad: 0,
+        };
+        let in_value = ExternalValue {
+            internal_addr: out_key.internal_addr,
+            remote_addr: 0,
+            internal_port: out_key.internal_port,
+            remote_port: 0,
+            flags: 0,
+            _pad: [0; 3],
+        };
+        let session_key = |kind, remote_port| SessionKey {
+            external_addr: in_key.external_addr,
+            remote_addr: be(*b.remote.ip()),
+            external_port: in_key.external_port,
+            remote_port,
+            proto: proto::UDP,
+            kind,
+            _pad: [0; 2],
+        };
+        Entries {
+            out_key,
+            out_value,
+            in_key,
+            in_value,
+            session_keys: [
+                session_key(SESSION_KIND_ENDPOINT, be16(b.remote.port())),
+                session_key(SESSION_KIND_ADDRESS, 0),
+            ],
+            session: SessionValue {
+                last_seen_ns: now_ns,
+                tcp_state: 0,
+                _pad: [0; 7],
+            },
+        }
+    }
+}
+
 /// One UDP binding with one remote.
 #[derive(Clone, Copy, Debug)]
 pub struct Binding {
@@ -91,64 +160,35 @@ impl NatMaps {
 
     /// Inserts `b` as the data path would have created it (endpoint-independent mapping).
     pub fn insert(&mut self, b: &Binding, now_ns: u64) -> Result<()> {
-        let out_key = BindingKey {
-            internal_addr: be(*b.internal.ip()),
-            remote_addr: 0,
-            internal_port: be16(b.internal.port()),
-            remote_port: 0,
-            proto: proto::UDP,
-            _pad: [0; 3],
-        };
-        let out_value = BindingValue {
-            last_seen_ns: now_ns,
-            external_addr: be(*b.external.ip()),
-            external_port: be16(b.external.port()),
-            flags: 0,
-            _pad: 0,
-        };
-        let in_key = ExternalKey {
-            external_addr: out_value.external_addr,
-            external_port: out_value.external_port,
-            proto: proto::UDP,
-            _pad: 0,
-        };
-        let in_value = ExternalValue {
-            internal_addr: out_key.internal_addr,
-            remote_addr: 0,
-            internal_port: out_key.internal_port,
-            remote_port: 0,
-            flags: 0,
-            _pad: [0; 3],
-        };
+        let e = Entries::of(b, now_ns);
         self.bindings_in
-            .insert(in_key, in_value, BPF_NOEXIST)
+            .insert(e.in_key, e.in_value, BPF_NOEXIST)
             .with_context(|| format!("cannot insert the inbound entry of {b:?}"))?;
         self.bindings_out
-            .insert(out_key, out_value, BPF_NOEXIST)
+            .insert(e.out_key, e.out_value, BPF_NOEXIST)
             .with_context(|| format!("cannot insert the outbound entry of {b:?}"))?;
-        let session = SessionValue {
-            last_seen_ns: now_ns,
-            tcp_state: 0,
-            _pad: [0; 7],
-        };
-        for (kind, remote_port) in [
-            (SESSION_KIND_ENDPOINT, be16(b.remote.port())),
-            (SESSION_KIND_ADDRESS, 0),
-        ] {
-            let key = SessionKey {
-                external_addr: in_key.external_addr,
-                remote_addr: be(*b.remote.ip()),
-                external_port: in_key.external_port,
-                remote_port,
-                proto: proto::UDP,
-                kind,
-                _pad: [0; 2],
-            };
+        for key in e.session_keys {
             self.sessions
-                .insert(key, session, BPF_NOEXIST)
+                .insert(key, e.session, BPF_NOEXIST)
                 .with_context(|| format!("cannot insert a session of {b:?}"))?;
         }
         Ok(())
+    }
+
+    /// Removes `b`'s four entries, as far as they exist; returns how many were missing.
+    pub fn remove(&mut self, b: &Binding) -> u32 {
+        let e = Entries::of(b, 0);
+        let mut missing = u32::from(self.bindings_in.remove(&e.in_key).is_err());
+        missing += u32::from(self.bindings_out.remove(&e.out_key).is_err());
+        for key in &e.session_keys {
+            missing += u32::from(self.sessions.remove(key).is_err());
+        }
+        missing
+    }
+
+    /// Removes bindings `0..n` of `layout` again; returns how many entries were missing.
+    pub fn unfill(&mut self, layout: &ScaleLayout, n: u32) -> u32 {
+        (0..n).map(|i| self.remove(&layout.binding(i))).sum()
     }
 
     /// Inserts bindings `0..n` of `layout`; returns how long it took.
