@@ -30,6 +30,8 @@ pub const CONFIG_FLAG_REFUSAL_ICMP: u8 = 1 << 2;
 /// the flow keeps its external port. Set by `nat-ctl mode`, cleared by the sweep once none is
 /// left, so cone modes normally pay no extra lookup.
 pub const CONFIG_FLAG_PER_REMOTE_BINDINGS: u8 = 1 << 3;
+/// `NatConfig::flags` bit: emit data-path debug lines through aya-log (`attach --datapath-log`).
+pub const CONFIG_FLAG_DATAPATH_LOG: u8 = 1 << 4;
 
 /// Configuration of one NAT instance. Written only by the controller, read by every packet.
 #[repr(C)]

@@ -156,6 +156,10 @@ pub struct AttachArgs {
     /// `admin-prohibited` (ICMP 3/13, RFC 5508 REQ-8) or `host-unreachable` (3/1, RFC 6888).
     #[arg(long, value_name = "KIND", value_parser = |s: &str| RefusalIcmp::parse(s).map_err(|e| e.to_string()))]
     pub refusal_icmp: Option<RefusalIcmp>,
+    /// Print the data path's debug lines (filtered packets, unsolicited SYNs) through aya-log;
+    /// off by default, and then they cost one flag test.
+    #[arg(long)]
+    pub datapath_log: bool,
     /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
     #[arg(long)]
     pub debug: bool,

@@ -29,6 +29,8 @@ struct RawConfig {
     persist: Option<bool>,
     unsolicited_syn: Option<Spanned<String>>,
     refusal_icmp: Option<Spanned<String>>,
+    debug: Option<bool>,
+    datapath_log: Option<bool>,
     timeouts: Option<RawTimeouts>,
     #[serde(default)]
     forwards: Vec<Spanned<RawForward>>,
@@ -94,6 +96,10 @@ pub struct FileConfig {
     pub unsolicited_syn_icmp: Option<bool>,
     /// ICMP for refused flows.
     pub refusal_icmp: Option<crate::notices::RefusalIcmp>,
+    /// Log binding events.
+    pub debug: Option<bool>,
+    /// Emit the data path's aya-log lines.
+    pub datapath_log: Option<bool>,
     /// Timeout overrides in seconds, by `Timeout` index.
     pub timeouts: [Option<u32>; nat_common::config::TIMEOUT_COUNT],
     /// Static forwards.
@@ -149,6 +155,8 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
         interface: raw.interface,
         internal_ifaces: raw.internal_ifaces,
         persist: raw.persist,
+        debug: raw.debug,
+        datapath_log: raw.datapath_log,
         ..Default::default()
     };
     if let Some(mode) = raw.mode {
@@ -290,6 +298,9 @@ impl FileConfig {
         }
         if let Some(refusal) = self.refusal_icmp {
             settings.refusal_icmp = refusal;
+        }
+        if let Some(on) = self.datapath_log {
+            settings.datapath_log = on;
         }
         for (i, value) in self.timeouts.iter().enumerate() {
             if let Some(v) = value {

@@ -5,7 +5,10 @@ use std::{io::Write, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use nat_common::{config::Timeout, Counter};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
 
 use crate::{
     cli::{AttachArgs, SWEEP_INTERVAL_MS_DEFAULT},
@@ -42,6 +45,8 @@ pub struct Resolved {
     pub metrics: Option<std::net::SocketAddr>,
     /// Keep running after exit.
     pub persist: bool,
+    /// Log binding events.
+    pub debug: bool,
 }
 
 /// The flags, as the same kind of override record a config file gives.
@@ -62,6 +67,8 @@ fn flag_overrides(args: &AttachArgs) -> FileConfig {
         sweep_interval_ms: args.sweep_interval_ms,
         metrics: args.metrics,
         persist: args.persist.then_some(true),
+        debug: args.debug.then_some(true),
+        datapath_log: args.datapath_log.then_some(true),
         unsolicited_syn_icmp: args.unsolicited_syn,
         refusal_icmp: args.refusal_icmp,
         timeouts,
@@ -92,6 +99,7 @@ pub fn resolve(args: &AttachArgs) -> Result<Resolved> {
             .unwrap_or(SWEEP_INTERVAL_MS_DEFAULT),
         metrics: flags.metrics.or(file.metrics),
         persist: flags.persist.or(file.persist).unwrap_or(false),
+        debug: flags.debug.or(file.debug).unwrap_or(false),
     })
 }
 
@@ -152,7 +160,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         internal_ifaces: &settings.internal_ifaces,
         persist: resolved.persist,
     };
-    let attached = Attached::attach(&instance, &config, &plan)?;
+    let mut attached = Attached::attach(&instance, &config, &plan)?;
+    let datapath_logger = if settings.datapath_log {
+        Some(attached.datapath_logger()?)
+    } else {
+        None
+    };
     let mut maps = PinnedMaps::open(&instance.pin_dir())?;
     let mut fast_path =
         FastPathDevices::new(fast_path_candidates(&settings.iface, &attached.internal_ifaces)?)?;
@@ -180,6 +193,18 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         if let Some(listener) = metrics_listener {
             tokio::spawn(metrics::serve(listener, instance.pin_dir()));
         }
+        if let Some(logger) = datapath_logger {
+            // SAFETY: the logger owns its ring buffer's descriptor, open for as long as it lives.
+            let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+            let mut logger =
+                registered.map_err(|e| anyhow::anyhow!("cannot poll the data path's log: {e}"))?;
+            tokio::spawn(async move {
+                while let Ok(mut ready) = logger.readable_mut().await {
+                    ready.get_inner_mut().flush();
+                    ready.clear_ready();
+                }
+            });
+        }
         let reinjector = Reinjector::open(&instance.pin_dir())?;
         let notifier = Notifier::open(&instance.pin_dir(), settings.refusal_icmp)?;
         let timeouts = &settings.timeouts;
@@ -188,7 +213,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             (reinjector, notifier, fast_path),
             timeouts,
             resolved.sweep_interval_ms,
-            args.debug,
+            resolved.debug,
         )
         .await
     });

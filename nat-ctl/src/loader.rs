@@ -74,6 +74,30 @@ pub struct Attached {
     pub description: String,
 }
 
+/// Prints the data path's aya-log records on stderr with a timestamp.
+pub struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        eprintln!("{} data path: {}", crate::events::now_rfc3339(), record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+impl Attached {
+    /// Starts reading the data path's aya-log records (emitted only while the config says so).
+    /// The reader must be flushed whenever its descriptor is readable.
+    pub fn datapath_logger(&mut self) -> Result<aya_log::EbpfLogger<StderrLog>> {
+        let ebpf = self.ebpf.as_mut().context("programs not loaded")?;
+        aya_log::EbpfLogger::init_with_logger(ebpf, StderrLog).context("cannot read the data path's log")
+    }
+}
+
 /// True if `instance` was left running by `attach --persist`.
 pub fn is_persisted(instance: &Instance) -> bool {
     instance.pin_dir().join(INGRESS_LINK_PIN).exists()

@@ -11,7 +11,7 @@ pub use crate::notices::RefusalIcmp;
 use nat_common::{
     alloc::PortRange,
     config::{
-        Timeout, CONFIG_FLAG_READY, CONFIG_FLAG_REFUSAL_ICMP, CONFIG_FLAG_SYN_ICMP,
+        Timeout, CONFIG_FLAG_DATAPATH_LOG, CONFIG_FLAG_READY, CONFIG_FLAG_REFUSAL_ICMP, CONFIG_FLAG_SYN_ICMP,
         DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS,
         DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
@@ -75,6 +75,8 @@ pub struct Settings {
     pub unsolicited_syn_icmp: bool,
     /// What a host whose new flow is refused is told.
     pub refusal_icmp: RefusalIcmp,
+    /// Emit the data path's aya-log debug lines.
+    pub datapath_log: bool,
 }
 
 impl Settings {
@@ -94,6 +96,7 @@ impl Settings {
             max_bindings_per_host: 0,
             unsolicited_syn_icmp: false,
             refusal_icmp: RefusalIcmp::Off,
+            datapath_log: false,
         }
     }
 
@@ -143,6 +146,9 @@ impl Settings {
         }
         if self.refusal_icmp != RefusalIcmp::Off {
             config.flags |= CONFIG_FLAG_REFUSAL_ICMP;
+        }
+        if self.datapath_log {
+            config.flags |= CONFIG_FLAG_DATAPATH_LOG;
         }
         config
     }

@@ -42,7 +42,7 @@ pub struct Route {
 /// MTU, or an egress interface the fast path does not serve.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, ip: &Ipv4Header, ingress_ifindex: u32) -> Option<Route> {
-    if ip.ttl <= 1 || NAT_FAST_PATH_IFACES.get_ptr(&FAST_PATH_ANY).is_none() {
+    if ip.ttl <= 1 || NAT_FAST_PATH_IFACES.get_ptr(FAST_PATH_ANY).is_none() {
         return None;
     }
     // SAFETY: all-zero is a valid lookup request; the IPv4 fields are set below.

@@ -32,6 +32,7 @@ use crate::{
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
+    trace,
 };
 
 /// Entry point logic: returns the XDP action.
@@ -100,6 +101,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
 /// the gateway, so the kernel never forwards them); filtered packets are dropped.
 #[inline(always)]
 fn admit(
+    ctx: &XdpContext,
     cfg: &NatConfig,
     proto: u8,
     external_addr: u32,
@@ -115,6 +117,8 @@ fn admit(
             }
             Refusal::Filtered => {
                 count(Counter::FilteredIn);
+                let (remote, external) = ((remote_addr, remote_port), (external_addr, external_port));
+                trace::inbound(ctx, cfg, trace::Event::Filtered, proto, remote, external);
                 XDP_DROP
             }
         },
@@ -144,7 +148,7 @@ fn transport(
     } else {
         0
     };
-    let binding = match admit(cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
+    let binding = match admit(ctx, cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
         Ok(binding) => binding,
         // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners still
         // get theirs; anything else would be answered with a RST by the gateway's stack.
@@ -154,6 +158,8 @@ fn transport(
                 && !local::tcp_socket_exists(ctx, ip, head.src, head.dst) =>
         {
             count(Counter::UnsolicitedSyn);
+            let (remote, external) = ((ip.saddr, head.src), (ip.daddr, head.dst));
+            trace::inbound(ctx, cfg, trace::Event::UnsolicitedSyn, ip.proto, remote, external);
             if cfg.flags & CONFIG_FLAG_SYN_ICMP != 0 {
                 notices::post(Source::Xdp(ctx), NOTICE_UNSOLICITED_SYN, shape.header_len);
             }
@@ -218,7 +224,7 @@ fn echo_reply(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): Headers, ip: &Ip
     let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
         return malformed();
     };
-    let binding = match admit(cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
+    let binding = match admit(ctx, cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
         Ok(binding) => binding,
         Err(action) => return action,
     };

@@ -19,6 +19,7 @@ mod notices;
 mod rewrite;
 mod sessions;
 mod stats;
+mod trace;
 mod usage;
 
 use aya_ebpf::{

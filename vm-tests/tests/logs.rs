@@ -215,3 +215,21 @@ fn rfc3339_parser_matches_known_dates() -> Result<()> {
     ensure!(parse_rfc3339("2026-11-18 11:06:40").is_err());
     Ok(())
 }
+
+#[test]
+fn datapath_log_reports_filtered_packets_when_asked() -> Result<()> {
+    let lab = Lab::new("logdp")?;
+    let nat = NatProcess::attach(&lab, &["--datapath-log"])?;
+    let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let sock = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let external = whoami(&sock, sa(WAN_IP, 9999))?;
+    // Port-restricted: the same remote from another port is filtered, and the data path says so.
+    let stranger = udp_bind(&lab.wan, sa(WAN_IP, 9998))?;
+    let expected = format!("data path: filtered proto 17 from {WAN_IP}:9998 to {external}");
+    poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        stranger.send_to(b"knock", external).ok()?;
+        nat.stderr().contains(&expected).then_some(())
+    })
+    .with_context(|| format!("no line {expected:?} in stderr:\n{}", nat.stderr()))?;
+    nat.stop()
+}
