@@ -158,30 +158,8 @@ impl Lab {
             host_if_up(&nat, lan2_if, &["10.0.1.1/24"])?;
         }
 
-        // The external segment: one bridge in the switch namespace. Keep bridge netfilter
-        // (built into this kernel, on by default) out of the way: it validates IPv4 headers
-        // and would drop crafted malformed packets before they reach the NAT.
-        for key in [
-            "bridge-nf-call-iptables",
-            "bridge-nf-call-ip6tables",
-            "bridge-nf-call-arptables",
-        ] {
-            if std::path::Path::new("/proc/sys/net/bridge").join(key).exists() {
-                sw.sysctl(&format!("net.bridge.{key}"), "0")?;
-            }
-        }
-        sw.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        sw.ip(&["link", "set", "br0", "up"])?;
+        // The external segment: one bridge in the switch namespace.
+        make_switch_bridge(&sw)?;
         let mut port = 0;
         let mut attach_port = |ns: &Netns, dev: &str| -> Result<()> {
             let p = format!("p{port}");
@@ -280,4 +258,32 @@ impl Lab {
     pub fn rtr(&self) -> &Netns {
         self.rtr.as_ref().expect("lab built without rtr")
     }
+}
+
+/// Creates the bridge `br0` of a switch namespace, with bridge netfilter (built into this
+/// kernel, on by default) out of the way: it validates IPv4 headers and would drop crafted
+/// malformed packets before they reach the NAT.
+pub(crate) fn make_switch_bridge(sw: &Netns) -> Result<()> {
+    for key in [
+        "bridge-nf-call-iptables",
+        "bridge-nf-call-ip6tables",
+        "bridge-nf-call-arptables",
+    ] {
+        if std::path::Path::new("/proc/sys/net/bridge").join(key).exists() {
+            sw.sysctl(&format!("net.bridge.{key}"), "0")?;
+        }
+    }
+    sw.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "stp_state",
+        "0",
+    ])?;
+    sw.ip(&["link", "set", "br0", "up"])?;
+    Ok(())
 }

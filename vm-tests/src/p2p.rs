@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::lab::make_switch_bridge;
 use crate::nat::NatProcess;
 use crate::netns::{self, Names, Netns, SETUP_TIMEOUT};
 use crate::proc::{self, Proc};
@@ -114,27 +115,7 @@ impl TwoSites {
         let a = make_site('a', NAT_A_EXT)?;
         let b = make_site('b', NAT_B_EXT)?;
 
-        for key in [
-            "bridge-nf-call-iptables",
-            "bridge-nf-call-ip6tables",
-            "bridge-nf-call-arptables",
-        ] {
-            if std::path::Path::new("/proc/sys/net/bridge").join(key).exists() {
-                sw.sysctl(&format!("net.bridge.{key}"), "0")?;
-            }
-        }
-        sw.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        sw.ip(&["link", "set", "br0", "up"])?;
+        make_switch_bridge(&sw)?;
         let mut port = 0;
         let mut attach_port = |ns: &Netns, dev: &str| -> Result<()> {
             let p = format!("p{port}");
