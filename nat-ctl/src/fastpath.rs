@@ -10,6 +10,20 @@ use nat_common::maps::FAST_PATH_ANY;
 
 use crate::{pinned::PinnedMaps, xdp_features::NetdevFamily};
 
+/// Why there is no fast path on kernels without the `netdev` generic netlink family (before
+/// Linux 6.3): a device that lacks `ndo_xdp_xmit`, or a veth whose peer has neither GRO nor an
+/// XDP program, drops redirected frames silently, and nothing else tells us which devices do.
+pub const NO_NETDEV_FAMILY: &str =
+    "this kernel cannot report which devices accept XDP-redirected frames (xdp-features, Linux 6.3+); packets take the kernel's forwarding path";
+
+/// The reason the fast path cannot run on this kernel at all, if it cannot.
+pub fn unavailable_reason() -> Option<&'static str> {
+    match NetdevFamily::open() {
+        Ok(Some(_)) => None,
+        _ => Some(NO_NETDEV_FAMILY),
+    }
+}
+
 /// The fast path's candidate devices and the kernel interface that vouches for them.
 pub struct FastPathDevices {
     candidates: Vec<(String, u32)>,
@@ -27,7 +41,7 @@ impl FastPathDevices {
             NetdevFamily::open()?
         };
         if !candidates.is_empty() && netdev.is_none() {
-            eprintln!("nat-ctl: this kernel cannot tell which devices accept XDP redirects (Linux 6.3+); the fast path stays off");
+            eprintln!("nat-ctl: the fast path stays off: {NO_NETDEV_FAMILY}");
         }
         Ok(FastPathDevices {
             candidates,

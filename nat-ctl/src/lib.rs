@@ -22,4 +22,5 @@ pub mod reinject;
 pub mod settings;
 pub mod sysctl;
 pub mod table;
+pub mod tc_filter;
 pub mod xdp_features;

@@ -10,14 +10,13 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
         xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -29,7 +28,7 @@ use nat_common::{
     NatConfig,
 };
 
-use crate::{instance::Instance, pinned::PinnedMaps, sysctl};
+use crate::{instance::Instance, pinned::PinnedMaps, sysctl, tc_filter};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat.bpf.o"));
@@ -70,6 +69,9 @@ pub struct Attached {
     pub adopted: bool,
     /// Internal interfaces carrying the internal-side program (adopted ones included).
     pub internal_ifaces: Vec<String>,
+    /// The netlink egress filter (kernels without TCX) to let go of once a persisting attach
+    /// has fully succeeded.
+    egress_filter: Option<SchedClassifierLinkId>,
     /// How the programs are attached, for `nat-ctl status`.
     pub description: String,
 }
@@ -129,6 +131,7 @@ pub fn remove_persisted(instance: &Instance) -> Result<()> {
     for pin in link_pins(&instance.pin_dir()) {
         fs::remove_file(&pin).with_context(|| format!("cannot unpin {}", pin.display()))?;
     }
+    tc_filter::remove(&instance.iface, &instance.pin_dir())?;
     sysctl::restore_saved(instance);
     instance.remove_pins()
 }
@@ -145,9 +148,6 @@ impl Attached {
         let tcx = KernelVersion::current()
             .map(|v| v >= KernelVersion::new(TCX_MIN_KERNEL.0, TCX_MIN_KERNEL.1, TCX_MIN_KERNEL.2))
             .unwrap_or(false);
-        if plan.persist && !tcx {
-            bail!("--persist needs TCX links (Linux 6.6 or newer) to keep the egress program attached");
-        }
         let pin_dir = instance.pin_dir();
         let adopted = is_persisted(instance);
         fs::create_dir_all(&pin_dir).with_context(|| format!("cannot create {}", pin_dir.display()))?;
@@ -161,6 +161,7 @@ impl Attached {
             persist: adopted,
             adopted,
             internal_ifaces: Vec::new(),
+            egress_filter: None,
             description: String::new(),
         };
         let bindings = binding_map_capacity(config.max_bindings);
@@ -191,7 +192,10 @@ impl Attached {
         }
 
         if adopted {
-            adopt_links(ebpf, &pin_dir)?;
+            let egress_filter = adopt_links(ebpf, &pin_dir, iface)?;
+            if plan.persist {
+                attached.egress_filter = egress_filter;
+            }
         } else {
             let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
             let id = ingress
@@ -203,16 +207,22 @@ impl Attached {
                     .context("cannot pin the XDP link")?;
             }
             if !tcx {
+                // A filter of ours left by a daemon that was killed would translate again
+                // with its orphaned maps: remove it first (none found is the usual case).
+                let _ = tc::qdisc_detach_program(iface, TcAttachType::Egress, EGRESS_PROGRAM);
                 attached.added_clsact = tc::qdisc_add_clsact(iface).is_ok();
             }
             let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
             let id = egress
                 .attach(iface, TcAttachType::Egress)
                 .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
-            if plan.persist {
+            if tcx && plan.persist {
                 let link: FdLink = egress.take_link(id)?.try_into()?;
                 link.pin(pin_dir.join(EGRESS_LINK_PIN))
                     .context("cannot pin the TC link")?;
+            } else if plan.persist {
+                // Left to the end: a filter let go of cannot be undone by dropping the object.
+                attached.egress_filter = Some(id);
             }
             if !plan.internal_ifaces.is_empty() {
                 let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
@@ -244,7 +254,26 @@ impl Attached {
             for pin in link_pins(&pin_dir) {
                 let _ = fs::remove_file(pin);
             }
+            if let Some(record) = tc_filter::load(&pin_dir) {
+                attached.added_clsact = record.added_clsact;
+                tc_filter::forget(&pin_dir);
+            }
             attached.sysctls = sysctl::take_saved(instance);
+        }
+        if let Some(id) = attached.egress_filter.take() {
+            // A netlink filter outlives this process once we let go of it; its record lets the
+            // next attach replace its program and `detach` remove it.
+            let added_clsact =
+                attached.added_clsact || tc_filter::load(&pin_dir).is_some_and(|r| r.added_clsact);
+            let egress: &mut SchedClassifier = tc_program(ebpf_of(&mut attached)?, EGRESS_PROGRAM)?;
+            let link = egress.take_link(id)?;
+            let record = tc_filter::FilterRecord {
+                priority: link.priority()?,
+                handle: link.handle()?.into(),
+                added_clsact,
+            };
+            tc_filter::save(&pin_dir, &record)?;
+            std::mem::forget(link);
         }
         let mut description = format!(
             "xdp ingress + {} egress on {iface}",
@@ -260,6 +289,11 @@ impl Attached {
         attached.internal_ifaces = internal;
         Ok(attached)
     }
+}
+
+/// The loaded object of an attach in progress.
+fn ebpf_of(attached: &mut Attached) -> Result<&mut Ebpf> {
+    attached.ebpf.as_mut().context("programs not loaded")
 }
 
 /// The XDP program `name` of the loaded object.
@@ -293,8 +327,9 @@ fn attached_internal_ifaces(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Swaps the freshly loaded programs into the pinned links of a persisted instance.
-fn adopt_links(ebpf: &mut Ebpf, dir: &Path) -> Result<()> {
+/// Swaps the freshly loaded programs into the pinned links of a persisted instance (and into
+/// its recorded egress filter, on kernels without TCX, whose id is returned).
+fn adopt_links(ebpf: &mut Ebpf, dir: &Path, iface: &str) -> Result<Option<SchedClassifierLinkId>> {
     let pinned = |name: &str| -> Result<FdLink> {
         let path = dir.join(name);
         Ok(PinnedLink::from_pin(&path)
@@ -306,16 +341,26 @@ fn adopt_links(ebpf: &mut Ebpf, dir: &Path) -> Result<()> {
         .attach_to_link(XdpLink::try_from(pinned(INGRESS_LINK_PIN)?)?)
         .context("cannot replace the XDP program")?;
     let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
-    egress
-        .attach_to_link(SchedClassifierLink::try_from(pinned(EGRESS_LINK_PIN)?)?)
-        .context("cannot replace the TC program")?;
+    let egress_filter = match tc_filter::load(dir) {
+        Some(record) => Some(
+            egress
+                .attach_to_link(record.link(iface)?)
+                .context("cannot replace the TC filter's program")?,
+        ),
+        None => {
+            egress
+                .attach_to_link(SchedClassifierLink::try_from(pinned(EGRESS_LINK_PIN)?)?)
+                .context("cannot replace the TC program")?;
+            None
+        }
+    };
     let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
     for lan in attached_internal_ifaces(dir) {
         internal
             .attach_to_link(XdpLink::try_from(pinned(&internal_pin(&lan))?)?)
             .with_context(|| format!("cannot replace the XDP program on {lan}"))?;
     }
-    Ok(())
+    Ok(egress_filter)
 }
 
 /// A one-line error for a program the kernel refused, with the verifier's log saved to a file.
@@ -354,9 +399,7 @@ impl Drop for Attached {
             changed.restore();
         }
         if self.added_clsact {
-            let _ = Command::new("tc")
-                .args(["qdisc", "del", "dev", &self.instance.iface, "clsact"])
-                .status();
+            tc_filter::remove_clsact(&self.instance.iface);
         }
         for pin in link_pins(&self.instance.pin_dir()) {
             let _ = fs::remove_file(pin);

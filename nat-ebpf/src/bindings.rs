@@ -1,6 +1,8 @@
 //! Bindings: finding the external endpoint of an outbound flow, and creating one on a flow's
 //! first packet with the allocation policy from `nat_common::alloc`.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
@@ -25,17 +27,6 @@ const EEXIST: i32 = 17;
 /// Timestamps are written back only when they are at least this stale, so established flows
 /// do not bounce a cache line between CPUs on every packet. Far below any timeout.
 pub const REFRESH_GRANULARITY_NS: u64 = 100_000_000;
-
-/// Why a packet could not get a binding.
-#[derive(Clone, Copy)]
-pub enum BindingError {
-    /// No binding exists and the caller may not create one.
-    Missing,
-    /// Every candidate port was taken (counted).
-    Exhausted,
-    /// A map was full (counted).
-    TableFull,
-}
 
 /// The clock shared by data path and controller (CLOCK_MONOTONIC, coarse).
 #[inline(always)]
@@ -74,7 +65,8 @@ impl OutboundFlow {
     }
 }
 
-/// The binding for `flow`, creating it when `create` is set.
+/// The binding for `flow`, creating it when `create` is set; `None` when there is none and
+/// none could be made (the reason is counted where it happens).
 ///
 /// The key follows the mode: endpoint-independent (no remote) in the cone modes, per remote in
 /// symmetric mode. A run-time mode switch keeps the flows that already exist: after a switch to
@@ -87,17 +79,17 @@ pub fn outbound_binding(
     cfg: &NatConfig,
     flow: &OutboundFlow,
     create: bool,
-) -> Result<*mut BindingValue, BindingError> {
+) -> Option<NonNull<BindingValue>> {
     let symmetric = cfg.mode().mapping_is_remote_dependent();
     if !symmetric && cfg.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS != 0 {
         // A flow that got its own binding in symmetric mode keeps it after the switch.
         if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(true)) {
-            return Ok(binding);
+            return NonNull::new(binding);
         }
     }
     let primary = flow.key(symmetric);
     if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(primary) {
-        return Ok(binding);
+        return NonNull::new(binding);
     }
     if symmetric {
         if let Some(binding) = NAT_BINDINGS_OUT.get_ptr_mut(flow.key(false)) {
@@ -113,12 +105,12 @@ pub fn outbound_binding(
                     SESSION_KIND_ENDPOINT,
                 )
             {
-                return Ok(binding);
+                return NonNull::new(binding);
             }
         }
     }
     if !create {
-        return Err(BindingError::Missing);
+        return None;
     }
     allocate(cfg, &primary)
 }
@@ -137,10 +129,14 @@ pub fn external_addr_for(cfg: &NatConfig, internal_addr: u32) -> u32 {
 /// Creates a binding for `key`: claims an external port by inserting its inbound entry with
 /// `BPF_NOEXIST` (so no two CPUs can hand one external endpoint to two internal endpoints,
 /// RFC 4787 REQ-3), then publishes the outbound entry.
+///
+/// A subprogram of its own (it is the cold path), so its result is one pointer, null on failure:
+/// the 6.1 verifier loses track of a `Result` returned through the stack (its tag is spilled as
+/// a narrow constant and read back as unknown) and then walks the impossible branch.
 #[inline(never)]
-fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, BindingError> {
+fn allocate(cfg: &NatConfig, key: &BindingKey) -> Option<NonNull<BindingValue>> {
     if !usage::may_create(cfg, key.internal_addr) {
-        return Err(BindingError::TableFull);
+        return None;
     }
     let external_addr = external_addr_for(cfg, key.internal_addr);
     let internal_port = u16::from_be(key.internal_port);
@@ -177,13 +173,13 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, Bind
             Err(e) if e == -EEXIST => continue,
             Err(_) => {
                 count(Counter::TableFull);
-                return Err(BindingError::TableFull);
+                return None;
             }
         }
     }
     let Some(external_key) = claimed else {
         count(Counter::PortExhausted);
-        return Err(BindingError::Exhausted);
+        return None;
     };
     let outbound = BindingValue {
         last_seen_ns: now_ns(),
@@ -203,16 +199,17 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Result<*mut BindingValue, Bind
             let _ = NAT_BINDINGS_IN.remove(external_key);
             if e != -EEXIST {
                 count(Counter::TableFull);
-                return Err(BindingError::TableFull);
+                return None;
             }
         }
     }
-    NAT_BINDINGS_OUT.get_ptr_mut(key).ok_or(BindingError::TableFull)
+    NonNull::new(NAT_BINDINGS_OUT.get_ptr_mut(key)?)
 }
 
 /// Marks a binding as used now (outbound refresh, RFC 4787 REQ-6).
 #[inline(always)]
-pub fn refresh(binding: *mut BindingValue, now: u64) {
+pub fn refresh(binding: NonNull<BindingValue>, now: u64) {
+    let binding = binding.as_ptr();
     // SAFETY: map value pointer from a successful lookup; a racing write of a timestamp is benign.
     unsafe {
         if now.wrapping_sub((*binding).last_seen_ns) > REFRESH_GRANULARITY_NS {
@@ -226,11 +223,12 @@ pub fn refresh(binding: *mut BindingValue, now: u64) {
 /// must be dropped (already counted).
 #[inline(always)]
 pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, tcp_flags: u8) -> Option<(u32, u16)> {
-    let binding = outbound_binding(cfg, flow, true).ok()?;
+    let binding = outbound_binding(cfg, flow, true)?;
     let now = now_ns();
     refresh(binding, now);
     // SAFETY: map value pointer from a successful lookup.
-    let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
+    let (external_addr, external_port) =
+        unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
     sessions::touch_outbound(
         flow.proto,
         external_addr,

@@ -245,11 +245,12 @@ fn icmp_error(cfg: &NatConfig, (l3, l4, end): Headers, shape: &Ipv4Shape) -> i32
         remote_addr: emb.ip.saddr,
         remote_port: emb.src_port,
     };
-    let Ok(binding) = bindings::outbound_binding(cfg, &flow, false) else {
+    let Some(binding) = bindings::outbound_binding(cfg, &flow, false) else {
         return dropped(Counter::IcmpErrorDropped);
     };
     // SAFETY: map value pointer from a successful lookup.
-    let (external_addr, external_port) = unsafe { ((*binding).external_addr, (*binding).external_port) };
+    let binding = unsafe { binding.as_ref() };
+    let (external_addr, external_port) = (binding.external_addr, binding.external_port);
     if icmp::rewrite(
         l3,
         l4,

@@ -58,16 +58,22 @@ pub fn park(ctx: &XdpContext, l3_off: usize, len: usize) -> bool {
         return false;
     };
     let parked = entry.as_mut_ptr();
-    // SAFETY: `parked` is a reserved ring entry of the right size; `len` is bounded by the
-    // buffer, and the helper checks it against the packet.
+    // SAFETY: `parked` is a reserved ring entry of the right size, and `len` was checked above.
+    // The helper's length is that value read back from the entry and clamped into the buffer
+    // right before the call, so the bound sits on the very register the helper gets: the 6.1
+    // verifier does not carry a bound checked on one fill of a stack slot to a second fill of
+    // it, and without the volatile read the compiler would drop the clamp as redundant. The
+    // helper itself checks the length against the packet.
     let copied = unsafe {
         (*parked).len = len as u32;
         (*parked)._pad = 0;
+        let copy_len = u64::from(core::ptr::read_volatile(&raw const (*parked).len))
+            .clamp(1, MAX_PARKED_FRAGMENT_BYTES as u64);
         bpf_xdp_load_bytes(
             ctx.as_ptr().cast(),
             l3_off as u32,
             (*parked).packet.as_mut_ptr().cast(),
-            len as u32,
+            copy_len as u32,
         )
     };
     if copied < 0 {

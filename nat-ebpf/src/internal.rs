@@ -262,17 +262,13 @@ fn hairpin_icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 
         remote_addr: emb.ip.saddr,
         remote_port: emb.src_port,
     };
-    let Ok(reporter_binding) = bindings::outbound_binding(cfg, &reporter, false) else {
+    let Some(reporter_binding) = bindings::outbound_binding(cfg, &reporter, false) else {
         // Not about a hairpinned packet: the gateway's own business.
         return XDP_PASS;
     };
     // SAFETY: map value pointer from a successful lookup.
-    let (reporter_addr, reporter_port) = unsafe {
-        (
-            (*reporter_binding).external_addr,
-            (*reporter_binding).external_port,
-        )
-    };
+    let reporter_binding = unsafe { reporter_binding.as_ref() };
+    let (reporter_addr, reporter_port) = (reporter_binding.external_addr, reporter_binding.external_port);
     let key = ExternalKey {
         external_addr: emb.ip.saddr,
         external_port: emb.src_port,
