@@ -174,7 +174,11 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     lock.write_info(&attached.description)?;
 
     let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
-    println!(
+    // A closed stdout (the reader of a pipe gone) must not stop the NAT: the line is for the
+    // reader, so it is written when possible and otherwise dropped.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
         "attached {} mode={} external={} ports={}-{}{}",
         settings.iface,
         settings.mode.name(),
@@ -186,8 +190,8 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         } else {
             ""
         }
-    );
-    std::io::stdout().flush()?;
+    )
+    .and_then(|()| stdout.flush());
 
     let result = runtime.block_on(async {
         if let Some(listener) = metrics_listener {

@@ -15,6 +15,7 @@ pub mod iface;
 pub mod instance;
 pub mod loader;
 pub mod metrics;
+pub mod mountns;
 pub mod notices;
 pub mod pinned;
 pub mod raw;

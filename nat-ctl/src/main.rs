@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{error::ErrorKind, Parser};
 use nat_ctl::{
     cli::{Cli, Command},
-    commands, daemon,
+    commands, daemon, mountns,
 };
 
 fn main() -> ExitCode {
@@ -25,6 +25,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(cli.command, Command::Attach(_)) {
+        // A closed pipe (`nat-ctl mappings | head -1`) ends a query quietly, by SIGPIPE, as it
+        // ends `ip` and `conntrack`: a shell sees status 141. Rust ignores SIGPIPE and println!
+        // would panic on EPIPE instead. The daemon (`attach`) keeps ignoring it: a closed
+        // stdout must not stop a NAT.
+        // SAFETY: restores the default disposition; no handler runs, no threads exist yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    if !matches!(cli.command, Command::Check(_)) {
+        // Before anything else, while the process has one thread (tokio starts later).
+        if let Err(e) = mountns::use_host_bpffs() {
+            eprintln!("nat-ctl: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match &cli.command {
         Command::Attach(args) => daemon::attach(args),
         Command::Mappings(args) => commands::mappings(args),

@@ -198,3 +198,154 @@ fn second_attach_fails_and_the_first_keeps_working() -> Result<()> {
     ensure!(left.is_clean(), "left behind after stop: {left:#?}");
     Ok(())
 }
+
+/// Runs `nat-ctl args...` in `ns` with stdout on a pipe whose reader is already gone, so its
+/// first write fails with EPIPE. Bounded: killed (by pid) if it runs past the time limit.
+fn run_into_closed_pipe(ns: &vm_tests::netns::Netns, args: &[&str]) -> Result<Output> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let mut cmd = nat_ctl(ns, args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let status = poll(CLOSED_PIPE_TIMEOUT, Duration::from_millis(20), || {
+        child.try_wait().ok().flatten()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!(
+            "nat-ctl {} still ran {CLOSED_PIPE_TIMEOUT:?} after its stdout closed",
+            args.join(" ")
+        );
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    Ok(Output {
+        status,
+        stdout: String::new(),
+        stderr,
+    })
+}
+
+/// Time limit of one query whose stdout is a closed pipe.
+const CLOSED_PIPE_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn closed_pipe_ends_queries_quietly_like_ip() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+
+    let lab = Lab::new("pipe")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    ping_ok(&lab)?;
+    let iface = lab.wan_if.as_str();
+    let mut failures = Vec::new();
+    for args in [
+        vec!["mappings", "-i", iface],
+        vec!["mappings", "-i", iface, "--json"],
+        vec!["stats", "-i", iface],
+        vec!["stats", "-i", iface, "--json"],
+        vec!["status", "-i", iface],
+        vec!["forward", "list", "-i", iface],
+    ] {
+        let out = run_into_closed_pipe(&lab.nat, &args)?;
+        // `ip link | head -1` dies of SIGPIPE (a shell reports 141): the same here.
+        if out.status.signal() != Some(libc::SIGPIPE) {
+            failures.push(format!("{}: exit {}, not SIGPIPE", args.join(" "), out.status));
+        }
+        if !out.stderr.trim().is_empty() {
+            failures.push(format!("{}: wrote to stderr:\n{}", args.join(" "), out.stderr));
+        }
+    }
+    // The everyday form: a pipeline into head, in a shell with pipefail.
+    let pipeline = format!(
+        "set -o pipefail; nsenter --net={} -- {} stats -i {iface} | head -1",
+        lab.nat.path().display(),
+        vm_tests::nat::nat_ctl_path().display()
+    );
+    let out = vm_tests::proc::run(
+        "stats | head -1",
+        vm_tests::proc::command("bash", &["-c", &pipeline]),
+        CLOSED_PIPE_TIMEOUT,
+    )?;
+    let code = out.status.code();
+    if !matches!(code, Some(0) | Some(141)) || out.stdout.lines().count() != 1 {
+        failures.push(format!(
+            "stats | head -1: status {}, stdout {:?}",
+            out.status, out.stdout
+        ));
+    }
+    if out.stderr.contains("panicked") || !out.stderr.trim().is_empty() {
+        failures.push(format!("stats | head -1 wrote to stderr:\n{}", out.stderr));
+    }
+    ensure!(failures.is_empty(), "closed pipes:\n{}", failures.join("\n"));
+    ensure!(
+        nat.mappings()?.iter().any(|m| m.proto == "icmp"),
+        "the daemon lost its table"
+    );
+    nat.stop()
+}
+
+#[test]
+fn ip_netns_exec_sees_the_running_nat() -> Result<()> {
+    let lab = Lab::new("netnsx")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    ping_ok(&lab)?;
+    let bin = vm_tests::nat::nat_ctl_path();
+    let bin = bin.to_string_lossy();
+    // `ip netns exec` gives the command a private mount namespace with a fresh /sys.
+    let mappings = lab
+        .nat
+        .run_ok(&bin, &["mappings", "--json"], vm_tests::nat::CTL_TIMEOUT)?;
+    let rows = vm_tests::nat::parse_mappings(&mappings.stdout)?;
+    ensure!(
+        rows.iter()
+            .any(|m| m.proto == "icmp" && *m.internal.ip() == vm_tests::lab::LAN_IP),
+        "ip netns exec ... mappings does not list the ping's binding: {rows:?}"
+    );
+    let status = lab
+        .nat
+        .run_ok(&bin, &["status", "--json"], vm_tests::nat::CTL_TIMEOUT)?;
+    let v: serde_json::Value = serde_json::from_str(&status.stdout)?;
+    ensure!(
+        v["iface"] == lab.wan_if.as_str() && v["pid"].as_str() == Some(&nat.pid().to_string()),
+        "ip netns exec ... status: {}",
+        status.stdout
+    );
+    nat.stop()?;
+
+    // attach itself under ip netns exec pins where every other shell sees it.
+    let mut p = Proc::spawn(
+        "ip netns exec attach",
+        lab.nat.cmd(&bin, &["attach", &lab.wan_if]),
+    )?;
+    let attached = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+        if p.stdout().contains("attached ") {
+            return Some(true);
+        }
+        matches!(p.try_wait(), Ok(Some(_))).then_some(false)
+    });
+    ensure!(
+        attached == Some(true),
+        "attach under ip netns exec did not attach; stderr: {}",
+        p.stderr()
+    );
+    ensure!(
+        !Leftovers::inspect_pins(&lab.wan_if).is_empty(),
+        "attach under ip netns exec left no pins in the host's bpffs"
+    );
+    ping_ok(&lab)?;
+    let out = vm_tests::nat::run_nat_ctl(&lab.nat, &["mappings", "--json"])?.check("nsenter mappings")?;
+    ensure!(
+        !vm_tests::nat::parse_mappings(&out.stdout)?.is_empty(),
+        "mappings through nsenter lists nothing for the NAT attached under ip netns exec"
+    );
+    let st = p.terminate(Duration::from_secs(20))?;
+    ensure!(st.success(), "exit {st} after SIGTERM; stderr: {}", p.stderr());
+    let left = Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "left behind: {left:#?}");
+    Ok(())
+}
