@@ -256,7 +256,7 @@ impl Cmd {
 
 /// `word` as a shell would need it typed: single-quoted when it holds anything but plain
 /// characters, so a printed command line can be pasted back.
-fn shell_quote(word: &str) -> String {
+pub fn shell_quote(word: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c);
     if !word.is_empty() && word.chars().all(plain) {
         word.to_string()

@@ -11,8 +11,10 @@ mod demo;
 mod ebpf;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -59,6 +61,19 @@ enum Command {
     },
     /// Check formatting and run clippy, for the workspace and for nat-ebpf.
     Check,
+    /// Boot Debian 12's 6.1 kernel in qemu over this machine's userspace and run a shell command
+    /// there, in the repository; exits with the command's status.
+    VmRun {
+        /// Kill the VM after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Show the whole console (firmware, kernel), not only the command's output.
+        #[arg(long)]
+        verbose: bool,
+        /// The command: one argument is shell text as it is; several are quoted words.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Build everything and run the benchmark (root): writes BENCHMARKS.md and its SVG plots.
     Bench {
         /// Arguments passed to the bench binary (e.g. `--smoke`, `--only forwarding`).
@@ -82,6 +97,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { args } => demo::run(&args),
         Command::Check => check::run(),
         Command::Bench { args } => bench::run(&args),
+        Command::VmRun {
+            timeout,
+            verbose,
+            command,
+        } => {
+            let show = if verbose {
+                vm::Show::Everything
+            } else {
+                vm::Show::Command
+            };
+            let status = vm::run_command(Duration::from_secs(timeout), show, &command)?;
+            if status != 0 {
+                cmd::flush();
+                // The command's own status, as ssh or `docker run` would give it.
+                std::process::exit(status);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -6,10 +6,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 
 use crate::cmd::{is_root, log_dir, target_dir, Cmd};
+use crate::vm;
 
 /// Debian packages bpf-linker links against (LLVM 22 from bookworm-security).
 const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -42,6 +44,10 @@ const LAB_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
+/// Debian packages the VM tests use: qemu (TCG), a static busybox and cpio for the initramfs,
+/// kmod for depmod/modprobe on the extracted kernel tree, xz to unpack its bzImage.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils"];
+
 /// PyPI packages the end-to-end tests use: (name, version, a file the install must contain).
 /// Installed with `pip install --target target/pypi`, where vm-tests looks for them.
 const PYPI_PACKAGES: &[(&str, &str, &str)] = &[("pystun3", "2.0.0", "stun/cli.py")];
@@ -66,6 +72,8 @@ pub enum Piece {
     PypiPackages,
     /// bpffs mounted at /sys/fs/bpf, where nat-ctl pins its maps.
     Bpffs,
+    /// qemu, busybox and Debian 12's 6.1 kernel unpacked under target/vm (`cargo xtask vm-run`).
+    VmKernel,
 }
 
 /// Everything: what `cargo xtask setup`, `test` and `demo` need.
@@ -76,7 +84,11 @@ pub const ALL: &[Piece] = &[
     Piece::LabPackages,
     Piece::PypiPackages,
     Piece::Bpffs,
+    Piece::VmKernel,
 ];
+
+/// What booting the 6.1 VM needs (`cargo xtask vm-run`).
+pub const VM: &[Piece] = &[Piece::VmKernel];
 
 /// What building the eBPF object needs.
 pub const EBPF_BUILD: &[Piece] = &[Piece::ToolchainPackages, Piece::RustSrc, Piece::BpfLinker];
@@ -89,6 +101,9 @@ pub fn ensure(pieces: &[Piece]) -> Result<()> {
     }
     if pieces.contains(&Piece::LabPackages) {
         packages.extend(LAB_PACKAGES);
+    }
+    if pieces.contains(&Piece::VmKernel) {
+        packages.extend(VM_PACKAGES);
     }
     ensure_debian_packages(&packages)?;
     if pieces.contains(&Piece::RustSrc) {
@@ -103,11 +118,15 @@ pub fn ensure(pieces: &[Piece]) -> Result<()> {
     if pieces.contains(&Piece::Bpffs) {
         ensure_bpffs()?;
     }
+    if pieces.contains(&Piece::VmKernel) {
+        vm::kernel::ensure()?;
+    }
     println!("setup: ok");
     Ok(())
 }
 
-fn log_file(name: &str) -> PathBuf {
+/// A log file in `target/xtask-logs/`.
+pub(crate) fn log_file(name: &str) -> PathBuf {
     log_dir().join(name)
 }
 
@@ -136,7 +155,8 @@ fn missing_debian_packages(packages: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn apt_get(log: &Path, args: &[&str]) -> Result<bool> {
+/// Runs `apt-get ARGS` non-interactively, all output in `log`; true when it succeeded.
+pub(crate) fn apt_get(log: &Path, args: &[&str]) -> Result<bool> {
     Cmd::new("apt-get")
         .env_quiet("DEBIAN_FRONTEND", "noninteractive")
         // Wait for a concurrent apt or unattended-upgrades instead of failing on the lock.
@@ -155,13 +175,7 @@ fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
         bail!("setup needs root to install the missing Debian packages ({list}); run it as root");
     }
     println!("setup: installing Debian packages: {list}…");
-    let log = log_file("apt-get-update.log");
-    if !apt_get(&log, &["update"])? {
-        bail!(
-            "could not install Debian packages {list}: `apt-get update` failed (see {})",
-            log.display()
-        );
-    }
+    apt_update_once(&format!("install Debian packages {list}"))?;
     let log = log_file("apt-get-install.log");
     let mut install: Vec<&str> = vec!["install", "-y"];
     install.extend(missing.iter().map(String::as_str));
@@ -200,6 +214,26 @@ fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
             log.display()
         );
     }
+    Ok(())
+}
+
+/// Whether this process has already run `apt-get update` successfully.
+static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+/// Runs `apt-get update` unless this process already did (installs and `apt-cache` look-ups
+/// need fresh lists); `purpose` completes "could not …" in the error.
+pub(crate) fn apt_update_once(purpose: &str) -> Result<()> {
+    if APT_UPDATED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let log = log_file("apt-get-update.log");
+    if !apt_get(&log, &["update"])? {
+        bail!(
+            "could not {purpose}: `apt-get update` failed (see {})",
+            log.display()
+        );
+    }
+    APT_UPDATED.store(true, Ordering::Relaxed);
     Ok(())
 }
 
