@@ -27,6 +27,7 @@ use crate::{
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
+    sysctl,
 };
 
 /// How often parked out-of-order fragments and notices are handled: short next to the time a
@@ -161,6 +162,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         persist: resolved.persist,
     };
     let mut attached = Attached::attach(&instance, &config, &plan)?;
+    // Mistakes that would leave the NAT attached but useless, said once here.
+    let forwarding = sysctl::IpForwarding::enable(&instance, resolved.persist)?;
+    if let Some(was) = &forwarding.was {
+        eprintln!("nat-ctl: enabled net.ipv4.ip_forward (was {was}); it is restored on detach");
+    }
+    warn_foreign_addrs(&settings.iface, &settings.external_addrs)?;
     let datapath_logger = if settings.datapath_log {
         Some(attached.datapath_logger()?)
     } else {
@@ -233,6 +240,18 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     drop(attached);
     drop(lock);
     result
+}
+
+/// Warns about each given external address that is not on the interface: legitimate for a
+/// pool routed to the gateway, but otherwise nobody answers ARP for it and no reply arrives.
+fn warn_foreign_addrs(iface_name: &str, given: &[std::net::Ipv4Addr]) -> Result<()> {
+    let present = iface::ipv4_addrs(iface_name)?;
+    for addr in given.iter().filter(|a| !present.contains(a)) {
+        eprintln!(
+            "nat-ctl: warning: {addr} is not an address of {iface_name}: the gateway will not answer ARP for it unless it is routed here"
+        );
+    }
+    Ok(())
 }
 
 /// The devices the fast path may send to: all of the NAT's interfaces, when it has internal

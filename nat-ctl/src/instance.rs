@@ -104,7 +104,7 @@ impl Instance {
 }
 
 /// Every instance with a pin directory in network namespace `netns`.
-fn list_in_netns(netns: u64) -> Vec<Instance> {
+pub fn list_in_netns(netns: u64) -> Vec<Instance> {
     let prefix = format!("{netns}-");
     let Ok(entries) = fs::read_dir(PIN_ROOT) else {
         return Vec::new();

@@ -1,12 +1,19 @@
-//! Per-interface IPv4 sysctls the NAT needs, set at attach and restored at detach. A persisting
-//! instance keeps the previous values in a file next to its lock, for `nat-ctl detach` or the
-//! adopting daemon to restore.
+//! IPv4 sysctls the NAT needs, set at attach and restored at detach. A persisting instance keeps
+//! the previous values in a file next to its lock, for `nat-ctl detach` or the adopting daemon
+//! to restore.
+//!
+//! `net.ipv4.ip_forward` is one per network namespace and may serve several NATs there (one per
+//! external interface): whoever turns it on records the old value in a file of the namespace,
+//! and it is put back when the last NAT of the namespace goes.
 
 use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::instance::{Instance, RUN_DIR};
+use crate::instance::{list_in_netns, Instance, RUN_DIR};
+
+/// IPv4 forwarding of the caller's network namespace (each namespace has its own).
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// A sysctl value changed by us, remembered so it can be put back.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,9 +69,79 @@ pub fn take_saved(instance: &Instance) -> Vec<Changed> {
         .collect()
 }
 
-/// Restores what a persisted instance recorded.
+/// Restores what a persisted instance recorded, `ip_forward` included when it is the last NAT
+/// of its network namespace.
 pub fn restore_saved(instance: &Instance) {
     for changed in take_saved(instance) {
         changed.restore();
+    }
+    release_ip_forward(instance);
+}
+
+/// Where the value `ip_forward` had before a NAT of network namespace `netns` turned it on.
+fn ip_forward_record(netns: u64) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(format!("{netns}.ip_forward"))
+}
+
+/// IPv4 forwarding held on for a running NAT. Dropping it puts the old value back (see
+/// `release_ip_forward`) unless the instance persists: then `nat-ctl detach` does.
+pub struct IpForwarding {
+    instance: Instance,
+    persist: bool,
+    /// The value before this attach turned forwarding on, if it did.
+    pub was: Option<String>,
+}
+
+impl IpForwarding {
+    /// Turns on IPv4 forwarding in the caller's network namespace if it is off: a NAT gateway
+    /// forwards every packet it translates, so without it every flow would be lost without a
+    /// word. The old value is recorded before it is changed, so it is put back even after a
+    /// crash (by the next detach in this namespace).
+    pub fn enable(instance: &Instance, persist: bool) -> Result<IpForwarding> {
+        let mut held = IpForwarding {
+            instance: instance.clone(),
+            persist,
+            was: None,
+        };
+        let previous = fs::read_to_string(IP_FORWARD).with_context(|| format!("cannot read {IP_FORWARD}"))?;
+        let previous = previous.trim();
+        if previous != "0" {
+            return Ok(held);
+        }
+        let record = ip_forward_record(instance.netns);
+        if !record.exists() {
+            fs::write(&record, previous).with_context(|| {
+                format!("cannot record the value of {IP_FORWARD} in {}", record.display())
+            })?;
+        }
+        fs::write(IP_FORWARD, "1").with_context(|| format!("cannot turn on {IP_FORWARD}"))?;
+        held.was = Some(previous.to_string());
+        Ok(held)
+    }
+}
+
+impl Drop for IpForwarding {
+    fn drop(&mut self) {
+        if !self.persist {
+            release_ip_forward(&self.instance);
+        }
+    }
+}
+
+/// Puts IPv4 forwarding back as it was before a NAT turned it on, unless another NAT of this
+/// network namespace still needs it (that one puts it back when it goes).
+pub fn release_ip_forward(instance: &Instance) {
+    let record = ip_forward_record(instance.netns);
+    let Ok(previous) = fs::read_to_string(&record) else {
+        return;
+    };
+    if list_in_netns(instance.netns)
+        .iter()
+        .any(|other| other != instance)
+    {
+        return;
+    }
+    if fs::write(IP_FORWARD, previous.trim()).is_ok() {
+        let _ = fs::remove_file(&record);
     }
 }

@@ -349,3 +349,123 @@ fn ip_netns_exec_sees_the_running_nat() -> Result<()> {
     ensure!(left.is_clean(), "left behind: {left:#?}");
     Ok(())
 }
+
+/// `net.ipv4.ip_forward` in `ns`.
+fn ip_forward(ns: &vm_tests::netns::Netns) -> Result<String> {
+    let out = ns.run_ok(
+        "sysctl",
+        &["-n", "net.ipv4.ip_forward"],
+        vm_tests::netns::SETUP_TIMEOUT,
+    )?;
+    Ok(out.stdout.trim().to_string())
+}
+
+/// Waits (bounded) until the daemon's stderr has a line containing `text`; returns all of it.
+fn stderr_with(nat: &NatProcess, text: &str) -> Result<String> {
+    let found = poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        nat.stderr().contains(text).then_some(())
+    });
+    ensure!(
+        found.is_some(),
+        "no {text:?} on the daemon's stderr:\n{}",
+        nat.stderr()
+    );
+    Ok(nat.stderr())
+}
+
+const FORWARD_NOTICE: &str = "nat-ctl: enabled net.ipv4.ip_forward (was 0); it is restored on detach";
+
+#[test]
+fn ip_forward_off_is_turned_on_with_a_notice_and_restored_on_detach() -> Result<()> {
+    let lab = Lab::new("ipfwd")?;
+    lab.nat.sysctl("net.ipv4.ip_forward", "0")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    let stderr = stderr_with(&nat, "ip_forward")?;
+    ensure!(
+        stderr.lines().filter(|l| *l == FORWARD_NOTICE).count() == 1,
+        "expected the line {FORWARD_NOTICE:?} once on stderr:\n{stderr}"
+    );
+    ensure!(
+        ip_forward(&lab.nat)? == "1",
+        "ip_forward still off while attached"
+    );
+    ping_ok(&lab)?;
+    nat.stop()?;
+    ensure!(
+        ip_forward(&lab.nat)? == "0",
+        "ip_forward not restored to 0 after detach"
+    );
+
+    // A persisting instance keeps forwarding on after its daemon exits; `detach` restores it.
+    let nat = NatProcess::attach(&lab, &["--persist"])?;
+    stderr_with(&nat, FORWARD_NOTICE)?;
+    nat.stop()?;
+    ensure!(
+        ip_forward(&lab.nat)? == "1",
+        "ip_forward turned off while the persisted NAT still translates"
+    );
+    ping_ok(&lab)?;
+    vm_tests::nat::run_nat_ctl(&lab.nat, &["detach", &lab.wan_if])?.check("nat-ctl detach")?;
+    ensure!(
+        ip_forward(&lab.nat)? == "0",
+        "ip_forward not restored to 0 by detach"
+    );
+
+    // Already on: nothing said, nothing changed at detach.
+    lab.nat.sysctl("net.ipv4.ip_forward", "1")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    ping_ok(&lab)?;
+    ensure!(
+        !nat.stderr().contains("ip_forward"),
+        "a notice although forwarding was on:\n{}",
+        nat.stderr()
+    );
+    nat.stop()?;
+    ensure!(
+        ip_forward(&lab.nat)? == "1",
+        "ip_forward changed by a NAT that found it on"
+    );
+    Ok(())
+}
+
+#[test]
+fn external_addr_not_on_the_interface_gets_a_warning_and_a_routed_one_works() -> Result<()> {
+    let lab = Lab::new("foreign")?;
+    let routed = std::net::Ipv4Addr::new(198, 18, 0, 9);
+    let nat = NatProcess::attach(&lab, &["--external-addr", &routed.to_string()])?;
+    let expected = format!(
+        "nat-ctl: warning: {routed} is not an address of {}: the gateway will not answer ARP for it unless it is routed here",
+        lab.wan_if
+    );
+    let stderr = stderr_with(&nat, "warning")?;
+    ensure!(
+        stderr.lines().filter(|l| *l == expected).count() == 1,
+        "expected the line {expected:?} once on stderr:\n{stderr}"
+    );
+    // A pool routed to the gateway is legitimate: with the route in place, traffic flows.
+    lab.wan.ip(&[
+        "route",
+        "add",
+        &format!("{routed}/32"),
+        "via",
+        &vm_tests::lab::NAT_EXT.to_string(),
+    ])?;
+    ping_ok(&lab)?;
+    ensure!(
+        nat.mappings()?
+            .iter()
+            .any(|m| m.proto == "icmp" && *m.external.ip() == routed),
+        "no binding on the routed address"
+    );
+    nat.stop()?;
+
+    // An address of the interface: no warning.
+    let nat = NatProcess::attach(&lab, &["--external-addr", &vm_tests::lab::NAT_EXT.to_string()])?;
+    ping_ok(&lab)?;
+    ensure!(
+        !nat.stderr().contains("warning"),
+        "a warning for an address of the interface:\n{}",
+        nat.stderr()
+    );
+    nat.stop()
+}
