@@ -141,6 +141,23 @@ fn rfc4787_req3_no_port_overloading_under_concurrency() -> Result<()> {
     nat.stop()
 }
 
+#[test]
+fn rfc4787_req3_ports_found_when_hosts_share_source_ports() -> Result<()> {
+    // Two hosts, two processes each, opening 4000 flows from the same 2000 source ports: the
+    // first host to claim a port keeps it, the other needs a free port elsewhere while a block
+    // of taken ports grows. Every flow must get one (issue 9: a sequential walk from a random
+    // start refused the flows whose start fell deep inside the block, with 88% of the range
+    // free).
+    let lab = lab2("sharedsrc")?;
+    let _who = reflector(&lab.wan, WAN_IP, WHOAMI_PORT)?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    let seen = burst_from_both_hosts(&lab, 40000, 1000)?;
+    ensure!(seen.len() == 4000, "{} of 4000 flows answered", seen.len());
+    let refused = nat.stats()?.get("port_exhausted")?;
+    ensure!(refused == 0, "{refused} flows refused as port_exhausted with most of the range free");
+    nat.stop()
+}
+
 /// Classifies the NAT from lan with natdiscovery and the Vovida client (fresh ports).
 fn classify(lab: &Lab, vovida_port: u16) -> Result<(String, String, String)> {
     let (map, filt) = natdiscovery(&lab.lan, LAN_IP, WAN_IP)?;
