@@ -32,6 +32,10 @@ pub const CONFIG_FLAG_REFUSAL_ICMP: u8 = 1 << 2;
 pub const CONFIG_FLAG_PER_REMOTE_BINDINGS: u8 = 1 << 3;
 /// `NatConfig::flags` bit: emit data-path debug lines through aya-log (`attach --datapath-log`).
 pub const CONFIG_FLAG_DATAPATH_LOG: u8 = 1 << 4;
+/// `NatConfig::flags` bit: the external address is the external interface's primary IPv4
+/// address and follows it when it changes (no `--external-addr` given). Only the controller
+/// reads it (for `nat-ctl status`); the data path uses whatever address the config holds.
+pub const CONFIG_FLAG_FOLLOWS_IFACE: u8 = 1 << 5;
 
 /// Configuration of one NAT instance. Written only by the controller, read by every packet.
 #[repr(C)]

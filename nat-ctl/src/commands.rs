@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use nat_common::{
-    config::CONFIG_FLAG_PER_REMOTE_BINDINGS,
+    config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
     maps::{binding_map_capacity, session_map_capacity, USAGE_ALL_HOSTS},
     Mode, NatConfig,
 };
@@ -92,6 +92,8 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         n => n.to_string(),
     };
     let addrs: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
+    // Without --external-addr the daemon keeps the address on the interface's (addr_watch).
+    let follows = config.flags & CONFIG_FLAG_FOLLOWS_IFACE != 0;
     let mut fast_path: Vec<String> = maps
         .fast_path_ifaces
         .keys()
@@ -108,6 +110,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "pid": pid,
             "mode": mode.name(),
             "external_addrs": addrs,
+            "external_follows_iface": follows,
             "ports": format!("{}-{}", config.port_min, config.port_max),
             "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
             "programs": programs,
@@ -121,7 +124,12 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     } else {
         println!("interface:  {} (daemon pid {pid})", instance.iface);
         println!("mode:       {}", mode.name());
-        println!("external:   {}", addrs.join(", "));
+        let following = match (follows, pid.as_str()) {
+            (false, _) => String::new(),
+            (true, "-") => format!(" (follows {} while a daemon runs)", instance.iface),
+            (true, _) => format!(" (follows {})", instance.iface),
+        };
+        println!("external:   {}{following}", addrs.join(", "));
         println!(
             "ports:      {}-{} (source ports < 1024 map to 1-1023)",
             config.port_min, config.port_max

@@ -11,6 +11,7 @@ use tokio::{
 };
 
 use crate::{
+    addr_watch::{self, AddrWatch, Follower},
     cli::{AttachArgs, SWEEP_INTERVAL_MS_DEFAULT},
     clock::monotonic_ns,
     commands::external_addrs,
@@ -174,6 +175,13 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         None
     };
     let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let mut follower = Follower::new(
+        &settings.iface,
+        config.external_ifindex,
+        settings.external_addrs.is_empty(),
+    );
+    // Before the forwards: adopted state on an address that has left moves or goes first.
+    follower.reconcile(&mut maps)?;
     let mut fast_path =
         FastPathDevices::new(fast_path_candidates(&settings.iface, &attached.internal_ifaces)?)?;
     fast_path.refresh(&mut maps)?;
@@ -219,16 +227,23 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         let reinjector = Reinjector::open(&instance.pin_dir())?;
         let notifier = Notifier::open(&instance.pin_dir(), settings.refusal_icmp)?;
         let timeouts = &settings.timeouts;
+        let watch = AddrWatch::open(follower.ifindex())?;
+        // Whatever changed before the subscription.
+        follower.handle(addr_watch::Event::AddressesChanged, &mut maps)?;
         run_until_signal(
             &mut maps,
             (reinjector, notifier, fast_path),
+            (watch, follower),
             timeouts,
             resolved.sweep_interval_ms,
             resolved.debug,
         )
         .await
     });
-    if resolved.persist {
+    let removed = matches!(&result, Err(e) if addr_watch::is_interface_removed(e));
+    if removed {
+        eprintln!("nat-ctl: interface {} was removed; detaching", settings.iface);
+    } else if resolved.persist {
         eprintln!(
             "nat-ctl: exiting; the NAT keeps running on {} (nat-ctl detach {0} removes it)",
             settings.iface
@@ -238,6 +253,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     }
     drop(maps);
     drop(attached);
+    if removed && resolved.persist {
+        // Nothing is left to persist for: the interface took its programs with it.
+        if let Err(e) = loader::remove_persisted(&instance) {
+            eprintln!("nat-ctl: warning: {e:#}");
+        }
+    }
     drop(lock);
     result
 }
@@ -288,10 +309,12 @@ fn install_forwards(
     Ok(())
 }
 
-/// Sweeps expired entries every `interval_ms` until SIGINT or SIGTERM.
+/// Sweeps expired entries every `interval_ms` and follows the interface's address until
+/// SIGINT or SIGTERM, or until the interface is removed (`addr_watch::InterfaceRemoved`).
 async fn run_until_signal(
     maps: &mut PinnedMaps,
     (mut reinjector, mut notifier, mut fast_path): (Reinjector, Notifier, FastPathDevices),
+    (mut watch, mut follower): (AddrWatch, Follower),
     timeouts: &Timeouts,
     interval_ms: u64,
     debug: bool,
@@ -306,6 +329,7 @@ async fn run_until_signal(
         tokio::select! {
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
+            event = watch.next() => follower.handle(event?, maps)?,
             _ = fragment_ticker.tick() => {
                 let now = std::time::Instant::now();
                 notifier.poll(now, maps);

@@ -59,6 +59,29 @@ fn expired(now_ns: u64, last_seen_ns: u64, timeout_secs: u32) -> bool {
 /// A binding's identity in session keys: protocol, external address, external port.
 type BindingId = (u8, u32, u16);
 
+/// The inbound key of the binding stored under outbound key `key` with value `value`.
+pub fn external_key(key: &BindingKey, value: &BindingValue) -> ExternalKey {
+    ExternalKey {
+        external_addr: value.external_addr,
+        external_port: value.external_port,
+        proto: key.proto,
+        _pad: 0,
+    }
+}
+
+/// Removes one dynamic binding by both of its keys and accounts for the freed quota. The one
+/// definition of how a binding goes, used by the sweep and when an external address leaves the
+/// interface (`addr_watch`). Returns false when it was already gone.
+pub fn remove_binding(maps: &mut PinnedMaps, out_key: &BindingKey, in_key: &ExternalKey) -> Result<bool> {
+    // Outbound entry first, so no new packet can find the binding; then free the port.
+    if maps.bindings_out.remove(out_key).is_err() {
+        return Ok(false);
+    }
+    let _ = maps.bindings_in.remove(in_key);
+    maps.record_released(out_key.internal_addr)?;
+    Ok(true)
+}
+
 /// What one sweep removes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SweepPlan {
@@ -108,13 +131,7 @@ pub fn plan(
                 binding_timeout_secs(key.proto, timeouts),
             )
         {
-            let external = ExternalKey {
-                external_addr: value.external_addr,
-                external_port: value.external_port,
-                proto: key.proto,
-                _pad: 0,
-            };
-            plan.bindings.push((*key, external));
+            plan.bindings.push((*key, external_key(key, value)));
         }
     }
     plan
@@ -174,10 +191,7 @@ pub fn sweep(maps: &mut PinnedMaps, now_ns: u64, timeouts: &Timeouts) -> Result<
         ) {
             continue;
         }
-        // Outbound entry first, so no new packet can find the binding; then free the port.
-        if maps.bindings_out.remove(out_key).is_ok() {
-            let _ = maps.bindings_in.remove(in_key);
-            maps.record_released(out_key.internal_addr)?;
+        if remove_binding(maps, out_key, in_key)? {
             report.bindings += 1;
         }
     }

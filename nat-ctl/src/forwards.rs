@@ -187,6 +187,42 @@ pub fn remove(maps: &mut PinnedMaps, proto: u8, external: SocketAddrV4) -> Resul
     }
 }
 
+/// Moves forward `f` to the same port on address `to`, keeping its internal server: a forward
+/// made for the interface's address follows that address when it changes. The new external
+/// port is claimed first (`BPF_NOEXIST`, as the data path claims ports), then the outbound
+/// entry is rewritten in place, so the server's packets never find the forward missing (they
+/// would get a dynamic binding that blocks it); the old external entry goes last.
+pub fn move_to(maps: &mut PinnedMaps, f: &Forward, to: Ipv4Addr) -> Result<Forward> {
+    let name = proto::name(f.proto);
+    let moved = Forward {
+        external: SocketAddrV4::new(to, f.external.port()),
+        ..f.clone()
+    };
+    let (old_key, _) = keys(f);
+    let (new_key, _) = keys(&moved);
+    let inbound = match maps.bindings_in.get(&old_key, 0) {
+        Ok(value) if value.flags & BINDING_FLAG_STATIC != 0 => value,
+        _ => bail!("there is no forward on {name} {}", f.external),
+    };
+    let out_key = inbound.binding_key(f.proto);
+    let Ok(mut outbound) = maps.bindings_out.get(&out_key, 0) else {
+        bail!("the forward on {name} {} has no outbound entry", f.external);
+    };
+    if maps.bindings_in.insert(new_key, inbound, BPF_NOEXIST).is_err() {
+        bail!("{name} {} is already in use", moved.external);
+    }
+    outbound.external_addr = new_key.external_addr;
+    if let Err(e) = maps.bindings_out.insert(out_key, outbound, 0) {
+        let _ = maps.bindings_in.remove(&new_key);
+        bail!(
+            "the forward on {name} {} could not be rewritten ({e})",
+            f.external
+        );
+    }
+    let _ = maps.bindings_in.remove(&old_key);
+    Ok(moved)
+}
+
 /// Every installed forward, sorted by protocol and external port.
 pub fn list(maps: &PinnedMaps) -> Vec<Forward> {
     let mut forwards: Vec<Forward> = maps

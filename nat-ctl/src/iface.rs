@@ -18,16 +18,24 @@ pub fn index(name: &str) -> Result<u32> {
 
 /// The name of interface `index`, or the index itself when it has none here.
 pub fn name(index: u32) -> String {
+    name_of(index).unwrap_or_else(|| format!("#{index}"))
+}
+
+/// The current name of interface `index`; `None` when no such interface exists here (any
+/// more).
+pub fn name_of(index: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: the buffer has IF_NAMESIZE bytes, as the call requires.
     let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
     if ptr.is_null() {
-        return format!("#{index}");
+        return None;
     }
     // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
-    unsafe { std::ffi::CStr::from_ptr(ptr) }
-        .to_string_lossy()
-        .into_owned()
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// The IPv4 addresses assigned to `name`, primary first (kernel order).

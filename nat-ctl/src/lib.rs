@@ -2,6 +2,7 @@
 //! (mode, addresses, port range, timeouts), expires idle state, and reads the NAT table and
 //! counters from the pinned maps.
 
+pub mod addr_watch;
 pub mod cli;
 pub mod clock;
 pub mod commands;

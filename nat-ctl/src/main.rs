@@ -52,6 +52,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The daemon has said why it stopped (`interface ... was removed; detaching`); not a
+        // signal, so not a success either.
+        Err(e) if nat_ctl::addr_watch::is_interface_removed(&e) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("nat-ctl: error: {e:#}");
             ExitCode::FAILURE

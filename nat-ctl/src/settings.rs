@@ -11,9 +11,10 @@ pub use crate::notices::RefusalIcmp;
 use nat_common::{
     alloc::PortRange,
     config::{
-        Timeout, CONFIG_FLAG_DATAPATH_LOG, CONFIG_FLAG_READY, CONFIG_FLAG_REFUSAL_ICMP, CONFIG_FLAG_SYN_ICMP,
-        DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS,
-        DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS, DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
+        Timeout, CONFIG_FLAG_DATAPATH_LOG, CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_READY,
+        CONFIG_FLAG_REFUSAL_ICMP, CONFIG_FLAG_SYN_ICMP, DEFAULT_ICMP_TIMEOUT_SECS, DEFAULT_PORT_MAX,
+        DEFAULT_PORT_MIN, DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS, DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS,
+        DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
     maps::DEFAULT_MAX_BINDINGS,
     Mode, NatConfig,
@@ -149,6 +150,10 @@ impl Settings {
         }
         if self.datapath_log {
             config.flags |= CONFIG_FLAG_DATAPATH_LOG;
+        }
+        if self.external_addrs.is_empty() {
+            // No address given: the interface's primary one, followed by `addr_watch`.
+            config.flags |= CONFIG_FLAG_FOLLOWS_IFACE;
         }
         config
     }
@@ -288,6 +293,17 @@ mod tests {
         assert_eq!(c.mode(), Mode::PortRestricted);
         assert_eq!(c.timeouts_secs[Timeout::Udp as usize], 4);
         assert_eq!(c.timeouts_secs[Timeout::TcpEstablished as usize], 7440);
+        assert_eq!(
+            c.flags & CONFIG_FLAG_FOLLOWS_IFACE,
+            CONFIG_FLAG_FOLLOWS_IFACE,
+            "no address given: the interface's address is followed"
+        );
+        s.external_addrs = addrs.to_vec();
+        assert_eq!(
+            s.to_config(&addrs).flags & CONFIG_FLAG_FOLLOWS_IFACE,
+            0,
+            "given addresses stay fixed"
+        );
     }
 
     #[test]
