@@ -110,7 +110,8 @@ pub struct AttachArgs {
     /// NAT type: full-cone, restricted-cone, port-restricted (default) or symmetric.
     #[arg(long, value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()))]
     pub mode: Option<Mode>,
-    /// External address (repeatable for a pool); default: the interface's primary IPv4 address.
+    /// External address (repeatable for a pool; stays fixed); default: the interface's primary
+    /// IPv4 address, followed when it changes.
     #[arg(long = "external-addr", value_name = "ADDR", value_parser = |s: &str| parse_ipv4(s).map_err(|e| e.to_string()))]
     pub external_addrs: Vec<Ipv4Addr>,
     /// External port range for internal ports >= 1024 (ports < 1024 map below 1024).
