@@ -227,6 +227,24 @@ impl Cmd {
         Ok(status.success())
     }
 
+    /// Prints the command and runs it with stdout captured and stderr on the terminal (e.g.
+    /// cargo's JSON messages, with its progress shown); returns whether it succeeded and its
+    /// stdout. `Err` only when it could not be started.
+    pub fn stdout_captured(mut self) -> Result<(bool, String)> {
+        println!("$ {}", self.shown);
+        flush();
+        let out = self
+            .inner
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("could not start `{}`", self.shown))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
     /// Runs the command silently; true when it started and succeeded.
     pub fn succeeds_quietly(mut self) -> bool {
         self.inner

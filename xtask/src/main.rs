@@ -41,7 +41,8 @@ enum Command {
     },
     /// Build the eBPF object, then nat-ctl and vm-tests in release mode.
     Build,
-    /// Run the whole suite: unit tests, then the end-to-end tests (root). Neither flag means both.
+    /// Run the whole suite: unit tests, the end-to-end tests (root), and end-to-end tests on
+    /// Debian 12's 6.1 kernel in qemu (root). No flag means all three.
     Test {
         /// Run the unit tests (no root needed).
         #[arg(long)]
@@ -49,6 +50,9 @@ enum Command {
         /// Run the end-to-end tests in vm-tests (needs root).
         #[arg(long)]
         e2e: bool,
+        /// Run the chosen end-to-end tests inside a VM with Debian 12's 6.1 kernel (needs root).
+        #[arg(long)]
+        vm: bool,
         /// libtest filters, passed to every test binary.
         #[arg(last = true)]
         filters: Vec<String>,
@@ -93,7 +97,17 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure(setup::EBPF_BUILD)?;
             build::build_all()
         }
-        Command::Test { unit, e2e, filters } => test::run(test::Selection { unit, e2e, filters }),
+        Command::Test {
+            unit,
+            e2e,
+            vm,
+            filters,
+        } => test::run(test::Selection {
+            unit,
+            e2e,
+            vm,
+            filters,
+        }),
         Command::Demo { args } => demo::run(&args),
         Command::Check => check::run(),
         Command::Bench { args } => bench::run(&args),

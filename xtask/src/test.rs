@@ -1,32 +1,35 @@
 //! `cargo xtask test`: the whole suite. Unit tests (no root), then the end-to-end tests in
-//! vm-tests (root), with one summary line counting the results of every test binary.
+//! vm-tests (root), then chosen end-to-end tests on Debian 12's 6.1 kernel in a VM (see
+//! `vm::suite`), with one summary line counting the results of every test binary.
 
 use anyhow::{bail, Result};
 
 use crate::build::{build_all, nat_ctl_path};
 use crate::cmd::{is_root, Cmd};
 use crate::setup;
+use crate::vm;
 
 /// Which parts of the suite to run, and libtest filters for them.
 pub struct Selection {
     pub unit: bool,
     pub e2e: bool,
+    pub vm: bool,
     pub filters: Vec<String>,
 }
 
 pub fn run(selection: Selection) -> Result<()> {
-    // Neither flag means both.
-    let (unit, e2e) = match (selection.unit, selection.e2e) {
-        (false, false) => (true, true),
+    // No flag means all parts.
+    let (unit, e2e, vm) = match (selection.unit, selection.e2e, selection.vm) {
+        (false, false, false) => (true, true, true),
         flags => flags,
     };
-    if e2e && !is_root() {
+    if (e2e || vm) && !is_root() {
         bail!(
             "the end-to-end tests need root (they create network namespaces and attach eBPF programs); \
              run `cargo xtask test` as root, or `cargo xtask test --unit` for the unit tests alone"
         );
     }
-    setup::ensure(if e2e { setup::ALL } else { setup::EBPF_BUILD })?;
+    setup::ensure(if e2e || vm { setup::ALL } else { setup::EBPF_BUILD })?;
     build_all()?;
 
     let mut tally = Tally::default();
@@ -44,6 +47,9 @@ pub fn run(selection: Selection) -> Result<()> {
             .args(["test", "--release", "-p", "vm-tests", "--", "--test-threads=1"])
             .args(&selection.filters);
         run_phase("end-to-end tests", cmd, &mut tally, &mut failed_phases)?;
+    }
+    if vm {
+        vm::suite::run_phase(&selection.filters, &mut tally, &mut failed_phases)?;
     }
 
     println!("xtask: {} passed, {} failed", tally.passed, tally.failed);

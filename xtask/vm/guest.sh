@@ -7,6 +7,11 @@ run=$(dirname "$0")
 echo "VM-COMMAND-START"
 sh "$run/cmd.sh" </dev/null
 status=$?
+# The guest's /tmp is a tmpfs that ends with the VM: keep the logs the command left there
+# (nat-ctl writes its verifier log to /tmp) in the run directory.
+for file in /tmp/*.log; do
+    [ -f "$file" ] && mkdir -p "$run/guest-tmp" && cp "$file" "$run/guest-tmp/"
+done
 echo "$status" >"$run/exit-status"
 echo "VM-EXIT-STATUS=$status"
 

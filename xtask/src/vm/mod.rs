@@ -195,6 +195,8 @@ pub fn shell_text(args: &[String]) -> String {
 pub struct Finished {
     pub outcome: qemu::Outcome,
     pub console_log: PathBuf,
+    /// Where guest.sh copies the `*.log` files the command left in the guest's /tmp.
+    pub guest_tmp: PathBuf,
 }
 
 /// Boots `kernel` once with `run`'s cmd.sh (already written), killing qemu after `timeout`.
@@ -217,7 +219,11 @@ pub fn boot(kernel: &Kernel, run: &RunDir, timeout: Duration, show: Show) -> Res
         show,
         console_log: &console_log,
     })?;
-    Ok(Finished { outcome, console_log })
+    Ok(Finished {
+        outcome,
+        console_log,
+        guest_tmp: run.path.join("guest-tmp"),
+    })
 }
 
 impl Finished {
@@ -247,6 +253,25 @@ impl Finished {
         }
     }
 
+    /// Says where the logs from the guest's /tmp were kept, when there are any (e.g. nat-ctl's
+    /// verifier log, which its error message places in /tmp).
+    pub fn report_kept_logs(&self) {
+        let Ok(entries) = fs::read_dir(&self.guest_tmp) else {
+            return;
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        if !names.is_empty() {
+            eprintln!(
+                "vm: the guest's /tmp logs are kept in {}: {}",
+                self.guest_tmp.display(),
+                names.join(" ")
+            );
+        }
+    }
+
     /// One line: boot time and total time.
     pub fn timing(&self) -> String {
         let boot = self
@@ -270,6 +295,7 @@ pub fn run_command(timeout: Duration, show: Show, command: &[String]) -> Result<
     let run = RunDir::create()?;
     run.write_command(&guest_env(), &workspace_root(), &shell_text(command))?;
     let finished = boot(&kernel, &run, timeout, show)?;
+    finished.report_kept_logs();
     let status = finished.status()?;
     eprintln!("vm: exit status {status} ({})", finished.timing());
     Ok(status)
