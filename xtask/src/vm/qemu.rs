@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -170,6 +171,14 @@ fn qemu_command(boot: &Boot) -> Command {
     ))
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. A killed xtask
+    // (SIGKILL, a CI timeout) then takes qemu with it instead of leaving the VM running.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     cmd
 }
 
