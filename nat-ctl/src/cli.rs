@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 use clap::{Args, Parser, Subcommand};
 use nat_common::{alloc::PortRange, Mode};
 
-use crate::settings::{parse_ipv4, parse_mode, parse_port_range, parse_unsolicited_syn, RefusalIcmp};
+use crate::{
+    settings::{parse_ipv4, parse_mode, parse_port_range, parse_unsolicited_syn, RefusalIcmp},
+    xdp_mode::XdpModeChoice,
+};
 
 /// eBPF/XDP IPv4 NAT gateway controller.
 #[derive(Debug, Parser)]
@@ -157,6 +160,10 @@ pub struct AttachArgs {
     /// `admin-prohibited` (ICMP 3/13, RFC 5508 REQ-8) or `host-unreachable` (3/1, RFC 6888).
     #[arg(long, value_name = "KIND", value_parser = |s: &str| RefusalIcmp::parse(s).map_err(|e| e.to_string()))]
     pub refusal_icmp: Option<RefusalIcmp>,
+    /// How the XDP programs attach: `auto` (default: native, else generic with a notice),
+    /// `native` (in the driver; fails where the driver has none) or `generic` (any device).
+    #[arg(long, value_name = "auto|native|generic", value_parser = |s: &str| XdpModeChoice::parse(s).map_err(|e| e.to_string()))]
+    pub xdp_mode: Option<XdpModeChoice>,
     /// Print the data path's debug lines (filtered packets, unsolicited SYNs) through aya-log;
     /// off by default, and then they cost one flag test.
     #[arg(long)]

@@ -104,6 +104,8 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     fast_path.sort();
     let mode: Mode = config.mode();
     let t = config.timeouts_secs;
+    // Recorded at attach: the kernel's link info does not carry the XDP mode.
+    let xdp_modes = crate::xdp_mode::load(&instance);
     if query.json {
         let value = serde_json::json!({
             "iface": instance.iface,
@@ -114,6 +116,10 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "ports": format!("{}-{}", config.port_min, config.port_max),
             "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
             "programs": programs,
+            "xdp_modes": xdp_modes
+                .iter()
+                .map(|(iface, m)| (iface.clone(), serde_json::Value::from(m.name())))
+                .collect::<serde_json::Map<_, _>>(),
             "fast_path_towards": fast_path,
             "bindings": bindings, "bindings_capacity": binding_map_capacity(config.max_bindings),
             "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
@@ -139,6 +145,15 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             t[0], t[1], t[2], t[3]
         );
         println!("programs:   {programs}");
+        let modes: Vec<String> = xdp_modes
+            .iter()
+            .map(|(i, m)| format!("{i} {}", m.name()))
+            .collect();
+        if modes.is_empty() {
+            println!("xdp mode:   unknown (not recorded)");
+        } else {
+            println!("xdp mode:   {}", modes.join(", "));
+        }
         let towards = if fast_path.is_empty() {
             "off".to_string()
         } else {

@@ -31,6 +31,7 @@ struct RawConfig {
     refusal_icmp: Option<Spanned<String>>,
     debug: Option<bool>,
     datapath_log: Option<bool>,
+    xdp_mode: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
     #[serde(default)]
     forwards: Vec<Spanned<RawForward>>,
@@ -100,6 +101,8 @@ pub struct FileConfig {
     pub debug: Option<bool>,
     /// Emit the data path's aya-log lines.
     pub datapath_log: Option<bool>,
+    /// How the XDP programs attach.
+    pub xdp_mode: Option<crate::xdp_mode::XdpModeChoice>,
     /// Timeout overrides in seconds, by `Timeout` index.
     pub timeouts: [Option<u32>; nat_common::config::TIMEOUT_COUNT],
     /// Static forwards.
@@ -202,6 +205,10 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
         let parsed = crate::notices::RefusalIcmp::parse(v.get_ref());
         config.refusal_icmp = Some(parsed.map_err(|e| at(v.span(), "refusal_icmp", e))?);
     }
+    if let Some(v) = raw.xdp_mode {
+        let parsed = crate::xdp_mode::XdpModeChoice::parse(v.get_ref());
+        config.xdp_mode = Some(parsed.map_err(|e| at(v.span(), "xdp_mode", e))?);
+    }
     if let Some(t) = raw.timeouts {
         for (kind, field, value) in [
             (Timeout::Udp, "timeouts.udp", t.udp),
@@ -302,6 +309,9 @@ impl FileConfig {
         if let Some(on) = self.datapath_log {
             settings.datapath_log = on;
         }
+        if let Some(xdp_mode) = self.xdp_mode {
+            settings.xdp_mode = xdp_mode;
+        }
         for (i, value) in self.timeouts.iter().enumerate() {
             if let Some(v) = value {
                 settings.timeouts.0[i] = *v;
@@ -354,6 +364,11 @@ internal = "10.0.0.2:80"
         assert_eq!(c.timeouts[Timeout::Icmp as usize], None);
         assert_eq!(c.forwards[0].proto, proto::TCP);
         assert_eq!(c.forwards[0].internal, "10.0.0.2:80".parse().unwrap());
+        assert_eq!(c.xdp_mode, None);
+        let c = parse("f", "xdp_mode = \"generic\"\n").unwrap();
+        let mut s = Settings::new("eth0");
+        c.apply(&mut s);
+        assert_eq!(s.xdp_mode, crate::xdp_mode::XdpModeChoice::Generic);
     }
 
     fn error(text: &str) -> String {
@@ -383,6 +398,11 @@ internal = "10.0.0.2:80"
         assert!(e.starts_with("f.toml:2: timeouts.udp:"), "{e}");
         let e = error("external_addrs = [\"198.51.100.1\", \"fe80::1\"]\n");
         assert!(e.contains("external_addrs") && e.contains("IPv6"), "{e}");
+        let e = error("mode = \"symmetric\"\nxdp_mode = \"drv\"\n");
+        assert!(
+            e.starts_with("f.toml:2: xdp_mode:") && e.contains("auto, native, generic"),
+            "{e}"
+        );
     }
 
     #[test]

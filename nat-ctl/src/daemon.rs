@@ -28,7 +28,7 @@ use crate::{
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
-    sysctl,
+    sysctl, xdp_mode,
 };
 
 /// How often parked out-of-order fragments and notices are handled: short next to the time a
@@ -71,6 +71,7 @@ fn flag_overrides(args: &AttachArgs) -> FileConfig {
         persist: args.persist.then_some(true),
         debug: args.debug.then_some(true),
         datapath_log: args.datapath_log.then_some(true),
+        xdp_mode: args.xdp_mode,
         unsolicited_syn_icmp: args.unsolicited_syn,
         refusal_icmp: args.refusal_icmp,
         timeouts,
@@ -153,6 +154,9 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             );
             config.max_bindings = running.max_bindings;
         }
+        if let Some(line) = xdp_mode::adoption_notice(settings.xdp_mode, &xdp_mode::load(&instance)) {
+            eprintln!("{line}");
+        }
     } else {
         // Left over by a daemon that was killed: nothing runs it any more (we hold the lock).
         instance.remove_pins()?;
@@ -161,6 +165,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let plan = AttachPlan {
         internal_ifaces: &settings.internal_ifaces,
         persist: resolved.persist,
+        xdp_mode: settings.xdp_mode,
     };
     let mut attached = Attached::attach(&instance, &config, &plan)?;
     // Mistakes that would leave the NAT attached but useless, said once here.
@@ -194,12 +199,13 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
-        "attached {} mode={} external={} ports={}-{}{}",
+        "attached {} mode={} external={} ports={}-{} xdp={}{}",
         settings.iface,
         settings.mode.name(),
         addr_list.join(","),
         settings.ports.min,
         settings.ports.max,
+        xdp_mode::mode_of(&attached.xdp_modes, &settings.iface),
         if attached.adopted {
             " (adopted running state)"
         } else {

@@ -26,3 +26,4 @@ pub mod sysctl;
 pub mod table;
 pub mod tc_filter;
 pub mod xdp_features;
+pub mod xdp_mode;

@@ -18,7 +18,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, SchedClassifierLinkId},
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
@@ -28,7 +28,12 @@ use nat_common::{
     NatConfig,
 };
 
-use crate::{instance::Instance, pinned::PinnedMaps, sysctl, tc_filter};
+use crate::{
+    instance::Instance,
+    pinned::PinnedMaps,
+    sysctl, tc_filter,
+    xdp_mode::{self, XdpModeChoice},
+};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat.bpf.o"));
@@ -56,6 +61,8 @@ pub struct AttachPlan<'a> {
     pub internal_ifaces: &'a [String],
     /// Keep running after the daemon exits.
     pub persist: bool,
+    /// How the XDP programs attach (an adopted instance keeps the modes it has).
+    pub xdp_mode: XdpModeChoice,
 }
 
 /// A NAT attached to an interface.
@@ -69,6 +76,8 @@ pub struct Attached {
     pub adopted: bool,
     /// Internal interfaces carrying the internal-side program (adopted ones included).
     pub internal_ifaces: Vec<String>,
+    /// The mode each XDP program got, external interface first (as recorded, when adopted).
+    pub xdp_modes: xdp_mode::Modes,
     /// The netlink egress filter (kernels without TCX) to let go of once a persisting attach
     /// has fully succeeded.
     egress_filter: Option<SchedClassifierLinkId>,
@@ -133,6 +142,7 @@ pub fn remove_persisted(instance: &Instance) -> Result<()> {
     }
     tc_filter::remove(&instance.iface, &instance.pin_dir())?;
     sysctl::restore_saved(instance);
+    xdp_mode::forget(instance);
     instance.remove_pins()
 }
 
@@ -161,6 +171,7 @@ impl Attached {
             persist: adopted,
             adopted,
             internal_ifaces: Vec::new(),
+            xdp_modes: Vec::new(),
             egress_filter: None,
             description: String::new(),
         };
@@ -198,9 +209,8 @@ impl Attached {
             }
         } else {
             let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
-            let id = ingress
-                .attach(iface, XdpMode::default())
-                .with_context(|| format!("cannot attach XDP to {iface}"))?;
+            let (id, mode) = xdp_mode::attach(ingress, iface, plan.xdp_mode)?;
+            attached.xdp_modes.push((iface.to_string(), mode));
             if plan.persist {
                 let link: FdLink = ingress.take_link(id)?.try_into()?;
                 link.pin(pin_dir.join(INGRESS_LINK_PIN))
@@ -228,9 +238,8 @@ impl Attached {
                 let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
                 for lan in plan.internal_ifaces {
                     attached.sysctls.push(sysctl::accept_local(lan)?);
-                    let id = internal
-                        .attach(lan, XdpMode::default())
-                        .with_context(|| format!("cannot attach XDP to {lan}"))?;
+                    let (id, mode) = xdp_mode::attach(internal, lan, plan.xdp_mode)?;
+                    attached.xdp_modes.push((lan.clone(), mode));
                     if plan.persist {
                         let link: FdLink = internal.take_link(id)?.try_into()?;
                         link.pin(pin_dir.join(internal_pin(lan)))
@@ -241,6 +250,12 @@ impl Attached {
             if plan.persist {
                 sysctl::save(instance, &attached.sysctls)?;
             }
+        }
+        if adopted {
+            // bpf_link_update swapped the programs; each link kept the mode it had.
+            attached.xdp_modes = xdp_mode::load(instance);
+        } else {
+            xdp_mode::save(instance, &attached.xdp_modes)?;
         }
         let internal: Vec<String> = if adopted {
             attached_internal_ifaces(&pin_dir)
@@ -276,11 +291,16 @@ impl Attached {
             std::mem::forget(link);
         }
         let mut description = format!(
-            "xdp ingress + {} egress on {iface}",
+            "xdp ingress ({}) + {} egress on {iface}",
+            xdp_mode::mode_of(&attached.xdp_modes, iface),
             if tcx { "tcx" } else { "tc clsact" }
         );
         if !internal.is_empty() {
-            description += &format!("; xdp fast path and hairpinning on {}", internal.join(", "));
+            let lans: Vec<String> = internal
+                .iter()
+                .map(|lan| format!("{lan} ({})", xdp_mode::mode_of(&attached.xdp_modes, lan)))
+                .collect();
+            description += &format!("; xdp fast path and hairpinning on {}", lans.join(", "));
         }
         if plan.persist {
             description += "; persistent";
@@ -404,6 +424,7 @@ impl Drop for Attached {
         for pin in link_pins(&self.instance.pin_dir()) {
             let _ = fs::remove_file(pin);
         }
+        xdp_mode::forget(&self.instance);
         if let Err(e) = self.instance.remove_pins() {
             eprintln!("nat-ctl: warning: {e:#}");
         }

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Result};
 
 pub use crate::notices::RefusalIcmp;
+use crate::xdp_mode::XdpModeChoice;
 use nat_common::{
     alloc::PortRange,
     config::{
@@ -78,6 +79,8 @@ pub struct Settings {
     pub refusal_icmp: RefusalIcmp,
     /// Emit the data path's aya-log debug lines.
     pub datapath_log: bool,
+    /// How the XDP programs attach: native, generic, or native with a generic fallback.
+    pub xdp_mode: XdpModeChoice,
 }
 
 impl Settings {
@@ -98,6 +101,7 @@ impl Settings {
             unsolicited_syn_icmp: false,
             refusal_icmp: RefusalIcmp::Off,
             datapath_log: false,
+            xdp_mode: XdpModeChoice::Auto,
         }
     }
 

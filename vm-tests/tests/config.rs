@@ -40,6 +40,7 @@ max_bindings_per_host = 40
 sweep_interval_ms = 200
 metrics = "127.0.0.1:9181"
 persist = false
+xdp_mode = "generic"
 
 [timeouts]
 udp = 111
@@ -90,6 +91,7 @@ internal = "{LAN_IP}:80"
         ("ports", serde_json::json!("20000-20099")),
         ("max_bindings", serde_json::json!(500)),
         ("max_bindings_per_host", serde_json::json!(40)),
+        ("xdp_modes", serde_json::json!({lab.wan_if.clone(): "generic"})),
         (
             "timeouts",
             serde_json::json!({"udp": 111, "tcp_established": 7777, "tcp_transitory": 333, "icmp": 66}),
@@ -167,6 +169,7 @@ fn flags_override_the_config_file() -> Result<()> {
         r#"mode = "symmetric"
 ports = "30000-30999"
 max_bindings_per_host = 7
+xdp_mode = "generic"
 
 [timeouts]
 udp = 100
@@ -184,6 +187,8 @@ tcp_established = 8000
             "40000-40999",
             "--udp-timeout",
             "150",
+            "--xdp-mode",
+            "native",
         ],
     )?;
     let s = ops::status(&nat)?;
@@ -202,6 +207,11 @@ tcp_established = 8000
         s["timeouts"]["udp"] == 150,
         "udp timeout {} (flag says 150)",
         s["timeouts"]["udp"]
+    );
+    ensure!(
+        s["xdp_modes"][lab.wan_if.as_str()] == "native",
+        "xdp_modes {} (flag says native)",
+        s["xdp_modes"]
     );
     // ...and what no flag names still comes from the file.
     ensure!(
@@ -290,6 +300,7 @@ fn bad_config_values_are_refused_with_file_line_and_field() -> Result<()> {
                 "tcp",
             ),
             ("unknown mode", "\nmode = \"cone\"\n", 2, "mode"),
+            ("unknown XDP mode", "xdp_mode = \"drv\"\n", 1, "xdp_mode"),
             ("inverted port range", "ports = \"5000-4000\"\n", 1, "ports"),
             ("port range beyond 65535", "ports = \"1024-70000\"\n", 1, "ports"),
             (
