@@ -225,7 +225,11 @@ pub struct FragmentValue {
 
 /// Largest inbound fragment (IP header included) the data path parks; an Ethernet MTU's worth.
 pub const MAX_PARKED_FRAGMENT_BYTES: usize = 1536;
-/// Size of the parked-fragment ring buffer (a power of two pages): about 170 fragments, so a
+/// Room for a parked fragment: the power of two at or above `MAX_PARKED_FRAGMENT_BYTES`, so the
+/// data path can bound the copy's length with a mask, the one bound every verifier (6.1's too)
+/// tracks through to the helper call.
+pub const PARKED_FRAGMENT_ROOM: usize = MAX_PARKED_FRAGMENT_BYTES.next_power_of_two();
+/// Size of the parked-fragment ring buffer (a power of two pages): about 120 fragments, so a
 /// flood of stray fragments costs bounded memory (RFC 4787 REQ-14a).
 pub const PARKED_RING_BYTES: u32 = 256 * 1024;
 
@@ -240,7 +244,7 @@ pub struct ParkedFragment {
     /// Explicit padding (always zero).
     pub _pad: u32,
     /// The IP packet as received (from the IPv4 header on).
-    pub packet: [u8; MAX_PARKED_FRAGMENT_BYTES],
+    pub packet: [u8; PARKED_FRAGMENT_ROOM],
 }
 
 /// Bytes of a packet a notice carries: the IPv4 header with options and 8 transport bytes,

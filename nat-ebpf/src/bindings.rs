@@ -1,11 +1,11 @@
 //! Bindings: finding the external endpoint of an outbound flow, and creating one on a flow's
 //! first packet with the allocation policy from `nat_common::alloc`.
 
-use core::ptr::NonNull;
+use core::{ffi::c_void, ptr::NonNull};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, generated::bpf_loop},
 };
 use nat_common::{
     alloc::{candidate_port, external_addr_index, range_for, PortRange, MAX_PORT_PROBES},
@@ -126,6 +126,70 @@ pub fn external_addr_for(cfg: &NatConfig, internal_addr: u32) -> u32 {
     }
 }
 
+/// `PortProbe::outcome`: every candidate was taken.
+const PROBE_NONE_FREE: u8 = 0;
+/// `PortProbe::outcome`: `claimed_port` is ours.
+const PROBE_CLAIMED: u8 = 1;
+/// `PortProbe::outcome`: the inbound map refused an insert for another reason than a taken key.
+const PROBE_TABLE_FULL: u8 = 2;
+
+/// The port search of one new binding, shared with the `bpf_loop` callback that runs its
+/// probes. The probes run in a `bpf_loop` (Linux 5.17+) rather than an open-coded loop: the
+/// verifier then checks one probe, not every iteration along every path that reaches an
+/// allocation, which with 128 probes exceeded its million-instruction budget.
+#[repr(C)]
+struct PortProbe {
+    /// The inbound entry every probe tries to insert.
+    inbound: ExternalValue,
+    /// Drawn once per allocation (see `candidate_port`).
+    random: u32,
+    /// External address (network order).
+    external_addr: u32,
+    /// The range the internal port maps into (host order).
+    range_min: u16,
+    range_max: u16,
+    /// Internal port, host order.
+    internal_port: u16,
+    /// The claimed external port (network order) when `outcome` is `PROBE_CLAIMED`.
+    claimed_port: u16,
+    /// IP protocol.
+    proto: u8,
+    /// One of the `PROBE_*` outcomes.
+    outcome: u8,
+    /// Explicit padding, so the verifier sees every byte initialised.
+    _pad: [u8; 6],
+}
+
+/// One probe: tries the `attempt`-th candidate port. Returns 1 (stop) once a port is claimed or
+/// the map fails, 0 to go on.
+extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `PortProbe` that `allocate` handed to `bpf_loop`.
+    let probe = unsafe { &mut *ctx.cast::<PortProbe>() };
+    let range = PortRange {
+        min: probe.range_min,
+        max: probe.range_max,
+    };
+    let port = candidate_port(range, probe.internal_port, probe.random, attempt as u32).to_be();
+    let external_key = ExternalKey {
+        external_addr: probe.external_addr,
+        external_port: port,
+        proto: probe.proto,
+        _pad: 0,
+    };
+    match NAT_BINDINGS_IN.insert(external_key, probe.inbound, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            probe.claimed_port = port;
+            probe.outcome = PROBE_CLAIMED;
+            1
+        }
+        Err(e) if e == -EEXIST => 0,
+        Err(_) => {
+            probe.outcome = PROBE_TABLE_FULL;
+            1
+        }
+    }
+}
+
 /// Creates a binding for `key`: claims an external port by inserting its inbound entry with
 /// `BPF_NOEXIST` (so no two CPUs can hand one external endpoint to two internal endpoints,
 /// RFC 4787 REQ-3), then publishes the outbound entry.
@@ -147,39 +211,51 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Option<NonNull<BindingValue>> 
             max: cfg.port_max,
         },
     );
-    // SAFETY: helper with no arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let inbound = ExternalValue {
-        internal_addr: key.internal_addr,
-        remote_addr: key.remote_addr,
-        internal_port: key.internal_port,
-        remote_port: key.remote_port,
-        flags: 0,
-        _pad: [0; 3],
+    let mut probe = PortProbe {
+        inbound: ExternalValue {
+            internal_addr: key.internal_addr,
+            remote_addr: key.remote_addr,
+            internal_port: key.internal_port,
+            remote_port: key.remote_port,
+            flags: 0,
+            _pad: [0; 3],
+        },
+        // SAFETY: helper with no arguments.
+        random: unsafe { bpf_get_prandom_u32() },
+        external_addr,
+        range_min: range.min,
+        range_max: range.max,
+        internal_port,
+        claimed_port: 0,
+        proto: key.proto,
+        outcome: PROBE_NONE_FREE,
+        _pad: [0; 6],
     };
-    let mut claimed: Option<ExternalKey> = None;
-    for attempt in 0..MAX_PORT_PROBES {
-        let external_key = ExternalKey {
+    // SAFETY: the callback is a subprogram of this object taking `PortProbe`, which lives on
+    // this stack frame for the whole call.
+    unsafe {
+        bpf_loop(
+            MAX_PORT_PROBES,
+            probe_port as *mut c_void,
+            (&raw mut probe).cast(),
+            0,
+        );
+    }
+    let external_key = match probe.outcome {
+        PROBE_CLAIMED => ExternalKey {
             external_addr,
-            external_port: candidate_port(range, internal_port, random, attempt).to_be(),
+            external_port: probe.claimed_port,
             proto: key.proto,
             _pad: 0,
-        };
-        match NAT_BINDINGS_IN.insert(external_key, inbound, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                claimed = Some(external_key);
-                break;
-            }
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => {
-                count(Counter::TableFull);
-                return None;
-            }
+        },
+        PROBE_TABLE_FULL => {
+            count(Counter::TableFull);
+            return None;
         }
-    }
-    let Some(external_key) = claimed else {
-        count(Counter::PortExhausted);
-        return None;
+        _ => {
+            count(Counter::PortExhausted);
+            return None;
+        }
     };
     let outbound = BindingValue {
         last_seen_ns: now_ns(),

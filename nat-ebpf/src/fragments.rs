@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_ANY, helpers::generated::bpf_xdp_load_bytes, programs::XdpContext, EbpfContext,
 };
 use nat_common::{
-    maps::{ParkedFragment, MAX_PARKED_FRAGMENT_BYTES},
+    maps::{ParkedFragment, MAX_PARKED_FRAGMENT_BYTES, PARKED_FRAGMENT_ROOM},
     packet::Ipv4Header,
     FragmentKey, FragmentValue,
 };
@@ -59,16 +59,17 @@ pub fn park(ctx: &XdpContext, l3_off: usize, len: usize) -> bool {
     };
     let parked = entry.as_mut_ptr();
     // SAFETY: `parked` is a reserved ring entry of the right size, and `len` was checked above.
-    // The helper's length is that value read back from the entry and clamped into the buffer
+    // The helper's length is that value read back from the entry and masked into [1, room]
     // right before the call, so the bound sits on the very register the helper gets: the 6.1
-    // verifier does not carry a bound checked on one fill of a stack slot to a second fill of
-    // it, and without the volatile read the compiler would drop the clamp as redundant. The
-    // helper itself checks the length against the packet.
+    // verifier neither carries a bound checked on one fill of a stack slot to a second fill,
+    // nor learns a lower bound of 1 from a test against zero. Without the volatile read the
+    // compiler would drop the mask as redundant. For a checked `len` the mask changes nothing;
+    // the helper itself checks the length against the packet.
     let copied = unsafe {
         (*parked).len = len as u32;
         (*parked)._pad = 0;
-        let copy_len = u64::from(core::ptr::read_volatile(&raw const (*parked).len))
-            .clamp(1, MAX_PARKED_FRAGMENT_BYTES as u64);
+        let stored = u64::from(core::ptr::read_volatile(&raw const (*parked).len));
+        let copy_len = (stored.wrapping_sub(1) & (PARKED_FRAGMENT_ROOM as u64 - 1)) + 1;
         bpf_xdp_load_bytes(
             ctx.as_ptr().cast(),
             l3_off as u32,
