@@ -121,6 +121,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
                 .map(|(iface, m)| (iface.clone(), serde_json::Value::from(m.name())))
                 .collect::<serde_json::Map<_, _>>(),
             "fast_path_towards": fast_path,
+            "fast_path_unavailable": crate::fastpath::unavailable_reason(),
             "bindings": bindings, "bindings_capacity": binding_map_capacity(config.max_bindings),
             "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
             "max_bindings_per_host": config.max_bindings_per_host,
@@ -155,7 +156,10 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             println!("xdp mode:   {}", modes.join(", "));
         }
         let towards = if fast_path.is_empty() {
-            "off".to_string()
+            match crate::fastpath::unavailable_reason() {
+                Some(reason) => format!("off ({reason})"),
+                None => "off".to_string(),
+            }
         } else {
             format!("towards {}", fast_path.join(", "))
         };

@@ -52,7 +52,14 @@ impl Instance {
 
     /// The lock file a running daemon holds.
     pub fn lock_path(&self) -> PathBuf {
-        Path::new(RUN_DIR).join(format!("{}.lock", self.tag()))
+        self.state_file("lock")
+    }
+
+    /// A file of this instance's kind `kind` in the run directory. bpffs holds only pinned
+    /// objects, so what a persisting instance must remember besides its maps and links (sysctls
+    /// to restore, its egress filter) is kept here, next to the lock.
+    pub fn state_file(&self, kind: &str) -> PathBuf {
+        Path::new(RUN_DIR).join(format!("{}.{kind}", self.tag()))
     }
 
     /// The running instance a CLI subcommand talks to: `iface` if given, else the only NAT in

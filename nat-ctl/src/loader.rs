@@ -140,7 +140,7 @@ pub fn remove_persisted(instance: &Instance) -> Result<()> {
     for pin in link_pins(&instance.pin_dir()) {
         fs::remove_file(&pin).with_context(|| format!("cannot unpin {}", pin.display()))?;
     }
-    tc_filter::remove(&instance.iface, &instance.pin_dir())?;
+    tc_filter::remove(instance)?;
     sysctl::restore_saved(instance);
     xdp_mode::forget(instance);
     instance.remove_pins()
@@ -203,7 +203,7 @@ impl Attached {
         }
 
         if adopted {
-            let egress_filter = adopt_links(ebpf, &pin_dir, iface)?;
+            let egress_filter = adopt_links(ebpf, instance)?;
             if plan.persist {
                 attached.egress_filter = egress_filter;
             }
@@ -269,9 +269,9 @@ impl Attached {
             for pin in link_pins(&pin_dir) {
                 let _ = fs::remove_file(pin);
             }
-            if let Some(record) = tc_filter::load(&pin_dir) {
+            if let Some(record) = tc_filter::load(instance) {
                 attached.added_clsact = record.added_clsact;
-                tc_filter::forget(&pin_dir);
+                tc_filter::forget(instance);
             }
             attached.sysctls = sysctl::take_saved(instance);
         }
@@ -279,7 +279,7 @@ impl Attached {
             // A netlink filter outlives this process once we let go of it; its record lets the
             // next attach replace its program and `detach` remove it.
             let added_clsact =
-                attached.added_clsact || tc_filter::load(&pin_dir).is_some_and(|r| r.added_clsact);
+                attached.added_clsact || tc_filter::load(instance).is_some_and(|r| r.added_clsact);
             let egress: &mut SchedClassifier = tc_program(ebpf_of(&mut attached)?, EGRESS_PROGRAM)?;
             let link = egress.take_link(id)?;
             let record = tc_filter::FilterRecord {
@@ -287,7 +287,7 @@ impl Attached {
                 handle: link.handle()?.into(),
                 added_clsact,
             };
-            tc_filter::save(&pin_dir, &record)?;
+            tc_filter::save(instance, &record)?;
             std::mem::forget(link);
         }
         let mut description = format!(
@@ -349,7 +349,9 @@ fn attached_internal_ifaces(dir: &Path) -> Vec<String> {
 
 /// Swaps the freshly loaded programs into the pinned links of a persisted instance (and into
 /// its recorded egress filter, on kernels without TCX, whose id is returned).
-fn adopt_links(ebpf: &mut Ebpf, dir: &Path, iface: &str) -> Result<Option<SchedClassifierLinkId>> {
+fn adopt_links(ebpf: &mut Ebpf, instance: &Instance) -> Result<Option<SchedClassifierLinkId>> {
+    let dir = &instance.pin_dir();
+    let iface = instance.iface.as_str();
     let pinned = |name: &str| -> Result<FdLink> {
         let path = dir.join(name);
         Ok(PinnedLink::from_pin(&path)
@@ -361,7 +363,7 @@ fn adopt_links(ebpf: &mut Ebpf, dir: &Path, iface: &str) -> Result<Option<SchedC
         .attach_to_link(XdpLink::try_from(pinned(INGRESS_LINK_PIN)?)?)
         .context("cannot replace the XDP program")?;
     let egress: &mut SchedClassifier = tc_program(ebpf, EGRESS_PROGRAM)?;
-    let egress_filter = match tc_filter::load(dir) {
+    let egress_filter = match tc_filter::load(instance) {
         Some(record) => Some(
             egress
                 .attach_to_link(record.link(iface)?)

@@ -43,7 +43,7 @@ pub fn accept_local(iface: &str) -> Result<Changed> {
 }
 
 fn saved_path(instance: &Instance) -> PathBuf {
-    PathBuf::from(RUN_DIR).join(format!("{}-{}.sysctl", instance.netns, instance.iface))
+    instance.state_file("sysctl")
 }
 
 /// Records `changed` for a persisting instance (one `path=value` line each).

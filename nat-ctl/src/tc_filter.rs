@@ -1,25 +1,25 @@
 //! The egress program on kernels without TCX (before Linux 6.6): a `cls_bpf` filter on a clsact
 //! qdisc, made over netlink. Such a filter is not a bpf link and cannot be pinned, but it stays
 //! attached after the process that made it exits, which is what `--persist` needs. Its priority
-//! and handle are recorded next to the pinned maps, so the next attach can replace its program
+//! and handle are recorded in the run directory (bpffs holds no plain files), so the next attach can replace its program
 //! atomically (a filter change with the same priority and handle swaps the program under RCU)
 //! and `nat-ctl detach` can remove it.
 
 use std::{
     fs,
-    path::Path,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result};
+use crate::instance::Instance;
 use aya::programs::{
     links::Link as _,
     tc::{SchedClassifierLink, TcHandle},
     TcAttachType,
 };
 
-/// File in the pin directory that records a persisting egress filter.
-const FILTER_RECORD: &str = "tc_egress_filter";
+/// Kind of the run-directory file that records a persisting egress filter.
+const FILTER_RECORD: &str = "tc-egress";
 
 /// A netlink egress filter left running by `--persist`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,26 +73,27 @@ impl FilterRecord {
     }
 }
 
-/// Records a persisting filter in the pin directory.
-pub fn save(dir: &Path, record: &FilterRecord) -> Result<()> {
-    let path = dir.join(FILTER_RECORD);
+/// Records a persisting filter of `instance`.
+pub fn save(instance: &Instance, record: &FilterRecord) -> Result<()> {
+    let path = instance.state_file(FILTER_RECORD);
     fs::write(&path, record.to_line()).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The persisting filter recorded in the pin directory, if any.
-pub fn load(dir: &Path) -> Option<FilterRecord> {
-    FilterRecord::parse(&fs::read_to_string(dir.join(FILTER_RECORD)).ok()?)
+/// The persisting filter recorded for `instance`, if any.
+pub fn load(instance: &Instance) -> Option<FilterRecord> {
+    FilterRecord::parse(&fs::read_to_string(instance.state_file(FILTER_RECORD)).ok()?)
 }
 
 /// Forgets the record (the filter now belongs to a running daemon, or is gone).
-pub fn forget(dir: &Path) {
-    let _ = fs::remove_file(dir.join(FILTER_RECORD));
+pub fn forget(instance: &Instance) {
+    let _ = fs::remove_file(instance.state_file(FILTER_RECORD));
 }
 
 /// Removes a persisting filter and the qdisc nat-ctl added for it, then its record. An
 /// interface that is gone took both with it.
-pub fn remove(iface: &str, dir: &Path) -> Result<()> {
-    let Some(record) = load(dir) else { return Ok(()) };
+pub fn remove(instance: &Instance) -> Result<()> {
+    let Some(record) = load(instance) else { return Ok(()) };
+    let iface = instance.iface.as_str();
     if let Ok(link) = record.link(iface) {
         link.detach()
             .with_context(|| format!("cannot remove the egress filter from {iface}"))?;
@@ -100,7 +101,7 @@ pub fn remove(iface: &str, dir: &Path) -> Result<()> {
             remove_clsact(iface);
         }
     }
-    forget(dir);
+    forget(instance);
     Ok(())
 }
 

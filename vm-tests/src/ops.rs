@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::lab::{Lab, HOST_IF};
 use crate::nat::{nat_ctl, nat_ctl_path, NatProcess, ATTACH_TIMEOUT, CTL_TIMEOUT, PIN_ROOT};
@@ -79,6 +79,20 @@ pub fn rows(nat: &NatProcess, extra: &[&str]) -> Result<Vec<Row>> {
 pub fn status(nat: &NatProcess) -> Result<serde_json::Value> {
     let out = nat.ctl_ok("status", &["--json"])?;
     serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))
+}
+
+/// Why this kernel has no XDP fast path at all (`status --json` `fast_path_unavailable`:
+/// before Linux 6.3 nothing reports which devices accept redirected frames), or `None`.
+pub fn fast_path_unavailable(nat: &NatProcess) -> Result<Option<String>> {
+    let status = status(nat)?;
+    let towards = status["fast_path_towards"].as_array().map_or(0, Vec::len);
+    match status["fast_path_unavailable"].as_str() {
+        Some(reason) => {
+            ensure!(towards == 0, "status names a fast path although it says: {reason}");
+            Ok(Some(reason.to_string()))
+        }
+        None => Ok(None),
+    }
 }
 
 /// One line of `nat-ctl forward list --json`.
