@@ -14,7 +14,7 @@ use crate::{
     cli::{ForwardAddArgs, ForwardCommand, ForwardDelArgs, MappingsArgs, ModeArgs, QueryArgs},
     clock::monotonic_ns,
     forwards::{self, Forward, ForwardRow},
-    instance::{read_info, Instance},
+    instance::{read_info, Daemon, Instance},
     pinned::PinnedMaps,
     settings::Timeouts,
     table,
@@ -83,6 +83,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let (instance, maps) = open(query)?;
     let config = maps.read_config()?;
     let (pid, programs) = read_info(&instance).unwrap_or_else(|| ("-".into(), "no daemon running".into()));
+    let daemon = Daemon::of(&instance);
     let bindings = maps.bindings_out.keys().count();
     let dynamic = maps.usage(USAGE_ALL_HOSTS);
     let sessions = maps.sessions.keys().count();
@@ -110,6 +111,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         let value = serde_json::json!({
             "iface": instance.iface,
             "pid": pid,
+            "daemon": daemon.name(),
             "mode": mode.name(),
             "external_addrs": addrs,
             "external_follows_iface": follows,
@@ -129,7 +131,16 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("interface:  {} (daemon pid {pid})", instance.iface);
+        let daemon_line = match &daemon {
+            Daemon::Running(pid) => format!("daemon pid {pid}"),
+            Daemon::Gone(pid) => format!(
+                "no daemon: pid {pid} ended without detaching; the data path keeps translating but \
+                 timers are not swept until `nat-ctl attach {}` adopts it",
+                instance.iface
+            ),
+            Daemon::None => "no daemon running".to_string(),
+        };
+        println!("interface:  {} ({daemon_line})", instance.iface);
         println!("mode:       {}", mode.name());
         let following = match (follows, pid.as_str()) {
             (false, _) => String::new(),

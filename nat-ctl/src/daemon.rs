@@ -111,6 +111,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let resolved = resolve(args)?;
     let settings = &resolved.settings;
     iface::index(&settings.iface)?;
+    if iface::is_loopback(&settings.iface)? {
+        bail!(
+            "{} is a loopback interface: the NAT attaches to the external interface (the one facing the remotes)",
+            settings.iface
+        );
+    }
     for internal in &settings.internal_ifaces {
         iface::index(internal)?;
     }
@@ -135,6 +141,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     };
     let instance = Instance::here(&settings.iface)?;
     ensure_bpffs()?;
+    crate::instance::remove_stale_in_netns(instance.netns);
     let mut lock = InstanceLock::acquire(&instance)?;
     let mut config = settings.to_config(&addrs);
     config.external_ifindex = iface::index(&settings.iface)?;

@@ -16,6 +16,32 @@ pub fn index(name: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// True if `name` is a loopback device (`IFF_LOOPBACK`): a NAT there would translate the
+/// gateway's own local traffic and break it, so attach refuses it.
+pub fn is_loopback(name: &str) -> Result<bool> {
+    // SAFETY: plain socket call; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("cannot open a socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IF_NAMESIZE - 1)) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills `ifr_flags` of a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("cannot read the flags of {name}: {error}");
+    }
+    // SAFETY: SIOCGIFFLAGS wrote the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_LOOPBACK != 0)
+}
+
 /// The name of interface `index`, or the index itself when it has none here.
 pub fn name(index: u32) -> String {
     name_of(index).unwrap_or_else(|| format!("#{index}"))

@@ -110,8 +110,33 @@ impl Instance {
     }
 }
 
-/// Every instance with a pin directory in network namespace `netns`.
+/// Every instance of network namespace `netns` (the caller's) whose interface exists. Pin
+/// directories are named by the namespace's inode number, which the kernel reuses once a
+/// namespace is gone: a directory left by a NAT of a dead namespace (its daemon killed, or the
+/// namespace deleted under it) names an interface that does not exist here, and is not ours.
 pub fn list_in_netns(netns: u64) -> Vec<Instance> {
+    let (live, _stale) = pin_dirs_in_netns(netns);
+    live
+}
+
+/// Removes the pin directories of `netns` whose interface does not exist here (see
+/// `list_in_netns`); their links were detached when their interface went.
+pub fn remove_stale_in_netns(netns: u64) {
+    let (_, stale) = pin_dirs_in_netns(netns);
+    for instance in stale {
+        let _ = instance.remove_pins();
+    }
+}
+
+/// The instances with a pin directory named for `netns`: (interface exists, interface gone).
+fn pin_dirs_in_netns(netns: u64) -> (Vec<Instance>, Vec<Instance>) {
+    let all = all_pin_dirs_in_netns(netns);
+    all.into_iter()
+        .partition(|instance| crate::iface::index(&instance.iface).is_ok())
+}
+
+/// Every instance with a pin directory named for `netns`.
+fn all_pin_dirs_in_netns(netns: u64) -> Vec<Instance> {
     let prefix = format!("{netns}-");
     let Ok(entries) = fs::read_dir(PIN_ROOT) else {
         return Vec::new();
@@ -199,6 +224,44 @@ impl InstanceLock {
 impl Drop for InstanceLock {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Who runs an instance, as its lock file and the process table tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Daemon {
+    /// A nat-ctl daemon with this pid runs it.
+    Running(String),
+    /// The daemon with this pid ended without a clean stop (killed, crashed): the data path
+    /// keeps translating, but nothing sweeps timers until an attach adopts it.
+    Gone(String),
+    /// No daemon ever ran it from this machine's run directory (or it was stopped cleanly with
+    /// `--persist`, which removes the lock file).
+    None,
+}
+
+impl Daemon {
+    /// The daemon of `instance`.
+    pub fn of(instance: &Instance) -> Daemon {
+        let Some((pid, _)) = read_info(instance) else {
+            return Daemon::None;
+        };
+        // The kernel drops the flock of a dead daemon but not its file: check the pid.
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "nat-ctl" && pid.parse::<u32>().is_ok() {
+            Daemon::Running(pid)
+        } else {
+            Daemon::Gone(pid)
+        }
+    }
+
+    /// `running`, `gone` or `none`, for `status --json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Daemon::Running(_) => "running",
+            Daemon::Gone(_) => "gone",
+            Daemon::None => "none",
+        }
     }
 }
 

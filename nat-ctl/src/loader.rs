@@ -203,19 +203,14 @@ impl Attached {
         }
 
         if adopted {
-            let egress_filter = adopt_links(ebpf, instance)?;
-            if plan.persist {
-                attached.egress_filter = egress_filter;
-            }
+            attached.egress_filter = adopt_links(ebpf, instance)?;
         } else {
             let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
             let (id, mode) = xdp_mode::attach(ingress, iface, plan.xdp_mode)?;
             attached.xdp_modes.push((iface.to_string(), mode));
-            if plan.persist {
-                let link: FdLink = ingress.take_link(id)?.try_into()?;
-                link.pin(pin_dir.join(INGRESS_LINK_PIN))
-                    .context("cannot pin the XDP link")?;
-            }
+            let link: FdLink = ingress.take_link(id)?.try_into()?;
+            link.pin(pin_dir.join(INGRESS_LINK_PIN))
+                .context("cannot pin the XDP link")?;
             if !tcx {
                 // A filter of ours left by a daemon that was killed would translate again
                 // with its orphaned maps: remove it first (none found is the usual case).
@@ -226,11 +221,11 @@ impl Attached {
             let id = egress
                 .attach(iface, TcAttachType::Egress)
                 .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
-            if tcx && plan.persist {
+            if tcx {
                 let link: FdLink = egress.take_link(id)?.try_into()?;
                 link.pin(pin_dir.join(EGRESS_LINK_PIN))
                     .context("cannot pin the TC link")?;
-            } else if plan.persist {
+            } else {
                 // Left to the end: a filter let go of cannot be undone by dropping the object.
                 attached.egress_filter = Some(id);
             }
@@ -240,16 +235,12 @@ impl Attached {
                     attached.sysctls.push(sysctl::accept_local(lan)?);
                     let (id, mode) = xdp_mode::attach(internal, lan, plan.xdp_mode)?;
                     attached.xdp_modes.push((lan.clone(), mode));
-                    if plan.persist {
-                        let link: FdLink = internal.take_link(id)?.try_into()?;
-                        link.pin(pin_dir.join(internal_pin(lan)))
-                            .with_context(|| format!("cannot pin the XDP link of {lan}"))?;
-                    }
+                    let link: FdLink = internal.take_link(id)?.try_into()?;
+                    link.pin(pin_dir.join(internal_pin(lan)))
+                        .with_context(|| format!("cannot pin the XDP link of {lan}"))?;
                 }
             }
-            if plan.persist {
-                sysctl::save(instance, &attached.sysctls)?;
-            }
+            sysctl::save(instance, &attached.sysctls)?;
         }
         if adopted {
             // bpf_link_update swapped the programs; each link kept the mode it had.
@@ -262,22 +253,19 @@ impl Attached {
         } else {
             plan.internal_ifaces.to_vec()
         };
-        // From here on the new programs run; the instance persists only if asked to.
+        // From here on the new programs run. Their links stay pinned (and a netlink egress
+        // filter recorded) while this daemon runs, so a daemon that dies without cleaning up
+        // (SIGKILL, a panic, the OOM killer) leaves the NAT translating for the next attach to
+        // adopt; only a clean stop of a non-persisting daemon takes it down.
         attached.persist = plan.persist;
-        if adopted && !plan.persist {
-            // The links now belong to this process; without their pins they go when it exits.
-            for pin in link_pins(&pin_dir) {
-                let _ = fs::remove_file(pin);
-            }
-            if let Some(record) = tc_filter::load(instance) {
-                attached.added_clsact = record.added_clsact;
-                tc_filter::forget(instance);
-            }
+        if adopted {
+            // Restored by a clean stop, and still recorded for the next adoption.
             attached.sysctls = sysctl::take_saved(instance);
+            sysctl::save(instance, &attached.sysctls)?;
         }
         if let Some(id) = attached.egress_filter.take() {
             // A netlink filter outlives this process once we let go of it; its record lets the
-            // next attach replace its program and `detach` remove it.
+            // next attach replace its program and a clean stop or `detach` remove it.
             let added_clsact =
                 attached.added_clsact || tc_filter::load(instance).is_some_and(|r| r.added_clsact);
             let egress: &mut SchedClassifier = tc_program(ebpf_of(&mut attached)?, EGRESS_PROGRAM)?;
@@ -410,15 +398,20 @@ fn rejected(kind: &str, error: aya::programs::ProgramError) -> anyhow::Error {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        if self.persist {
+        if self.persist || std::thread::panicking() {
             // Links are pinned: dropping our handles leaves the programs running over the maps.
+            // A panic is no clean stop: the next attach adopts what runs.
             drop(self.ebpf.take());
             return;
         }
-        // Dropping the loaded object detaches the links and unloads the programs.
+        // Dropping the loaded object releases our handles; removing the pins below detaches.
         drop(self.ebpf.take());
+        let _ = sysctl::take_saved(&self.instance);
         for changed in &self.sysctls {
             changed.restore();
+        }
+        if let Err(e) = tc_filter::remove(&self.instance) {
+            eprintln!("nat-ctl: warning: {e:#}");
         }
         if self.added_clsact {
             tc_filter::remove_clsact(&self.instance.iface);

@@ -109,6 +109,10 @@ fn sigint_also_detaches_cleanly() -> Result<()> {
 fn bad_input_fails_with_one_line_and_attaches_nothing() -> Result<()> {
     let lab = Lab::new("badin")?;
     let missing = lab.names.iface("zz");
+    let bare = lab.names.iface("bare");
+    let bare_peer = lab.names.iface("barp");
+    lab.nat.ip(&["link", "add", "name", &bare, "type", "veth", "peer", "name", &bare_peer])?;
+    lab.nat.ip(&["link", "set", &bare, "up"])?;
     let wan = lab.wan_if.as_str();
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("nonexistent interface", vec!["attach", &missing]),
@@ -121,6 +125,9 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() -> Result<()> {
             vec!["attach", wan, "--external-addr", "foo"],
         ),
         ("inverted port range", vec!["attach", wan, "--ports", "5000-4000"]),
+        // Issue 9: a NAT on loopback broke the gateway's local traffic.
+        ("loopback interface", vec!["attach", "lo"]),
+        ("interface without an IPv4 address", vec!["attach", &bare]),
     ];
     let mut failures = Vec::new();
     for (what, args) in &cases {

@@ -13,9 +13,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use vm_tests::lab::{LAN_IP, NAT_EXT, WAN2_IP, WAN_IP};
+use vm_tests::lab::{HOST_IF, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP};
 use vm_tests::nat::Leftovers;
 use vm_tests::netns::Netns;
+use vm_tests::packet::Sniffer;
 use vm_tests::ops::{self, forward_entry, sa, PersistGuard};
 use vm_tests::tools::{self, udp_bind, udp_whoami, whoami};
 use vm_tests::{Lab, NatProcess, Stats};
@@ -721,6 +722,69 @@ fn the_packaged_config_starts_keeps_translating_after_exit_and_is_adopted() -> R
     );
     second.stop()?;
     ops::ctl_ok(&lab.nat, &["detach", &lab.wan_if])?;
+    expect_nothing_left(&lab, &lab.wan_if, &[])?;
+    drop(guard);
+    Ok(())
+}
+
+#[test]
+fn a_killed_daemon_leaves_the_nat_translating_and_the_next_attach_adopts_it() -> Result<()> {
+    // No --persist: only a clean stop takes the NAT down. SIGKILL (as the OOM killer sends)
+    // under traffic must neither stop translation nor let an internal address out.
+    let lab = Lab::new("rstkill")?;
+    let guard = PersistGuard::new(&lab.nat, &lab.wan_if);
+    let mut first = NatProcess::attach(&lab, &[])?;
+    let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let flow = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
+    let ext = ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))?;
+    let pingpong = PingPong::start(&lab.lan, &lab.wan, 41000, 9998)?;
+    thread::sleep(Duration::from_millis(300));
+
+    let pid = first.pid() as libc::pid_t;
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -KILL {pid}");
+    let _ = first.terminate();
+    thread::sleep(Duration::from_millis(500));
+    let (sent, got) = pingpong.finish();
+    let lost = sent - got.len() as u64;
+    println!("SIGKILL under traffic: UDP ping-pong {sent} sent, {lost} lost");
+    ensure!(lost * 10 < sent, "{lost} of {sent} datagrams lost around the SIGKILL");
+
+    // Old and new flows are translated; nothing leaves with lan's own address.
+    let wan_cap = Sniffer::open(&lab.wan, HOST_IF)?;
+    ensure!(
+        ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))? == ext,
+        "after SIGKILL the flow no longer maps to {ext}"
+    );
+    let fresh = udp_bind(&lab.lan, sa(LAN_IP, 40001))?;
+    let fresh_ext = ops::whoami_via(&lab, &first, &fresh, sa(WAN_IP, 9999))?;
+    ensure!(*fresh_ext.ip() == NAT_EXT, "a new flow after SIGKILL left as {fresh_ext}");
+    let leaked: Vec<_> = wan_cap
+        .capture_for(Duration::from_millis(300))
+        .iter()
+        .filter_map(|f| f.ipv4().map(|ip| ip.src()))
+        .filter(|src| *src == LAN_IP)
+        .collect();
+    ensure!(leaked.is_empty(), "{} packets left with lan's address", leaked.len());
+
+    // status tells a dead daemon from a running one.
+    let status = ops::ctl_ok(&lab.nat, &["status", "-i", &lab.wan_if, "--json"])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(status["daemon"] == "gone", "status after SIGKILL: daemon = {}", status["daemon"]);
+
+    // The next attach adopts it with every binding; its clean stop removes everything.
+    let second = NatProcess::attach(&lab, &[])?;
+    ensure!(
+        second.attached_line().contains("adopted"),
+        "no adoption after SIGKILL: {}",
+        second.attached_line()
+    );
+    ensure!(ops::status(&second)?["daemon"] == "running", "status of the new daemon");
+    ensure!(
+        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
+        "binding lost across the SIGKILL and adoption"
+    );
+    second.stop()?;
     expect_nothing_left(&lab, &lab.wan_if, &[])?;
     drop(guard);
     Ok(())
