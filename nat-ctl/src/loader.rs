@@ -46,6 +46,16 @@ const INTERNAL_PROGRAM: &str = "nat_internal";
 const EGRESS_PROGRAM: &str = "nat_egress";
 /// First kernel with TCX; older ones need a clsact qdisc (added by us, removed by us).
 const TCX_MIN_KERNEL: (u8, u8, u16) = (6, 6, 0);
+/// Oldest kernel the programs are verified on (Debian 12's 6.1, in the VM tests); they need
+/// `bpf_loop` (5.17) and XDP bpf links (5.9) at least, and nothing older is tested.
+const MIN_KERNEL: (u8, u8, u16) = (6, 1, 0);
+
+/// True when the running kernel is `min` or newer (false when its version cannot be read).
+fn kernel_at_least(min: (u8, u8, u16)) -> bool {
+    KernelVersion::current()
+        .map(|v| v >= KernelVersion::new(min.0, min.1, min.2))
+        .unwrap_or(false)
+}
 /// Pin name of the external interface's XDP link.
 const INGRESS_LINK_PIN: &str = "link_ingress";
 /// Pin name of the external interface's TC egress link.
@@ -155,9 +165,15 @@ impl Attached {
         if EBPF_OBJECT.is_empty() {
             bail!("this nat-ctl was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild nat-ctl");
         }
-        let tcx = KernelVersion::current()
-            .map(|v| v >= KernelVersion::new(TCX_MIN_KERNEL.0, TCX_MIN_KERNEL.1, TCX_MIN_KERNEL.2))
-            .unwrap_or(false);
+        if !kernel_at_least(MIN_KERNEL) {
+            let found = KernelVersion::current().map_or("an unknown version".to_string(), |v| v.to_string());
+            bail!(
+                "this NAT needs Linux {}.{} or newer; the kernel is {found}",
+                MIN_KERNEL.0,
+                MIN_KERNEL.1
+            );
+        }
+        let tcx = kernel_at_least(TCX_MIN_KERNEL);
         let pin_dir = instance.pin_dir();
         let adopted = is_persisted(instance);
         fs::create_dir_all(&pin_dir).with_context(|| format!("cannot create {}", pin_dir.display()))?;
