@@ -9,9 +9,9 @@
 //! configuration: virtio_net with guest offloads on (EOPNOTSUPP), an MTU above what one page
 //! holds (EINVAL), too few queues (ENOMEM).
 //!
-//! The mode each program got is recorded per instance next to its lock file, so `nat-ctl
-//! status` can show it from another process, and an adopting daemon (whose programs keep the
-//! links, and so the modes, of the persisted instance) keeps reporting it.
+//! The mode each program got is recorded per instance next to its lock file (bpffs holds no
+//! plain files), so `nat-ctl status` can show it from another process, and an adopting daemon
+//! (whose programs keep the links, and so the modes, of the persisted instance) reports it.
 
 use std::{
     ffi::CString,
@@ -26,7 +26,7 @@ use aya::programs::{
     ProgramError, Xdp, XdpMode,
 };
 
-use crate::instance::{Instance, RUN_DIR};
+use crate::instance::Instance;
 
 /// What `--xdp-mode` (config key `xdp_mode`) asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,7 +250,7 @@ pub fn driver_name(iface: &str) -> Option<String> {
 pub type Modes = Vec<(String, XdpRunMode)>;
 
 fn record_path(instance: &Instance) -> PathBuf {
-    PathBuf::from(RUN_DIR).join(format!("{}-{}.xdp", instance.netns, instance.iface))
+    instance.state_file("xdp")
 }
 
 /// One `IFACE MODE` line per interface.

@@ -15,6 +15,9 @@ use vm_tests::proc::poll;
 use vm_tests::tools::{self, udp_bind, udp_whoami};
 use vm_tests::{Lab, NatProcess};
 
+// Lab tags avoid the letters "xdp": namespace names carry the tag, and `ip link` prints the
+// peer's namespace, which `Leftovers` would take for an XDP program.
+
 /// The NAT's external address with its prefix, as the lab configures it.
 const NAT_EXT_CIDR: &str = "198.51.100.254/24";
 
@@ -90,7 +93,7 @@ fn link(lab: &Lab, dev: &str) -> Result<String> {
 
 #[test]
 fn auto_is_native_on_veth_and_generic_is_forced_on_request() -> Result<()> {
-    let lab = Lab::new("xdpgen")?;
+    let lab = Lab::new("xmgen")?;
     let nat = NatProcess::attach(&lab, &["--internal-iface", &lab.lan_if])?;
     ensure!(
         nat.attached_line().contains("xdp=native"),
@@ -159,7 +162,7 @@ fn auto_is_native_on_veth_and_generic_is_forced_on_request() -> Result<()> {
 
 #[test]
 fn auto_falls_back_to_generic_on_a_device_without_native_xdp() -> Result<()> {
-    let lab = Lab::new("xdpauto")?;
+    let lab = Lab::new("xmauto")?;
     let mv = macvlan_external(&lab)?;
     let nat = NatProcess::attach_in(&lab.nat, &mv, &[])?;
     ensure!(
@@ -206,7 +209,7 @@ fn auto_falls_back_to_generic_on_a_device_without_native_xdp() -> Result<()> {
 
 #[test]
 fn native_is_refused_where_the_driver_has_none_and_nothing_is_left() -> Result<()> {
-    let lab = Lab::new("xdpnat")?;
+    let lab = Lab::new("xmnative")?;
     let mv = macvlan_external(&lab)?;
     let out = attach_expecting_failure(&lab.nat, &["attach", &mv, "--xdp-mode", "native"])?;
     let line = refused("--xdp-mode native on a macvlan", &out)?;
@@ -232,7 +235,7 @@ fn native_is_refused_where_the_driver_has_none_and_nothing_is_left() -> Result<(
 
 #[test]
 fn adoption_keeps_the_mode_of_the_running_programs() -> Result<()> {
-    let lab = Lab::new("xdpadopt")?;
+    let lab = Lab::new("xmadopt")?;
     let _guard = PersistGuard::new(&lab.nat, &lab.wan_if);
     let first = NatProcess::attach(&lab, &["--persist", "--xdp-mode", "generic"])?;
     translated(&lab, &first, 40003)?;
