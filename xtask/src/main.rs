@@ -78,9 +78,11 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Build everything and run the benchmark (root): writes BENCHMARKS.md and its SVG plots.
+    /// Build everything and run the benchmark (root): writes BENCHMARKS.md and its SVG plots,
+    /// then its VM phase (pktgen on Debian's 6.1 kernel in qemu) writes its own section.
     Bench {
-        /// Arguments passed to the bench binary (e.g. `--smoke`, `--only forwarding`).
+        /// Arguments passed to the bench binary (e.g. `--smoke`, `--only forwarding`), and
+        /// `--vm-only` / `--no-vm` to run only or skip the VM phase.
         #[arg(last = true)]
         args: Vec<String>,
     },

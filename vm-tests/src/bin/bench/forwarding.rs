@@ -34,7 +34,7 @@ const WARMUP_PACKETS: u64 = 10_000;
 const SETTLE: Duration = Duration::from_millis(30);
 /// A fast-path run counts as "not on the fast path" when the kernel forwarded more than this
 /// share of the delivered packets.
-const FAST_PATH_MAX_KERNEL_SHARE: f64 = 0.1;
+pub const FAST_PATH_MAX_KERNEL_SHARE: f64 = 0.1;
 
 /// Which traffic a measurement sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -276,7 +276,7 @@ pub fn outbound_new(gen: &mut Generator, topo: &Topology, count: u32) -> Result<
 
 /// Checks that our NAT kept the established flows' ports, which the inbound stream assumes
 /// (it addresses `RTR_EXT_IP:EST_PORT_BASE + i`).
-fn check_preserved_ports(running: &Running) -> Result<()> {
+pub fn check_preserved_ports(running: &Running) -> Result<()> {
     let Some(nat) = running.nat() else {
         return Ok(());
     };

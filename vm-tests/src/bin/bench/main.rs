@@ -8,7 +8,12 @@
 //!   nftables masquerade, our NAT and our NAT with its internal-side fast path, alternated,
 //!   driven by an in-kernel generator (see `forwarding`, `generator`);
 //! - `scale`: both again with 1 to 1 000 000 live bindings, the new-binding rate and the memory
-//!   per binding (see `scale`, `memory`).
+//!   per binding (see `scale`, `memory`);
+//! - `pktgen`, only when named: the forwarding comparison driven by the kernel's pktgen, for
+//!   Debian 12's 6.1 kernel in a VM (see `vm_forwarding`). Its results form one section of the
+//!   report (see `vm_report`): `--section-out FILE` writes just that section, and
+//!   `--merge-section FILE --out REPORT` puts it into the report on the host; the host phases
+//!   keep the section of the report they rewrite.
 //!
 //! Everything it creates (namespaces, NAT processes, pinned maps) is removed on exit, also on
 //! failure; a final check fails the run if anything of this process is left. `--smoke` runs
@@ -24,6 +29,7 @@ mod machine;
 mod memory;
 mod nat_maps;
 mod objects;
+mod pktgen;
 mod plot;
 mod report;
 mod scale;
@@ -31,6 +37,8 @@ mod sink;
 mod stats;
 mod test_instance;
 mod topology;
+mod vm_forwarding;
+mod vm_report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +64,24 @@ struct Plan {
     forwarding: forwarding::Settings,
     cost: cost::Settings,
     scale: scale::Settings,
+}
+
+/// The pktgen phase's run lengths (full: about 8 minutes in the VM under TCG, most of it
+/// setting up topologies and contenders; smoke: about 2 minutes).
+fn pktgen_settings(smoke: bool) -> vm_forwarding::Settings {
+    if smoke {
+        vm_forwarding::Settings {
+            rounds: 1,
+            packets: 2_000,
+            new_flows: 1_000,
+        }
+    } else {
+        vm_forwarding::Settings {
+            rounds: 5,
+            packets: 50_000,
+            new_flows: 20_000,
+        }
+    }
 }
 
 impl Plan {
@@ -109,10 +135,16 @@ struct Options {
     json: Option<PathBuf>,
     command: String,
     only: Vec<String>,
+    section_out: Option<PathBuf>,
+    merge_section: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: bench [--smoke] [--out BENCHMARKS.md] [--json FILE] [--command TEXT] [--only cost|forwarding|scale]...";
-const PHASES: [&str; 3] = ["cost", "forwarding", "scale"];
+const USAGE: &str = "usage: bench [--smoke] [--out BENCHMARKS.md] [--json FILE] [--command TEXT] \
+[--only cost|forwarding|scale|pktgen]... [--section-out FILE] | bench --merge-section FILE --out BENCHMARKS.md";
+/// The phases run when `--only` names none.
+const HOST_PHASES: [&str; 3] = ["cost", "forwarding", "scale"];
+/// The phase that needs pktgen (a VM): run only when named.
+const PKTGEN_PHASE: &str = "pktgen";
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
@@ -121,6 +153,8 @@ fn parse_args() -> Result<Options> {
         json: None,
         command: "cargo xtask bench".into(),
         only: Vec::new(),
+        section_out: None,
+        merge_section: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -130,9 +164,11 @@ fn parse_args() -> Result<Options> {
             "--out" => o.out = Some(value()?.into()),
             "--json" => o.json = Some(value()?.into()),
             "--command" => o.command = value()?,
+            "--section-out" => o.section_out = Some(value()?.into()),
+            "--merge-section" => o.merge_section = Some(value()?.into()),
             "--only" => {
                 let p = value()?;
-                if !PHASES.contains(&p.as_str()) {
+                if !HOST_PHASES.contains(&p.as_str()) && p != PKTGEN_PHASE {
                     bail!("unknown phase {p}; {USAGE}");
                 }
                 o.only.push(p);
@@ -144,7 +180,22 @@ fn parse_args() -> Result<Options> {
             _ => bail!("unknown argument {a}; {USAGE}"),
         }
     }
+    if o.merge_section.is_some() && o.out.is_none() {
+        bail!("--merge-section needs --out; {USAGE}");
+    }
     Ok(o)
+}
+
+impl Options {
+    /// Whether phase `p` runs: the host phases when `--only` names none or names them, the
+    /// pktgen phase only when named.
+    fn phase(&self, p: &str) -> bool {
+        self.only.iter().any(|x| x == p) || (self.only.is_empty() && p != PKTGEN_PHASE)
+    }
+
+    fn host_phases(&self) -> bool {
+        HOST_PHASES.iter().any(|p| self.phase(p))
+    }
 }
 
 fn on_path(tool: &str) -> bool {
@@ -244,7 +295,7 @@ fn run(o: &Options) -> Result<Run> {
     vm_tests::netns::remove_stale();
     test_instance::remove_stale();
     let plan = if o.smoke { Plan::smoke() } else { Plan::full() };
-    let phase = |p: &str| o.only.is_empty() || o.only.iter().any(|x| x == p);
+    let phase = |p: &str| o.phase(p);
     let started = Instant::now();
     let mut run = Run::new(machine::Machine::now(), o.command.clone(), o.smoke);
     run.plan = format!("{plan:?}");
@@ -288,8 +339,87 @@ fn run(o: &Options) -> Result<Run> {
         run.memory = mem;
     }
     drop(gen);
+    if phase(PKTGEN_PHASE) {
+        log("forwarding driven by pktgen");
+        run.pktgen = Some(vm_forwarding::run(&pktgen_settings(o.smoke), &mut log)?);
+    }
     run.duration = started.elapsed();
     Ok(run)
+}
+
+/// The report at `out` now, if there is one.
+fn read_report(out: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(out) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", out.display())),
+    }
+}
+
+/// Puts the section in `section` (a file) into the report at `out`.
+fn merge_section(section: &Path, out: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(section).with_context(|| format!("cannot read {}", section.display()))?;
+    let Some(part) = vm_report::extract(&text) else {
+        bail!("{} holds no pktgen section", section.display());
+    };
+    let old = read_report(out)?.unwrap_or_default();
+    write(out, &vm_report::merge(&old, part))?;
+    log(&format!("wrote the pktgen section into {}", out.display()));
+    Ok(())
+}
+
+/// Writes what `run` measured: the host report (keeping the report's pktgen section), the
+/// pktgen section (into `--section-out` and/or the report), JSON.
+fn write_outputs(o: &Options, run: &Run) -> Result<()> {
+    if let Some(json) = &o.json {
+        write(json, &serde_json::to_string_pretty(&report::json(run))?)?;
+    }
+    let section = run
+        .pktgen
+        .is_some()
+        .then(|| vm_report::section(run, &format!("{:?}", pktgen_settings(run.smoke))));
+    if let (Some(path), Some(s)) = (&o.section_out, &section) {
+        write(path, s)?;
+        log(&format!("wrote the pktgen section to {}", path.display()));
+    }
+    let host = o.host_phases();
+    match &o.out {
+        Some(out) => {
+            let old = read_report(out)?;
+            let mut text = if host {
+                let names = report::plot_file_names(out);
+                write(&out.with_file_name(&names.0), &report::plot(run))?;
+                if let Some(svg) = report::scale_plot(run) {
+                    write(&out.with_file_name(&names.1), &svg)?;
+                }
+                let md = report::markdown(run, &names);
+                // The VM phase's section outlives host runs.
+                match old.as_deref().and_then(vm_report::extract) {
+                    Some(kept) => vm_report::merge(&md, kept),
+                    None => md,
+                }
+            } else {
+                old.unwrap_or_default()
+            };
+            if let Some(s) = &section {
+                text = vm_report::merge(&text, s);
+            }
+            write(out, &text)?;
+            log(&format!("wrote {}", out.display()));
+        }
+        None if o.section_out.is_none() => {
+            if host {
+                let none = ("(no plot written)".to_string(), "(no plot written)".to_string());
+                println!("{}", report::markdown(run, &none));
+            }
+            if let Some(s) = &section {
+                println!("{s}");
+            }
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -300,10 +430,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Some(section), Some(out)) = (&o.merge_section, &o.out) {
+        return match merge_section(section, out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = run(&o);
     // Whatever happened, nothing of ours may be left behind.
     let left = leftovers();
-    let mut run = match result {
+    let mut run: Run = match result {
         Ok(run) => run,
         Err(e) => {
             // One line: tool output inside the error may span several.
@@ -315,25 +454,7 @@ fn main() -> ExitCode {
         }
     };
     run.leftovers = left.clone();
-    let outputs = (|| -> Result<()> {
-        if let Some(json) = &o.json {
-            write(json, &serde_json::to_string_pretty(&report::json(&run))?)?;
-        }
-        if let Some(out) = &o.out {
-            let names = report::plot_file_names(out);
-            write(&out.with_file_name(&names.0), &report::plot(&run))?;
-            if let Some(svg) = report::scale_plot(&run) {
-                write(&out.with_file_name(&names.1), &svg)?;
-            }
-            write(out, &report::markdown(&run, &names))?;
-            log(&format!("wrote {} and its plots", out.display()));
-        } else {
-            let none = ("(no plot written)".to_string(), "(no plot written)".to_string());
-            println!("{}", report::markdown(&run, &none));
-        }
-        Ok(())
-    })();
-    if let Err(e) = outputs {
+    if let Err(e) = write_outputs(&o, &run) {
         eprintln!("bench: {e:#}");
         return ExitCode::FAILURE;
     }

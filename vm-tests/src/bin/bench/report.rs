@@ -39,6 +39,8 @@ pub struct Run {
     pub costs: Option<Vec<Cost>>,
     /// The forwarding comparison.
     pub forwarding: Option<forwarding::Results>,
+    /// The forwarding comparison driven by pktgen (the VM phase; see `vm_report`).
+    pub pktgen: Option<forwarding::Results>,
     /// Forwarding at each scale.
     pub scale_forwarding: Option<Vec<ForwardingPoint>>,
     /// Per-packet cost at each scale.
@@ -63,6 +65,7 @@ impl Run {
             plan: String::new(),
             costs: None,
             forwarding: None,
+            pktgen: None,
             scale_forwarding: None,
             scale_costs: None,
             memory: None,
@@ -815,25 +818,27 @@ fn finite(x: f64) -> Value {
     }
 }
 
+fn forwarding_json(f: &forwarding::Results) -> Value {
+    let points: Vec<Value> = f
+        .points
+        .iter()
+        .map(|((c, d), m)| {
+            json!({
+                "contender": c.key(),
+                "direction": d.key(),
+                "pps": m.pps,
+                "median_pps": m.median_pps(),
+                "kernel_share": m.kernel_share,
+                "unavailable": m.unavailable,
+            })
+        })
+        .collect();
+    json!({ "points": points, "ceiling_pps": f.ceiling_pps })
+}
+
 /// Machine-readable results (used by the smoke test).
 pub fn json(run: &Run) -> Value {
-    let forwarding = run.forwarding.as_ref().map(|f| {
-        let points: Vec<Value> = f
-            .points
-            .iter()
-            .map(|((c, d), m)| {
-                json!({
-                    "contender": c.key(),
-                    "direction": d.key(),
-                    "pps": m.pps,
-                    "median_pps": m.median_pps(),
-                    "kernel_share": m.kernel_share,
-                    "unavailable": m.unavailable,
-                })
-            })
-            .collect();
-        json!({ "points": points, "ceiling_pps": f.ceiling_pps })
-    });
+    let forwarding = run.forwarding.as_ref().map(forwarding_json);
     let scale_forwarding = run.scale_forwarding.as_ref().map(|ps| {
         ps.iter()
             .map(|p| {
@@ -881,6 +886,7 @@ pub fn json(run: &Run) -> Value {
         },
         "costs": run.costs.as_ref().map(|cs| cs.iter().map(cost_json).collect::<Vec<_>>()),
         "forwarding": forwarding,
+        "pktgen": run.pktgen.as_ref().map(forwarding_json),
         "scale_forwarding": scale_forwarding,
         "scale_costs": scale_costs,
         "memory": memory,
