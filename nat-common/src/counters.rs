@@ -86,6 +86,17 @@ counters! {
     /// Packets (and ICMP errors) from an internal host to another internal host's external
     /// endpoint, translated on both sides and sent back in (RFC 4787 REQ-9).
     Hairpinned = "hairpinned",
+    /// Packets from an internal interface whose source the gateway does not route back there:
+    /// one of its own addresses (the NAT's external ones included), a broadcast or multicast
+    /// address, or one reached through the external interface. Dropped before the kernel sees
+    /// them (`accept_local` is on for hairpinning), so no internal host can send as the gateway.
+    SpoofedSource = "spoofed_source",
+    /// TCP RST, FIN and SYN segments outside their connection's window (RFC 5961): they change
+    /// no state; inbound RSTs among them are dropped, the others delivered.
+    TcpOutOfWindow = "tcp_out_of_window",
+    /// New sessions refused because their internal host or their binding holds its limit of
+    /// sessions (`--max-sessions-per-host`, `--max-sessions-per-binding`): the packet is dropped.
+    SessionLimit = "session_limit",
 }
 
 /// Number of counters (size of the `COUNTERS` per-CPU array).

@@ -28,8 +28,12 @@ pub mod names {
     pub const PARKED_FRAGMENTS: &str = "NAT_PARKED_FRAGMENTS";
     /// Ring buffer of `Notice`s for the controller.
     pub const NOTICES: &str = "NAT_NOTICES";
+    /// `SessionUsageKey` -> sessions created by the data path.
+    pub const SESSION_USAGE_CREATED: &str = "NAT_SESS_USE_CREATED";
+    /// `SessionUsageKey` -> sessions removed by the controller.
+    pub const SESSION_USAGE_RELEASED: &str = "NAT_SESS_USE_RELEASED";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         BINDINGS_OUT,
         BINDINGS_IN,
@@ -41,6 +45,8 @@ pub mod names {
         FAST_PATH_IFACES,
         PARKED_FRAGMENTS,
         NOTICES,
+        SESSION_USAGE_CREATED,
+        SESSION_USAGE_RELEASED,
     ];
 }
 
@@ -69,6 +75,104 @@ pub const fn binding_map_capacity(max_bindings: u32) -> u32 {
 /// Capacity of the session map for a dynamic-binding limit.
 pub const fn session_map_capacity(max_bindings: u32) -> u32 {
     binding_map_capacity(max_bindings).saturating_mul(SESSIONS_PER_BINDING)
+}
+
+/// Sessions (remote endpoints, the rows of the NAT table) the session map surely holds: each
+/// takes at most two entries, its own and its remote address's.
+pub const fn session_capacity(max_bindings: u32) -> u32 {
+    session_map_capacity(max_bindings) / 2
+}
+
+/// The default per-host session limit is the session capacity divided by this: one host can
+/// take a quarter of the table, so it takes at least four flooding hosts to fill it, and a host
+/// at its limit still holds far more sessions than any legitimate client uses (133 120 with
+/// the default table; a busy peer-to-peer client uses a few thousand).
+pub const DEFAULT_HOST_SESSION_SHARE: u32 = 4;
+/// The default per-binding session limit is the per-host default divided by this: one socket
+/// (a port flooding many remotes) cannot take all of its host's share, so the host's other
+/// applications still open connections.
+pub const DEFAULT_BINDING_SESSION_SHARE: u32 = 4;
+
+/// Default `--max-sessions-per-host` for a dynamic-binding limit (at least 1).
+pub const fn default_max_sessions_per_host(max_bindings: u32) -> u32 {
+    let n = session_capacity(max_bindings) / DEFAULT_HOST_SESSION_SHARE;
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}
+
+/// Default `--max-sessions-per-binding` for a dynamic-binding limit (at least 1).
+pub const fn default_max_sessions_per_binding(max_bindings: u32) -> u32 {
+    let n = default_max_sessions_per_host(max_bindings) / DEFAULT_BINDING_SESSION_SHARE;
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}
+
+/// Capacity of the session usage maps: the all-hosts total, every internal host, every binding.
+pub const fn session_usage_capacity(max_bindings: u32) -> u32 {
+    binding_map_capacity(max_bindings)
+        .saturating_add(MAX_USAGE_HOSTS)
+        .saturating_add(1)
+}
+
+/// `SessionUsageKey::kind`: the total over all hosts (every other field zero).
+pub const SESSION_USAGE_ALL: u8 = 0;
+/// `SessionUsageKey::kind`: one internal host (`addr`).
+pub const SESSION_USAGE_HOST: u8 = 1;
+/// `SessionUsageKey::kind`: one binding (`proto`, external `addr` and `port`).
+pub const SESSION_USAGE_BINDING: u8 = 2;
+
+/// What a session count is kept for (RFC 6888 REQ-5: state per subscriber and per mapping).
+/// Sessions are counted like bindings (`USAGE_*`): the data path adds to `*_CREATED` maps,
+/// only the controller writes `*_RELEASED`, and the difference is the number in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SessionUsageKey {
+    /// Internal address (host) or external address (binding), network order; 0 for the total.
+    pub addr: u32,
+    /// External port of a binding (network order), else 0.
+    pub port: u16,
+    /// IP protocol of a binding, else 0.
+    pub proto: u8,
+    /// `SESSION_USAGE_*`.
+    pub kind: u8,
+}
+
+impl SessionUsageKey {
+    /// The total over all hosts.
+    pub const fn all() -> Self {
+        SessionUsageKey {
+            addr: 0,
+            port: 0,
+            proto: 0,
+            kind: SESSION_USAGE_ALL,
+        }
+    }
+
+    /// Internal host `addr` (network order).
+    pub const fn host(addr: u32) -> Self {
+        SessionUsageKey {
+            addr,
+            port: 0,
+            proto: 0,
+            kind: SESSION_USAGE_HOST,
+        }
+    }
+
+    /// The binding with external endpoint `addr:port` (network order) for `proto`.
+    pub const fn binding(proto: u8, addr: u32, port: u16) -> Self {
+        SessionUsageKey {
+            addr,
+            port,
+            proto,
+            kind: SESSION_USAGE_BINDING,
+        }
+    }
 }
 /// Capacity of the fragment-tracking map; LRU, so a flood of stray fragments only evicts other
 /// fragment state, never bindings (RFC 4787 REQ-14a).
@@ -184,6 +288,15 @@ pub struct SessionKey {
     pub _pad: [u8; 2],
 }
 
+/// `SessionValue::flags`: an outbound packet of this session has passed the kernel's forwarding
+/// path (forward chain, rp_filter, routing) and left through the external interface, where TC
+/// egress saw it. Only then may the XDP fast path take the session's outbound packets.
+pub const SESSION_FLAG_OFFLOAD_OUT: u8 = 1 << 0;
+/// `SessionValue::flags`: an inbound packet of this session has passed the kernel's forwarding
+/// path and left through an internal interface, where the internal-side TC egress program saw
+/// it. Only then may the XDP fast path take the session's inbound packets.
+pub const SESSION_FLAG_OFFLOAD_IN: u8 = 1 << 1;
+
 /// State of one session.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -192,8 +305,19 @@ pub struct SessionValue {
     pub last_seen_ns: u64,
     /// `tcp_state::TcpState` as `u8` (TCP sessions only).
     pub tcp_state: u8,
-    /// Explicit padding (always zero).
-    pub _pad: [u8; 7],
+    /// `SESSION_FLAG_*` bits, set by the data path (endpoint sessions only).
+    pub flags: u8,
+    /// `tcp_track::TRACK_*` bits (TCP endpoint sessions only).
+    pub tcp_track: u8,
+    /// Window scale each side offered in its SYN: the outbound side's in the low nibble, the
+    /// inbound side's in the high one (`tcp_track::WSCALE_ABSENT` for none).
+    pub tcp_wscale: u8,
+    /// The internal host the session belongs to (network order), for the per-host session
+    /// count that the controller decrements when the session goes.
+    pub internal_addr: u32,
+    /// Each side's sequence space, indexed outbound (internal host) then inbound (remote);
+    /// see `tcp_track`.
+    pub tcp_seq: [crate::tcp_track::SeqSpace; 2],
 }
 
 /// Identifies the fragments of one datagram (RFC 791: source, destination, protocol, ID).
@@ -267,4 +391,31 @@ pub struct Notice {
     pub len: u32,
     /// The start of the IP packet as received.
     pub packet: [u8; NOTICE_MAX_BYTES],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_session_limits_keep_one_host_from_filling_the_table() {
+        let capacity = session_capacity(DEFAULT_MAX_BINDINGS);
+        assert_eq!(session_map_capacity(DEFAULT_MAX_BINDINGS), 1_064_960);
+        assert_eq!(capacity, 532_480);
+        let host = default_max_sessions_per_host(DEFAULT_MAX_BINDINGS);
+        assert_eq!(host, 133_120);
+        assert_eq!(default_max_sessions_per_binding(DEFAULT_MAX_BINDINGS), 33_280);
+        // One host at its limit, to distinct remote addresses (two entries each), leaves three
+        // quarters of the map to the others.
+        assert!(2 * host <= session_map_capacity(DEFAULT_MAX_BINDINGS) / 4);
+        // The smallest table still gets limits of at least one.
+        assert!(default_max_sessions_per_binding(1) >= 1);
+        assert!(default_max_sessions_per_host(1) >= default_max_sessions_per_binding(1));
+    }
+
+    #[test]
+    fn session_value_layout_is_packed() {
+        assert_eq!(core::mem::size_of::<SessionValue>(), 32);
+        assert_eq!(core::mem::size_of::<SessionUsageKey>(), 8);
+    }
 }

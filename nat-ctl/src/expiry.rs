@@ -248,7 +248,7 @@ mod tests {
             SessionValue {
                 last_seen_ns: last_seen,
                 tcp_state: tcp as u8,
-                _pad: [0; 7],
+                ..Default::default()
             },
         )
     }

@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nat_common::{
-    maps::{binding_map_capacity, names, session_map_capacity},
+    maps::{binding_map_capacity, names, session_map_capacity, session_usage_capacity},
     NatConfig,
 };
 
@@ -44,6 +44,10 @@ const INGRESS_PROGRAM: &str = "nat_ingress";
 const INTERNAL_PROGRAM: &str = "nat_internal";
 /// Name of the TC egress (outbound) program in the object.
 const EGRESS_PROGRAM: &str = "nat_egress";
+/// Name of the internal interfaces' TC egress program, which confirms inbound flows for the
+/// fast path once the kernel has forwarded them (attached with TCX only; without it inbound
+/// packets keep taking the kernel path).
+const LAN_EGRESS_PROGRAM: &str = "nat_lan_egress";
 /// First kernel with TCX; older ones need a clsact qdisc (added by us, removed by us).
 const TCX_MIN_KERNEL: (u8, u8, u16) = (6, 6, 0);
 /// Oldest kernel the programs are verified on (Debian 12's 6.1, in the VM tests); they need
@@ -62,6 +66,8 @@ const INGRESS_LINK_PIN: &str = "link_ingress";
 const EGRESS_LINK_PIN: &str = "link_egress";
 /// Pin name prefix of the internal interfaces' XDP links.
 const INTERNAL_LINK_PIN_PREFIX: &str = "link_internal_";
+/// Pin name prefix of the internal interfaces' TC egress links (not a prefix of the above).
+const LAN_EGRESS_LINK_PIN_PREFIX: &str = "link_lan_egress_";
 /// Where the verifier's log goes when it rejects a program: too long for a terminal line.
 const VERIFIER_LOG: &str = "/tmp/nat-ctl-verifier.log";
 
@@ -133,6 +139,23 @@ fn internal_pin(iface: &str) -> String {
     format!("{INTERNAL_LINK_PIN_PREFIX}{iface}")
 }
 
+fn lan_egress_pin(iface: &str) -> String {
+    format!("{LAN_EGRESS_LINK_PIN_PREFIX}{iface}")
+}
+
+/// Attaches the fast-path confirmation program to the TC egress of internal interface `lan`
+/// (TCX) and pins its link with the others.
+fn attach_lan_egress(ebpf: &mut Ebpf, pin_dir: &Path, lan: &str) -> Result<()> {
+    let program: &mut SchedClassifier = tc_program(ebpf, LAN_EGRESS_PROGRAM)?;
+    let id = program
+        .attach(lan, TcAttachType::Egress)
+        .with_context(|| format!("cannot attach the TC egress program to {lan}"))?;
+    let link: FdLink = program.take_link(id)?.try_into()?;
+    link.pin(pin_dir.join(lan_egress_pin(lan)))
+        .with_context(|| format!("cannot pin the TC link of {lan}"))?;
+    Ok(())
+}
+
 /// Every link pin in a pin directory.
 fn link_pins(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -197,6 +220,8 @@ impl Attached {
             .map_max_entries(names::BINDINGS_OUT, bindings)
             .map_max_entries(names::BINDINGS_IN, bindings)
             .map_max_entries(names::SESSIONS, session_map_capacity(config.max_bindings))
+            .map_max_entries(names::SESSION_USAGE_CREATED, session_usage_capacity(config.max_bindings))
+            .map_max_entries(names::SESSION_USAGE_RELEASED, session_usage_capacity(config.max_bindings))
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF programs")?;
         let ebpf = attached.ebpf.insert(ebpf);
@@ -216,10 +241,14 @@ impl Attached {
         if internal_needed {
             let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
             internal.load().map_err(|e| rejected("internal XDP", e))?;
+            if tcx {
+                let lan_egress: &mut SchedClassifier = tc_program(ebpf, LAN_EGRESS_PROGRAM)?;
+                lan_egress.load().map_err(|e| rejected("internal TC", e))?;
+            }
         }
 
         if adopted {
-            attached.egress_filter = adopt_links(ebpf, instance)?;
+            attached.egress_filter = adopt_links(ebpf, instance, tcx)?;
         } else {
             let ingress: &mut Xdp = xdp_program(ebpf, INGRESS_PROGRAM)?;
             let (id, mode) = xdp_mode::attach(ingress, iface, plan.xdp_mode)?;
@@ -248,12 +277,18 @@ impl Attached {
             if !plan.internal_ifaces.is_empty() {
                 let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
                 for lan in plan.internal_ifaces {
-                    attached.sysctls.push(sysctl::accept_local(lan)?);
                     let (id, mode) = xdp_mode::attach(internal, lan, plan.xdp_mode)?;
                     attached.xdp_modes.push((lan.clone(), mode));
                     let link: FdLink = internal.take_link(id)?.try_into()?;
                     link.pin(pin_dir.join(internal_pin(lan)))
                         .with_context(|| format!("cannot pin the XDP link of {lan}"))?;
+                    // Only once the program that drops spoofed sources runs there.
+                    attached.sysctls.push(sysctl::accept_local(lan)?);
+                }
+                if tcx {
+                    for lan in plan.internal_ifaces {
+                        attach_lan_egress(ebpf, &pin_dir, lan)?;
+                    }
                 }
             }
             sysctl::save(instance, &attached.sysctls)?;
@@ -352,8 +387,9 @@ fn attached_internal_ifaces(dir: &Path) -> Vec<String> {
 }
 
 /// Swaps the freshly loaded programs into the pinned links of a persisted instance (and into
-/// its recorded egress filter, on kernels without TCX, whose id is returned).
-fn adopt_links(ebpf: &mut Ebpf, instance: &Instance) -> Result<Option<SchedClassifierLinkId>> {
+/// its recorded egress filter, on kernels without TCX, whose id is returned). An internal
+/// interface without the TC egress link (left by an older nat-ctl) gets one when `tcx`.
+fn adopt_links(ebpf: &mut Ebpf, instance: &Instance, tcx: bool) -> Result<Option<SchedClassifierLinkId>> {
     let dir = &instance.pin_dir();
     let iface = instance.iface.as_str();
     let pinned = |name: &str| -> Result<FdLink> {
@@ -381,10 +417,23 @@ fn adopt_links(ebpf: &mut Ebpf, instance: &Instance) -> Result<Option<SchedClass
         }
     };
     let internal: &mut Xdp = xdp_program(ebpf, INTERNAL_PROGRAM)?;
-    for lan in attached_internal_ifaces(dir) {
+    let lans = attached_internal_ifaces(dir);
+    for lan in &lans {
         internal
-            .attach_to_link(XdpLink::try_from(pinned(&internal_pin(&lan))?)?)
+            .attach_to_link(XdpLink::try_from(pinned(&internal_pin(lan))?)?)
             .with_context(|| format!("cannot replace the XDP program on {lan}"))?;
+    }
+    if tcx {
+        for lan in &lans {
+            if !dir.join(lan_egress_pin(lan)).exists() {
+                attach_lan_egress(ebpf, dir, lan)?;
+                continue;
+            }
+            let lan_egress: &mut SchedClassifier = tc_program(ebpf, LAN_EGRESS_PROGRAM)?;
+            lan_egress
+                .attach_to_link(SchedClassifierLink::try_from(pinned(&lan_egress_pin(lan))?)?)
+                .with_context(|| format!("cannot replace the TC program on {lan}"))?;
+        }
     }
     Ok(egress_filter)
 }

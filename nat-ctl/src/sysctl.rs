@@ -31,7 +31,10 @@ impl Changed {
 
 /// Sets `net.ipv4.conf.IFACE.accept_local` to 1. Hairpinned packets come back in with the
 /// gateway's own external address as their source; without it the kernel drops them as
-/// martians before routing them to the target host.
+/// martians before routing them to the target host. It cannot be abused: the internal-side XDP
+/// program, attached to the same interface first, drops every packet whose source is one of
+/// the gateway's addresses before the kernel sees it (`spoofed_source`); only the hairpin path
+/// writes such a source, after that check.
 pub fn accept_local(iface: &str) -> Result<Changed> {
     let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"));
     let previous = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -15,19 +15,22 @@ use nat_common::{
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
         ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF,
-        IPV4_MAX_HLEN, IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN,
+        IPV4_MAX_HLEN, IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_MIN_HLEN,
     },
-    proto, Counter, NatConfig,
+    proto,
+    tcp_track::Segment,
+    Counter, NatConfig,
 };
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
     bindings::{self, external_addr_for, OutboundFlow},
-    fragments, icmp,
+    fastpath, fragments, icmp,
     maps::NAT_CONFIG,
     notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_check_off},
     stats::count,
+    tcp,
 };
 
 /// Headers that must be in the linear part of the skb for direct access: the deepest case is
@@ -122,13 +125,13 @@ fn transport(
     let Some(head) = read_at::<L4Head>(l4, end, 0) else {
         return dropped(Counter::Malformed);
     };
-    let tcp_flags = if ip.proto == proto::TCP {
-        let Some(flags) = read_u8_at(l4, end, TCP_FLAGS_OFF) else {
+    let seg = if ip.proto == proto::TCP {
+        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
             return dropped(Counter::Malformed);
         };
-        flags
+        seg
     } else {
-        0
+        Segment::default()
     };
     let flow = OutboundFlow {
         proto: ip.proto,
@@ -138,7 +141,7 @@ fn transport(
         remote_port: head.dst,
     };
     // Failures were counted where they happened (port exhaustion, table full).
-    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
+    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, &seg) else {
         return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if shape.fragment == Fragment::First {
@@ -175,6 +178,8 @@ fn transport(
     if fixed.is_err() {
         return dropped(Counter::Malformed);
     }
+    // The kernel forwarded it: the fast path may take the flow's next outbound packets.
+    fastpath::confirm_outbound(ip.proto, external_addr, external_port, ip.daddr, head.dst);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }
@@ -198,7 +203,7 @@ fn echo_request(
         remote_addr: ip.daddr,
         remote_port: 0,
     };
-    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, 0) else {
+    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, &Segment::default()) else {
         return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()
@@ -217,6 +222,7 @@ fn echo_request(
     {
         return dropped(Counter::Malformed);
     }
+    fastpath::confirm_outbound(proto::ICMP, external_addr, external_id, ip.daddr, 0);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }

@@ -3,6 +3,14 @@
 //! would do something the fast path cannot (no route or neighbour entry yet, a packet over the
 //! egress MTU, TTL about to expire, an interface not registered for the fast path), the lookup
 //! says so and the caller passes the packet to the kernel, which then gives identical results.
+//!
+//! The fast path obeys the host's forwarding policy the way an nftables flowtable does: a flow
+//! is offloaded only after the kernel has forwarded it. Each direction of a session is confirmed
+//! on its own (`SESSION_FLAG_OFFLOAD_OUT`, `SESSION_FLAG_OFFLOAD_IN`) by a TC egress program that
+//! sees only what the kernel let through: the external interface's for outbound packets, the
+//! internal interfaces' for inbound ones. Until then, and for every TCP segment that opens or
+//! closes a connection, packets take the kernel path, where the forward chain, rp_filter and
+//! routing decide as they would without the NAT's fast path.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS},
@@ -10,11 +18,18 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use nat_common::{checksum::replace_u16, maps::FAST_PATH_ANY, packet::Ipv4Header};
+use nat_common::{
+    checksum::replace_u16,
+    maps::{FAST_PATH_ANY, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT},
+    packet::Ipv4Header,
+    tcp_state::flags as tcp_flags,
+};
 
 use crate::{
     access::{read_at, write_at},
+    bindings::{self, OutboundFlow},
     maps::NAT_FAST_PATH_IFACES,
+    sessions,
 };
 
 /// `AF_INET`.
@@ -37,12 +52,115 @@ pub struct Route {
     dmac: [u8; ETH_ALEN],
 }
 
+/// TCP flags of segments that always take the kernel path.
+const KERNEL_PATH_TCP_FLAGS: u8 = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
+
+/// True while any device is registered for the fast path: one cheap lookup that spares every
+/// other fast-path step when it is off.
+#[inline(always)]
+pub fn enabled() -> bool {
+    NAT_FAST_PATH_IFACES.get_ptr(FAST_PATH_ANY).is_some()
+}
+
+/// True for TCP segments that open or close a connection (`tcp_flags` is 0 for other
+/// protocols): they take the kernel path, so the host's firewall and conntrack see every
+/// connection begin and end (a flowtable likewise hands FIN and RST back to the classic path).
+#[inline(always)]
+pub fn kernel_path_tcp(tcp_flags: u8) -> bool {
+    tcp_flags & KERNEL_PATH_TCP_FLAGS != 0
+}
+
+/// True if an outbound packet of `flow` may take the fast path: the flow has a binding, and its
+/// session with the remote has had a packet forwarded by the kernel (see the module comment).
+/// Creates nothing: a new flow's first packets go through the kernel, which may drop them, and
+/// TC egress creates its state when the kernel lets one out.
+#[inline(always)]
+pub fn outbound_confirmed(cfg: &nat_common::NatConfig, flow: &OutboundFlow) -> bool {
+    let Some(binding) = bindings::outbound_binding(cfg, flow, false) else {
+        return false;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let (external_addr, external_port) =
+        unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
+    sessions::has_flags(
+        flow.proto,
+        external_addr,
+        external_port,
+        flow.remote_addr,
+        flow.remote_port,
+        SESSION_FLAG_OFFLOAD_OUT,
+    )
+}
+
+/// True if an inbound packet from the remote to binding `external_addr:external_port` may take
+/// the fast path: the kernel has forwarded one of the session's inbound packets.
+#[inline(always)]
+pub fn inbound_confirmed(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) -> bool {
+    sessions::has_flags(
+        proto,
+        external_addr,
+        external_port,
+        remote_addr,
+        remote_port,
+        SESSION_FLAG_OFFLOAD_IN,
+    )
+}
+
+/// Records that the kernel forwarded an outbound packet of the session (TC egress on the
+/// external interface translated it). Nothing to do while the fast path is off.
+#[inline(always)]
+pub fn confirm_outbound(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) {
+    if enabled() {
+        sessions::set_flags(
+            proto,
+            external_addr,
+            external_port,
+            remote_addr,
+            remote_port,
+            SESSION_FLAG_OFFLOAD_OUT,
+        );
+    }
+}
+
+/// Records that the kernel forwarded an inbound packet of the session to an internal interface.
+#[inline(always)]
+pub fn confirm_inbound(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) {
+    if enabled() {
+        sessions::set_flags(
+            proto,
+            external_addr,
+            external_port,
+            remote_addr,
+            remote_port,
+            SESSION_FLAG_OFFLOAD_IN,
+        );
+    }
+}
+
 /// Looks up the route for `ip` (as it is now) arriving on `ingress_ifindex`. `None` when the
 /// kernel must handle the packet: TTL about to expire, no route, no neighbour entry, over the
-/// MTU, or an egress interface the fast path does not serve.
+/// MTU, or an egress interface the fast path does not serve. Callers check `enabled` first.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, ip: &Ipv4Header, ingress_ifindex: u32) -> Option<Route> {
-    if ip.ttl <= 1 || NAT_FAST_PATH_IFACES.get_ptr(FAST_PATH_ANY).is_none() {
+    if ip.ttl <= 1 {
         return None;
     }
     // SAFETY: all-zero is a valid lookup request; the IPv4 fields are set below.

@@ -16,10 +16,11 @@ use nat_common::{
     maps::SESSION_KIND_ENDPOINT,
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
-        ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF, TCP_FLAGS_OFF,
+        ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF,
     },
     proto,
     tcp_state::flags as tcp_flags,
+    tcp_track::Segment,
     Counter, ExternalKey, ExternalValue, NatConfig,
 };
 
@@ -32,7 +33,7 @@ use crate::{
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
     sessions,
     stats::count,
-    trace,
+    tcp, trace,
 };
 
 /// Entry point logic: returns the XDP action.
@@ -140,14 +141,15 @@ fn transport(
     let Some(head) = read_at::<L4Head>(l4, end, 0) else {
         return malformed();
     };
-    let tcp_flags = if ip.proto == proto::TCP {
-        let Some(flags) = read_u8_at(l4, end, TCP_FLAGS_OFF) else {
+    let seg = if ip.proto == proto::TCP {
+        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
             return malformed();
         };
-        flags
+        seg
     } else {
-        0
+        Segment::default()
     };
+    let tcp_flags = seg.flags;
     let binding = match admit(ctx, cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
         Ok(binding) => binding,
         // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners still
@@ -167,8 +169,9 @@ fn transport(
         }
         Err(action) => return action,
     };
-    if ip.proto == proto::TCP {
-        sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, tcp_flags);
+    // An out-of-window RST (RFC 5961) is dropped, counted.
+    if ip.proto == proto::TCP && sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, &seg) {
+        return XDP_DROP;
     }
     let l4_len = shape.total_len - shape.header_len;
     let partial = transport_checksum_is_partial(l4, end, ip.proto, ip.saddr, ip.daddr, l4_len);
@@ -195,13 +198,49 @@ fn transport(
         // seed checksum needs the kernel to complete it.
         return XDP_PASS;
     }
-    deliver(ctx, l3, end, ip, binding.internal_addr)
+    let session = InboundSession {
+        external_port: head.dst,
+        remote_port: head.src,
+        tcp_flags,
+    };
+    deliver(ctx, l3, end, ip, binding.internal_addr, &session)
+}
+
+/// What `deliver` needs besides the packet's (untranslated) IPv4 header, whose destination and
+/// source are the session's external address and remote address.
+struct InboundSession {
+    /// External port or echo identifier, as received (network order).
+    external_port: u16,
+    /// Remote port, zero for ICMP (network order).
+    remote_port: u16,
+    /// TCP flags, zero for other protocols.
+    tcp_flags: u8,
 }
 
 /// Hands a translated inbound packet on: straight to the internal interface when the fast path
-/// serves it, to the kernel's forwarding otherwise.
+/// serves it and the kernel has already forwarded one of the session's inbound packets (see
+/// `fastpath`), to the kernel's forwarding otherwise.
 #[inline(always)]
-fn deliver(ctx: &XdpContext, l3: usize, end: usize, ip: &Ipv4Header, internal_addr: u32) -> u32 {
+fn deliver(
+    ctx: &XdpContext,
+    l3: usize,
+    end: usize,
+    ip: &Ipv4Header,
+    internal_addr: u32,
+    session: &InboundSession,
+) -> u32 {
+    if !fastpath::enabled()
+        || fastpath::kernel_path_tcp(session.tcp_flags)
+        || !fastpath::inbound_confirmed(
+            ip.proto,
+            ip.daddr,
+            session.external_port,
+            ip.saddr,
+            session.remote_port,
+        )
+    {
+        return XDP_PASS;
+    }
     let translated = Ipv4Header {
         daddr: internal_addr,
         ..*ip
@@ -242,7 +281,12 @@ fn echo_reply(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): Headers, ip: &Ip
         return malformed();
     }
     count(Counter::TranslatedIn);
-    deliver(ctx, l3, end, ip, binding.internal_addr)
+    let session = InboundSession {
+        external_port: id,
+        remote_port: 0,
+        tcp_flags: 0,
+    };
+    deliver(ctx, l3, end, ip, binding.internal_addr, &session)
 }
 
 /// ICMP errors about a packet we sent out (RFC 5508 REQ-4). The error may come from any router

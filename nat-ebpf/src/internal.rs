@@ -6,7 +6,8 @@
 //! both sides, exactly as if it had left and come back: the source becomes the sender's own
 //! external endpoint (created or refreshed like any outbound flow, REQ-9a), the destination
 //! the target's internal endpoint, subject to the target binding's filter. The kernel then
-//! routes it back out to the target. Everything else passes untouched.
+//! routes it back out to the target. Everything else passes untouched, except packets whose
+//! source no internal host may use (`source_check`): those are dropped first.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -19,9 +20,11 @@ use nat_common::{
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, L4Head, ETH_HLEN, ETH_P_IP_BE,
         ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF,
-        L4_SRC_PORT_OFF, TCP_FLAGS_OFF,
+        L4_SRC_PORT_OFF,
     },
-    proto, Counter, ExternalKey, NatConfig,
+    proto,
+    tcp_track::Segment,
+    Counter, ExternalKey, NatConfig,
 };
 
 use crate::{
@@ -31,8 +34,9 @@ use crate::{
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
     notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
-    sessions,
+    sessions, source_check,
     stats::count,
+    tcp,
 };
 
 /// Entry point logic: returns the XDP action.
@@ -49,8 +53,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let Some(ip) = read_at::<Ipv4Header>(l3, end, 0) else {
         return XDP_PASS;
     };
-    if cfg.is_external_addr(ip.saddr) {
-        return XDP_PASS;
+    if source_check::spoofed(ctx, cfg, &ip) {
+        count(Counter::SpoofedSource);
+        return XDP_DROP;
     }
     let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, end - l3) {
         // Fragments and broken headers are left to the kernel path (TC egress translates
@@ -84,14 +89,18 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The outbound fast path: UDP, TCP and echo requests that the kernel would route out of the
-/// external interface are translated here, exactly as TC egress would, and redirected there.
-/// The route is looked up first, on the untouched packet: when the fast path cannot take it,
-/// the kernel forwards it and TC egress translates it instead.
+/// The outbound fast path: UDP, TCP and echo requests of a flow the kernel has already
+/// forwarded (see `fastpath`), that the kernel would route out of the external interface, are
+/// translated here, exactly as TC egress would, and redirected there. The route is looked up
+/// first, on the untouched packet: when the fast path cannot take it, the kernel forwards it
+/// and TC egress translates it instead.
 #[inline(always)]
 fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usize), ip: &Ipv4Header) -> u32 {
     let is_echo_request = ip.proto == proto::ICMP && read_u8_at(l4, end, 0) == Some(icmp_type::ECHO_REQUEST);
-    if !(ip.proto == proto::UDP || ip.proto == proto::TCP || is_echo_request) || ip.saddr == 0 {
+    if !(ip.proto == proto::UDP || ip.proto == proto::TCP || is_echo_request)
+        || ip.saddr == 0
+        || !fastpath::enabled()
+    {
         return XDP_PASS;
     }
     let Some(route) = fastpath::route(ctx, ip, ctx.ingress_ifindex() as u32) else {
@@ -113,11 +122,18 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
         (head.src, L4_SRC_PORT_OFF)
     };
     let remote_port = if is_echo_request { 0 } else { head.dst };
-    let tcp_flags = if ip.proto == proto::TCP {
-        read_u8_at(l4, end, TCP_FLAGS_OFF).unwrap_or(0)
+    let seg = if ip.proto == proto::TCP {
+        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
+            return XDP_PASS;
+        };
+        seg
     } else {
-        0
+        Segment::default()
     };
+    let tcp_flags = seg.flags;
+    if fastpath::kernel_path_tcp(tcp_flags) {
+        return XDP_PASS;
+    }
     let flow = OutboundFlow {
         proto: ip.proto,
         internal_addr: ip.saddr,
@@ -125,8 +141,12 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
         remote_addr: ip.daddr,
         remote_port,
     };
+    if !fastpath::outbound_confirmed(cfg, &flow) {
+        // Not yet forwarded by the kernel: it decides on this packet, TC egress translates it.
+        return XDP_PASS;
+    }
     // A refused flow (exhausted, full, over its limit) is dropped and counted, as on TC egress.
-    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
+    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, &seg) else {
         return refused(ctx, cfg, l4 - l3);
     };
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).and_then(|_| {
@@ -188,10 +208,10 @@ fn hairpin_transport(
         // A service of the gateway itself, not another host's binding.
         return XDP_PASS;
     }
-    let tcp_flags = if ip.proto == proto::TCP {
-        read_u8_at(l4, end, TCP_FLAGS_OFF).unwrap_or(0)
+    let seg = if ip.proto == proto::TCP {
+        tcp::segment_in(ip, l3, l4, end).unwrap_or_default()
     } else {
-        0
+        Segment::default()
     };
     let flow = OutboundFlow {
         proto: ip.proto,
@@ -200,7 +220,7 @@ fn hairpin_transport(
         remote_addr: ip.daddr,
         remote_port: head.dst,
     };
-    let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, tcp_flags) else {
+    let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, &seg) else {
         return refused(ctx, cfg, l4 - l3);
     };
     let target = match bindings::inbound_binding(cfg, ip.proto, ip.daddr, head.dst, src_addr, src_port) {
@@ -211,8 +231,9 @@ fn hairpin_transport(
             return XDP_DROP;
         }
     };
-    if ip.proto == proto::TCP {
-        sessions::track_inbound_tcp(ip.daddr, head.dst, src_addr, src_port, tcp_flags);
+    // Seen from the target, the segment comes in: an out-of-window RST is dropped (RFC 5961).
+    if ip.proto == proto::TCP && sessions::track_inbound_tcp(ip.daddr, head.dst, src_addr, src_port, &seg) {
+        return XDP_DROP;
     }
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, src_addr)
         .and_then(|_| set_ipv4_addr(l3, end, IPV4_DST_OFF, target.internal_addr))

@@ -1,6 +1,7 @@
 //! The NAT's eBPF programs: XDP ingress (inbound translation) and TC egress (outbound
-//! translation) on the external interface. Each entry point is a thin wrapper; the modules
-//! own one concern each.
+//! translation) on the external interface; XDP (hairpinning, the fast path, source checks) and
+//! TC egress (fast-path confirmation) on the internal interfaces. Each entry point is a thin
+//! wrapper; the modules own one concern each.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -13,12 +14,15 @@ mod fragments;
 mod icmp;
 mod ingress;
 mod internal;
+mod lan_egress;
 mod local;
 mod maps;
 mod notices;
 mod rewrite;
 mod sessions;
+mod source_check;
 mod stats;
+mod tcp;
 mod trace;
 mod usage;
 
@@ -33,7 +37,7 @@ pub fn nat_ingress(ctx: XdpContext) -> u32 {
     ingress::handle(&ctx)
 }
 
-/// Hairpinning on the internal interface(s).
+/// Hairpinning, the outbound fast path and source checks on the internal interface(s).
 #[xdp]
 pub fn nat_internal(ctx: XdpContext) -> u32 {
     internal::handle(&ctx)
@@ -43,6 +47,12 @@ pub fn nat_internal(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn nat_egress(ctx: TcContext) -> i32 {
     egress::handle(&ctx)
+}
+
+/// Fast-path confirmation of inbound flows on the internal interface(s).
+#[classifier]
+pub fn nat_lan_egress(ctx: TcContext) -> i32 {
+    lan_egress::handle(&ctx)
 }
 
 /// GPL-compatible, for the GPL-only helpers.

@@ -1,16 +1,26 @@
 //! Sessions: which remotes a binding has sent to. They drive inbound filtering (RFC 4787 §5)
-//! and TCP state tracking (RFC 7857 §2).
+//! and TCP state tracking (RFC 7857 §2, with RFC 5961 window checks, `tcp_track`), and are
+//! limited per internal host and per binding (`usage`).
 
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use nat_common::{
     maps::{SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT},
     mode::Filtering,
     proto,
-    tcp_state::{Direction, TcpState},
+    tcp_state::Direction,
+    tcp_track::{self, Segment, Verdict},
     Counter, NatConfig, SessionKey, SessionValue,
 };
 
-use crate::{bindings::REFRESH_GRANULARITY_NS, maps::NAT_SESSIONS, stats::count};
+use crate::{
+    bindings::{OutboundFlow, REFRESH_GRANULARITY_NS},
+    maps::NAT_SESSIONS,
+    stats::count,
+    usage,
+};
+
+/// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
+const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn key(
@@ -58,35 +68,35 @@ pub fn exists(
         .is_some()
 }
 
-/// Records an outbound packet: refreshes the session (RFC 4787 REQ-6) and its TCP state, or
-/// creates it together with its address-only twin (used by address-dependent filtering).
-/// Fails, counted, only when the session map is full.
+/// Records an outbound packet of `flow` on its binding `external_addr:external_port`:
+/// refreshes the session (RFC 4787 REQ-6) and follows a TCP segment `seg` in its state
+/// (`tcp_track`), or creates the session together with its address-only twin (used by
+/// address-dependent filtering) when the host and the binding are under their session limits.
+/// Fails, counted, when a limit refuses the new session or the session map is full.
 #[inline(always)]
 pub fn touch_outbound(
-    proto: u8,
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-    tcp_flags: u8,
+    cfg: &NatConfig,
+    flow: &OutboundFlow,
+    (external_addr, external_port): (u32, u16),
+    seg: &Segment,
     now: u64,
 ) -> Result<(), ()> {
     let endpoint = key(
-        proto,
+        flow.proto,
         external_addr,
         external_port,
-        remote_addr,
-        remote_port,
+        flow.remote_addr,
+        flow.remote_port,
         SESSION_KIND_ENDPOINT,
     );
     if let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) {
         // SAFETY: map value pointer from a successful lookup; racing writes are benign.
         unsafe {
-            if proto == proto::TCP {
-                let next = TcpState::from_u8((*session).tcp_state).next(Direction::Outbound, tcp_flags) as u8;
-                if next != (*session).tcp_state {
-                    (*session).tcp_state = next;
-                }
+            // An outbound segment out of window is still translated (the remote's TCP judges
+            // it again); it only changes nothing here.
+            if flow.proto == proto::TCP && tcp_track::track(&mut *session, Direction::Outbound, seg) != Verdict::Pass
+            {
+                count(Counter::TcpOutOfWindow);
             }
             if now.wrapping_sub((*session).last_seen_ns) > REFRESH_GRANULARITY_NS {
                 (*session).last_seen_ns = now;
@@ -94,31 +104,41 @@ pub fn touch_outbound(
         }
         return Ok(());
     }
-    let tcp_state = if proto == proto::TCP {
-        TcpState::None.next(Direction::Outbound, tcp_flags)
-    } else {
-        TcpState::None
-    };
-    let value = SessionValue {
+    if !usage::may_create_session(cfg, flow.internal_addr, flow.proto, external_addr, external_port) {
+        return Err(());
+    }
+    let mut value = SessionValue {
         last_seen_ns: now,
-        tcp_state: tcp_state as u8,
-        _pad: [0; 7],
+        internal_addr: flow.internal_addr,
+        ..SessionValue::default()
     };
+    if flow.proto == proto::TCP {
+        tcp_track::track(&mut value, Direction::Outbound, seg);
+    }
     let address = key(
-        proto,
+        flow.proto,
         external_addr,
         external_port,
-        remote_addr,
+        flow.remote_addr,
         0,
         SESSION_KIND_ADDRESS,
     );
-    if NAT_SESSIONS.insert(endpoint, value, BPF_ANY as u64).is_err()
-        || NAT_SESSIONS.insert(address, value, BPF_ANY as u64).is_err()
-    {
+    match NAT_SESSIONS.insert(endpoint, value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            usage::record_session_created(flow.internal_addr, flow.proto, external_addr, external_port);
+            count(Counter::NewSession);
+        }
+        // Another CPU created it at the same moment; that one is counted.
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            count(Counter::TableFull);
+            return Err(());
+        }
+    }
+    if NAT_SESSIONS.insert(address, value, BPF_ANY as u64).is_err() {
         count(Counter::TableFull);
         return Err(());
     }
-    count(Counter::NewSession);
     Ok(())
 }
 
@@ -153,16 +173,18 @@ pub fn filter_allows(
     }
 }
 
-/// Follows an inbound TCP packet's flags in its session's state (FIN, RST, simultaneous open).
-/// Inbound packets do not refresh timers (RFC 4787 REQ-6a is optional; RFC 7857 §7).
+/// Follows an inbound TCP segment in its session's state and sequence tracking (`tcp_track`:
+/// FIN, RST, simultaneous open, and whether they are in window). Returns true when the segment
+/// must be dropped: a RST outside the window (RFC 5961), counted. Inbound packets do not
+/// refresh timers (RFC 4787 REQ-6a is optional; RFC 7857 §7).
 #[inline(always)]
 pub fn track_inbound_tcp(
     external_addr: u32,
     external_port: u16,
     remote_addr: u32,
     remote_port: u16,
-    tcp_flags: u8,
-) {
+    seg: &Segment,
+) -> bool {
     let endpoint = key(
         proto::TCP,
         external_addr,
@@ -171,12 +193,71 @@ pub fn track_inbound_tcp(
         remote_port,
         SESSION_KIND_ENDPOINT,
     );
+    let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) else {
+        return false;
+    };
+    // SAFETY: map value pointer from a successful lookup; racing writes are benign.
+    let verdict = unsafe { tcp_track::track(&mut *session, Direction::Inbound, seg) };
+    if verdict == Verdict::Pass {
+        return false;
+    }
+    count(Counter::TcpOutOfWindow);
+    verdict == Verdict::Drop
+}
+
+/// True if the endpoint session of binding `external_addr:external_port` with the remote has
+/// every bit of `flags` (`SESSION_FLAG_*`).
+#[inline(always)]
+pub fn has_flags(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+    flags: u8,
+) -> bool {
+    let endpoint = key(
+        proto,
+        external_addr,
+        external_port,
+        remote_addr,
+        remote_port,
+        SESSION_KIND_ENDPOINT,
+    );
+    match NAT_SESSIONS.get_ptr(endpoint) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(session) => (unsafe { (*session).flags }) & flags == flags,
+        None => false,
+    }
+}
+
+/// Sets `flags` on the endpoint session of binding `external_addr:external_port` with the
+/// remote, if there is one. Written only when a bit is missing, so a busy session's cache line
+/// is not dirtied per packet. Two CPUs setting different bits at once may lose one (BPF has no
+/// byte-wide atomic or); a lost bit is set again by the session's next such packet.
+#[inline(always)]
+pub fn set_flags(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+    flags: u8,
+) {
+    let endpoint = key(
+        proto,
+        external_addr,
+        external_port,
+        remote_addr,
+        remote_port,
+        SESSION_KIND_ENDPOINT,
+    );
     if let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) {
-        // SAFETY: map value pointer from a successful lookup; racing writes are benign.
+        // SAFETY: map value pointer from a successful lookup; a racing byte write is benign.
         unsafe {
-            let next = TcpState::from_u8((*session).tcp_state).next(Direction::Inbound, tcp_flags) as u8;
-            if next != (*session).tcp_state {
-                (*session).tcp_state = next;
+            let old = (*session).flags;
+            if old & flags != flags {
+                (*session).flags = old | flags;
             }
         }
     }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use nat_common::{
-    maps::{names, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT},
+    maps::{
+        names, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
+    },
     proto, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
     SessionValue,
 };
@@ -124,7 +126,10 @@ impl Entries {
             session: SessionValue {
                 last_seen_ns: now_ns,
                 tcp_state: 0,
-                _pad: [0; 7],
+                // As if each flow's first packets had passed the kernel's forwarding path
+                // both ways: a prefilled flow is an established one.
+                flags: SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN,
+                _pad: [0; 6],
             },
         }
     }

@@ -1,0 +1,64 @@
+//! Source checks on the internal interfaces: no internal host may send as the gateway.
+//!
+//! Hairpinned packets go back into the kernel with the gateway's own external address as their
+//! source, so the NAT turns `accept_local` on for the internal interfaces; the kernel then no
+//! longer drops packets from there whose source is one of its own addresses (RFC 1812 §5.3.7
+//! calls them martians). Without a check, a host could send with the external address and
+//! another host's external port and have the replies translated to that host. So every packet
+//! from an internal interface is checked before the kernel (or the fast path) sees it, and
+//! dropped when the gateway would not route a reply to its source back out of the internal
+//! side: one of the NAT's external addresses, another address of the gateway itself, a
+//! broadcast or multicast address, a source with no route, or one whose route leads out of the
+//! external interface (a host on the inside claiming an Internet address). That is the kernel's
+//! martian check without `accept_local`, plus loose reverse-path filtering (RFC 3704 §2.4), plus
+//! "not from the outside". The hairpin path rewrites the source only after this check.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+    },
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+    EbpfContext,
+};
+use nat_common::{packet::Ipv4Header, NatConfig};
+
+/// `AF_INET`.
+const AF_INET: u8 = 2;
+
+/// True if `ip`, received on an internal interface, carries a source the gateway would not
+/// route back there (see the module comment). The unspecified source (DHCP before a lease) is
+/// never judged: the gateway's own DHCP server must get it.
+#[inline(always)]
+pub fn spoofed(ctx: &XdpContext, cfg: &NatConfig, ip: &Ipv4Header) -> bool {
+    if ip.saddr == 0 {
+        return false;
+    }
+    if cfg.is_external_addr(ip.saddr) {
+        // Also when the address is a routed pool address the gateway does not hold itself.
+        return true;
+    }
+    // The route a reply would take, looked up as the kernel's reverse-path check does: from
+    // the packet's destination to its source. No length is given, so no MTU check applies.
+    // SAFETY: all-zero is a valid lookup request; the IPv4 fields are set below.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = ip.daddr;
+    params.__bindgen_anon_4.ipv4_dst = ip.saddr;
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    // SAFETY: valid context and request buffer of the size given.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // A unicast route (with or without a neighbour entry yet): it must not lead outside.
+        return params.ifindex == cfg.external_ifindex;
+    }
+    // Local, broadcast or multicast (or no route at all), and the routes that refuse: no
+    // reply could go back. Anything else (forwarding disabled on the interface, tunnels) is
+    // left to the kernel.
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
+        || rc == BPF_FIB_LKUP_RET_BLACKHOLE as i64
+        || rc == BPF_FIB_LKUP_RET_UNREACHABLE as i64
+        || rc == BPF_FIB_LKUP_RET_PROHIBIT as i64
+}
