@@ -26,7 +26,11 @@ pub fn is_loopback(name: &str) -> Result<bool> {
     }
     // SAFETY: ifreq is plain data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IF_NAMESIZE - 1)) {
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IF_NAMESIZE - 1))
+    {
         *dst = src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS fills `ifr_flags` of a valid ifreq.

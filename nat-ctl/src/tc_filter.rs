@@ -10,8 +10,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result};
 use crate::instance::Instance;
+use anyhow::{Context, Result};
 use aya::programs::{
     links::Link as _,
     tc::{SchedClassifierLink, TcHandle},
@@ -92,7 +92,9 @@ pub fn forget(instance: &Instance) {
 /// Removes a persisting filter and the qdisc nat-ctl added for it, then its record. An
 /// interface that is gone took both with it.
 pub fn remove(instance: &Instance) -> Result<()> {
-    let Some(record) = load(instance) else { return Ok(()) };
+    let Some(record) = load(instance) else {
+        return Ok(());
+    };
     let iface = instance.iface.as_str();
     if let Ok(link) = record.link(iface) {
         link.detach()

@@ -88,7 +88,10 @@ pub fn fast_path_unavailable(nat: &NatProcess) -> Result<Option<String>> {
     let towards = status["fast_path_towards"].as_array().map_or(0, Vec::len);
     match status["fast_path_unavailable"].as_str() {
         Some(reason) => {
-            ensure!(towards == 0, "status names a fast path although it says: {reason}");
+            ensure!(
+                towards == 0,
+                "status names a fast path although it says: {reason}"
+            );
             Ok(Some(reason.to_string()))
         }
         None => Ok(None),

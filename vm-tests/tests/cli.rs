@@ -111,7 +111,9 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() -> Result<()> {
     let missing = lab.names.iface("zz");
     let bare = lab.names.iface("bare");
     let bare_peer = lab.names.iface("barp");
-    lab.nat.ip(&["link", "add", "name", &bare, "type", "veth", "peer", "name", &bare_peer])?;
+    lab.nat.ip(&[
+        "link", "add", "name", &bare, "type", "veth", "peer", "name", &bare_peer,
+    ])?;
     lab.nat.ip(&["link", "set", &bare, "up"])?;
     let wan = lab.wan_if.as_str();
     let cases: Vec<(&str, Vec<&str>)> = vec![

@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use vm_tests::lab::{HOST_IF, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP};
 use vm_tests::nat::Leftovers;
 use vm_tests::netns::Netns;
-use vm_tests::packet::Sniffer;
 use vm_tests::ops::{self, forward_entry, sa, PersistGuard};
+use vm_tests::packet::Sniffer;
 use vm_tests::tools::{self, udp_bind, udp_whoami, whoami};
 use vm_tests::{Lab, NatProcess, Stats};
 
@@ -494,6 +494,37 @@ fn restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leav
 
 /// After `detach`: no program on the external interface (nor on `internal`), no pin directory,
 /// no lock or saved-sysctl file, `status` refused, and traffic is no longer translated.
+/// Ends the daemon with SIGKILL, as a crash or the OOM killer would: no cleanup at all.
+fn kill_daemon(nat: &mut NatProcess) -> Result<()> {
+    let pid = nat.pid() as libc::pid_t;
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -KILL {pid}");
+    let _ = nat.terminate();
+    Ok(())
+}
+
+/// Attaches with `args`, which must adopt the running NAT (`after` says after what), and checks
+/// that `flow` still leaves as `ext`.
+fn attach_adopting(
+    lab: &Lab,
+    args: &[&str],
+    flow: &UdpSocket,
+    ext: SocketAddrV4,
+    after: &str,
+) -> Result<NatProcess> {
+    let nat = NatProcess::attach(lab, args)?;
+    ensure!(
+        nat.attached_line().contains("adopted"),
+        "no adoption after {after}: {}",
+        nat.attached_line()
+    );
+    ensure!(
+        ops::whoami_via(lab, &nat, flow, sa(WAN_IP, 9999))? == ext,
+        "the binding of {ext} was lost across {after}"
+    );
+    Ok(nat)
+}
+
 fn expect_nothing_left(lab: &Lab, wan_if: &str, internal: &[&str]) -> Result<()> {
     let left = Leftovers::inspect(&lab.nat, wan_if)?;
     ensure!(left.is_clean(), "left behind on {wan_if}: {left:#?}");
@@ -635,26 +666,14 @@ fn adopting_without_persist_takes_over_and_removes_everything_on_stop() -> Resul
     ops::forward_ok(&lab.nat, &lab.wan_if, "add", &["udp", "5353", "10.0.0.2:5353"])?;
 
     // A crash (SIGKILL: no cleanup at all) is what Restart=on-failure restarts from.
-    let pid = first.pid() as libc::pid_t;
-    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -KILL {pid}");
-    let _ = first.terminate();
+    kill_daemon(&mut first)?;
     ensure!(
         ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))? == ext,
         "after the daemon was killed, the flow no longer maps to {ext}"
     );
 
     // An attach without --persist adopts it; its stop then removes everything.
-    let second = NatProcess::attach(&lab, &[])?;
-    ensure!(
-        second.attached_line().contains("adopted"),
-        "no adoption after a crash: {}",
-        second.attached_line()
-    );
-    ensure!(
-        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
-        "binding lost across the crash"
-    );
+    let second = attach_adopting(&lab, &[], &flow, ext, "a crash")?;
     ensure!(
         ops::forwards_in(&lab.nat, &lab.wan_if)?
             == vec![forward_entry("udp", sa(NAT_EXT, 5353), sa(LAN_IP, 5353))],
@@ -705,21 +724,15 @@ fn the_packaged_config_starts_keeps_translating_after_exit_and_is_adopted() -> R
     let ext = ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))?;
     ensure!(*ext.ip() == NAT_EXT, "wan saw {ext}");
     let status = first.terminate()?;
-    ensure!(status.success(), "the packaged daemon exited with {status} on SIGTERM");
+    ensure!(
+        status.success(),
+        "the packaged daemon exited with {status} on SIGTERM"
+    );
     ensure!(
         ops::whoami_via(&lab, &first, &flow, sa(WAN_IP, 9999))? == ext,
         "the packaged config stopped translating when the daemon exited"
     );
-    let second = NatProcess::attach(&lab, &["--config", config])?;
-    ensure!(
-        second.attached_line().contains("adopted"),
-        "the restarted daemon did not adopt: {}",
-        second.attached_line()
-    );
-    ensure!(
-        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
-        "the binding was lost across the restart"
-    );
+    let second = attach_adopting(&lab, &["--config", config], &flow, ext, "a restart")?;
     second.stop()?;
     ops::ctl_ok(&lab.nat, &["detach", &lab.wan_if])?;
     expect_nothing_left(&lab, &lab.wan_if, &[])?;
@@ -740,15 +753,15 @@ fn a_killed_daemon_leaves_the_nat_translating_and_the_next_attach_adopts_it() ->
     let pingpong = PingPong::start(&lab.lan, &lab.wan, 41000, 9998)?;
     thread::sleep(Duration::from_millis(300));
 
-    let pid = first.pid() as libc::pid_t;
-    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -KILL {pid}");
-    let _ = first.terminate();
+    kill_daemon(&mut first)?;
     thread::sleep(Duration::from_millis(500));
     let (sent, got) = pingpong.finish();
     let lost = sent - got.len() as u64;
     println!("SIGKILL under traffic: UDP ping-pong {sent} sent, {lost} lost");
-    ensure!(lost * 10 < sent, "{lost} of {sent} datagrams lost around the SIGKILL");
+    ensure!(
+        lost * 10 < sent,
+        "{lost} of {sent} datagrams lost around the SIGKILL"
+    );
 
     // Old and new flows are translated; nothing leaves with lan's own address.
     let wan_cap = Sniffer::open(&lab.wan, HOST_IF)?;
@@ -758,31 +771,36 @@ fn a_killed_daemon_leaves_the_nat_translating_and_the_next_attach_adopts_it() ->
     );
     let fresh = udp_bind(&lab.lan, sa(LAN_IP, 40001))?;
     let fresh_ext = ops::whoami_via(&lab, &first, &fresh, sa(WAN_IP, 9999))?;
-    ensure!(*fresh_ext.ip() == NAT_EXT, "a new flow after SIGKILL left as {fresh_ext}");
+    ensure!(
+        *fresh_ext.ip() == NAT_EXT,
+        "a new flow after SIGKILL left as {fresh_ext}"
+    );
     let leaked: Vec<_> = wan_cap
         .capture_for(Duration::from_millis(300))
         .iter()
         .filter_map(|f| f.ipv4().map(|ip| ip.src()))
         .filter(|src| *src == LAN_IP)
         .collect();
-    ensure!(leaked.is_empty(), "{} packets left with lan's address", leaked.len());
+    ensure!(
+        leaked.is_empty(),
+        "{} packets left with lan's address",
+        leaked.len()
+    );
 
     // status tells a dead daemon from a running one.
     let status = ops::ctl_ok(&lab.nat, &["status", "-i", &lab.wan_if, "--json"])?;
     let status: serde_json::Value = serde_json::from_str(&status)?;
-    ensure!(status["daemon"] == "gone", "status after SIGKILL: daemon = {}", status["daemon"]);
+    ensure!(
+        status["daemon"] == "gone",
+        "status after SIGKILL: daemon = {}",
+        status["daemon"]
+    );
 
     // The next attach adopts it with every binding; its clean stop removes everything.
-    let second = NatProcess::attach(&lab, &[])?;
+    let second = attach_adopting(&lab, &[], &flow, ext, "SIGKILL")?;
     ensure!(
-        second.attached_line().contains("adopted"),
-        "no adoption after SIGKILL: {}",
-        second.attached_line()
-    );
-    ensure!(ops::status(&second)?["daemon"] == "running", "status of the new daemon");
-    ensure!(
-        ops::whoami_via(&lab, &second, &flow, sa(WAN_IP, 9999))? == ext,
-        "binding lost across the SIGKILL and adoption"
+        ops::status(&second)?["daemon"] == "running",
+        "status of the new daemon"
     );
     second.stop()?;
     expect_nothing_left(&lab, &lab.wan_if, &[])?;
