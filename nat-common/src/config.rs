@@ -63,6 +63,11 @@ pub struct NatConfig {
     pub max_bindings: u32,
     /// Most dynamic bindings one internal host may hold, 0 for no limit (RFC 6888 REQ-4).
     pub max_bindings_per_host: u32,
+    /// Most sessions (remote endpoints) one internal host may hold, 0 for no limit
+    /// (RFC 6888 REQ-5).
+    pub max_sessions_per_host: u32,
+    /// Most sessions one binding may hold, 0 for no limit (RFC 6888 REQ-5).
+    pub max_sessions_per_binding: u32,
     /// Interface index of the external interface (for the fast path's route check).
     pub external_ifindex: u32,
 }
@@ -112,6 +117,12 @@ impl NatConfig {
             ],
             max_bindings: crate::maps::DEFAULT_MAX_BINDINGS,
             max_bindings_per_host: 0,
+            max_sessions_per_host: crate::maps::default_max_sessions_per_host(
+                crate::maps::DEFAULT_MAX_BINDINGS,
+            ),
+            max_sessions_per_binding: crate::maps::default_max_sessions_per_binding(
+                crate::maps::DEFAULT_MAX_BINDINGS,
+            ),
             external_ifindex: 0,
         }
     }

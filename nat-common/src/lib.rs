@@ -17,6 +17,7 @@ pub mod maps;
 pub mod mode;
 pub mod packet;
 pub mod tcp_state;
+pub mod tcp_track;
 
 #[cfg(feature = "user")]
 mod pod;

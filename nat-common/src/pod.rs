@@ -1,7 +1,7 @@
 //! `aya::Pod` for the map types, so the controller can read and write them (feature `user`).
 
 use crate::{
-    maps::{Notice, ParkedFragment},
+    maps::{Notice, ParkedFragment, SessionUsageKey},
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
 };
@@ -19,3 +19,4 @@ unsafe impl aya::Pod for FragmentKey {}
 unsafe impl aya::Pod for FragmentValue {}
 unsafe impl aya::Pod for ParkedFragment {}
 unsafe impl aya::Pod for Notice {}
+unsafe impl aya::Pod for SessionUsageKey {}

@@ -611,14 +611,14 @@ fn move_forwards(maps: &mut PinnedMaps, to: Ipv4Addr, keep: &[Ipv4Addr]) -> Resu
 fn remove_stale(maps: &mut PinnedMaps, keep: &[Ipv4Addr]) -> Result<usize> {
     let mut removed = 0;
     let keep_be: Vec<u32> = keep.iter().map(|a| u32::from(*a).to_be()).collect();
-    let plan = stale_plan(&maps.bindings()?, &maps.sessions()?, &keep_be);
+    let sessions = maps.sessions()?;
+    let plan = stale_plan(&maps.bindings()?, &sessions, &keep_be);
+    // Sessions first, as the sweep does, so each binding's session count is settled when it goes.
+    crate::session_usage::remove_sessions(maps, &plan.sessions, &sessions)?;
     for (out_key, in_key) in &plan.bindings {
         if expiry::remove_binding(maps, out_key, in_key)? {
             removed += 1;
         }
-    }
-    for key in &plan.sessions {
-        let _ = maps.sessions.remove(key);
     }
     let inbound: Vec<(ExternalKey, ExternalValue)> = maps.bindings_in.iter().filter_map(|r| r.ok()).collect();
     for key in stale_inbound(&inbound, &keep_be) {

@@ -142,6 +142,14 @@ pub struct AttachArgs {
     /// Most dynamic bindings per internal host (RFC 6888 REQ-4); 0 = no limit.
     #[arg(long, value_name = "N")]
     pub max_bindings_per_host: Option<u32>,
+    /// Most sessions (remote endpoints) per internal host (RFC 6888 REQ-5); 0 = no limit;
+    /// default: a quarter of the session table.
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_host: Option<u32>,
+    /// Most sessions per binding (RFC 6888 REQ-5); 0 = no limit; default: a quarter of the
+    /// per-host default.
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_binding: Option<u32>,
     /// How often the expiry sweep runs, in milliseconds (default 1000).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(SWEEP_INTERVAL_MS_MIN..=SWEEP_INTERVAL_MS_MAX))]
     pub sweep_interval_ms: Option<u64>,

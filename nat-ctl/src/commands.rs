@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use nat_common::{
     config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
-    maps::{binding_map_capacity, session_map_capacity, USAGE_ALL_HOSTS},
+    maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS},
     Mode, NatConfig,
 };
 
@@ -16,9 +16,13 @@ use crate::{
     forwards::{self, Forward, ForwardRow},
     instance::{read_info, Daemon, Instance},
     pinned::PinnedMaps,
+    session_usage,
     settings::Timeouts,
     table,
 };
+
+/// Hosts named on the `by host:` line of `status` (most sessions first; `--json` lists all).
+const BUSIEST_HOSTS_SHOWN: usize = 5;
 
 fn open(query: &QueryArgs) -> Result<(Instance, PinnedMaps)> {
     let instance = Instance::find(query.iface.as_deref())?;
@@ -88,6 +92,12 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let dynamic = maps.usage(USAGE_ALL_HOSTS);
     let sessions = maps.sessions.keys().count();
     let sessions_max = session_map_capacity(config.max_bindings);
+    let sessions_in_use = session_usage::in_use(&maps, SessionUsageKey::all());
+    let by_host = session_usage::by_host(&maps);
+    let limit = |n: u32| match n {
+        0 => "no limit".to_string(),
+        n => n.to_string(),
+    };
     let per_host = match config.max_bindings_per_host {
         0 => "no limit".to_string(),
         n => n.to_string(),
@@ -128,6 +138,13 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
             "max_bindings_per_host": config.max_bindings_per_host,
             "sessions": sessions, "sessions_capacity": sessions_max,
+            "sessions_in_use": sessions_in_use,
+            "max_sessions_per_host": config.max_sessions_per_host,
+            "max_sessions_per_binding": config.max_sessions_per_binding,
+            "sessions_by_host": by_host
+                .iter()
+                .map(|(host, n)| (host.to_string(), serde_json::Value::from(*n)))
+                .collect::<serde_json::Map<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -179,7 +196,19 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "bindings:   {dynamic} dynamic / {} allowed ({per_host} per host); {bindings} entries in all",
             config.max_bindings
         );
-        println!("sessions:   {sessions} / {sessions_max}");
+        println!(
+            "sessions:   {sessions_in_use} in use, {sessions} entries / {sessions_max} ({} per host, {} per binding)",
+            limit(config.max_sessions_per_host),
+            limit(config.max_sessions_per_binding)
+        );
+        if !by_host.is_empty() {
+            let busiest: Vec<String> = by_host
+                .iter()
+                .take(BUSIEST_HOSTS_SHOWN)
+                .map(|(host, n)| format!("{host} {n}"))
+                .collect();
+            println!("by host:    {}", busiest.join(", "));
+        }
     }
     Ok(())
 }

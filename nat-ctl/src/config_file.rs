@@ -24,6 +24,8 @@ struct RawConfig {
     internal_ifaces: Option<Vec<String>>,
     max_bindings: Option<Spanned<u32>>,
     max_bindings_per_host: Option<u32>,
+    max_sessions_per_host: Option<u32>,
+    max_sessions_per_binding: Option<u32>,
     sweep_interval_ms: Option<Spanned<u64>>,
     metrics: Option<Spanned<String>>,
     persist: Option<bool>,
@@ -87,6 +89,10 @@ pub struct FileConfig {
     pub max_bindings: Option<u32>,
     /// Per-host binding limit.
     pub max_bindings_per_host: Option<u32>,
+    /// Per-host session limit.
+    pub max_sessions_per_host: Option<u32>,
+    /// Per-binding session limit.
+    pub max_sessions_per_binding: Option<u32>,
     /// Sweep interval.
     pub sweep_interval_ms: Option<u64>,
     /// Prometheus listen address.
@@ -179,6 +185,8 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
         config.max_bindings = Some(*n.get_ref());
     }
     config.max_bindings_per_host = raw.max_bindings_per_host;
+    config.max_sessions_per_host = raw.max_sessions_per_host;
+    config.max_sessions_per_binding = raw.max_sessions_per_binding;
     if let Some(ms) = raw.sweep_interval_ms {
         if !(crate::cli::SWEEP_INTERVAL_MS_MIN..=crate::cli::SWEEP_INTERVAL_MS_MAX).contains(ms.get_ref()) {
             let e = anyhow!(
@@ -300,6 +308,12 @@ impl FileConfig {
         if let Some(n) = self.max_bindings_per_host {
             settings.max_bindings_per_host = n;
         }
+        if let Some(n) = self.max_sessions_per_host {
+            settings.max_sessions_per_host = Some(n);
+        }
+        if let Some(n) = self.max_sessions_per_binding {
+            settings.max_sessions_per_binding = Some(n);
+        }
         if let Some(icmp) = self.unsolicited_syn_icmp {
             settings.unsolicited_syn_icmp = icmp;
         }
@@ -346,6 +360,8 @@ mode = "symmetric"
 external_addrs = ["198.51.100.254", "198.51.100.253"]
 ports = "20000-29999"
 max_bindings_per_host = 100
+max_sessions_per_host = 5000
+max_sessions_per_binding = 0
 metrics = "127.0.0.1:9108"
 
 [timeouts]
@@ -365,6 +381,12 @@ internal = "10.0.0.2:80"
         assert_eq!(c.forwards[0].proto, proto::TCP);
         assert_eq!(c.forwards[0].internal, "10.0.0.2:80".parse().unwrap());
         assert_eq!(c.xdp_mode, None);
+        let mut s = Settings::new("eth0");
+        c.apply(&mut s);
+        assert_eq!(
+            (s.max_sessions_per_host, s.max_sessions_per_binding),
+            (Some(5000), Some(0))
+        );
         let c = parse("f", "xdp_mode = \"generic\"\n").unwrap();
         let mut s = Settings::new("eth0");
         c.apply(&mut s);

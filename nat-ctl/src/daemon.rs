@@ -66,6 +66,8 @@ fn flag_overrides(args: &AttachArgs) -> FileConfig {
         internal_ifaces: (!args.internal_ifaces.is_empty()).then(|| args.internal_ifaces.clone()),
         max_bindings: args.max_bindings,
         max_bindings_per_host: args.max_bindings_per_host,
+        max_sessions_per_host: args.max_sessions_per_host,
+        max_sessions_per_binding: args.max_sessions_per_binding,
         sweep_interval_ms: args.sweep_interval_ms,
         metrics: args.metrics,
         persist: args.persist.then_some(true),
@@ -160,6 +162,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
                 running.max_bindings
             );
             config.max_bindings = running.max_bindings;
+            settings.set_session_limits(&mut config);
         }
         if let Some(line) = xdp_mode::adoption_notice(settings.xdp_mode, &xdp_mode::load(&instance)) {
             eprintln!("{line}");

@@ -21,7 +21,7 @@ use nat_common::{
     BindingKey, BindingValue, ExternalKey, SessionKey, SessionValue,
 };
 
-use crate::{pinned::PinnedMaps, settings::Timeouts};
+use crate::{pinned::PinnedMaps, session_usage, settings::Timeouts};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -71,7 +71,8 @@ pub fn external_key(key: &BindingKey, value: &BindingValue) -> ExternalKey {
 
 /// Removes one dynamic binding by both of its keys and accounts for the freed quota. The one
 /// definition of how a binding goes, used by the sweep and when an external address leaves the
-/// interface (`addr_watch`). Returns false when it was already gone.
+/// interface (`addr_watch`), which both remove its sessions first. Returns false when it was
+/// already gone.
 pub fn remove_binding(maps: &mut PinnedMaps, out_key: &BindingKey, in_key: &ExternalKey) -> Result<bool> {
     // Outbound entry first, so no new packet can find the binding; then free the port.
     if maps.bindings_out.remove(out_key).is_err() {
@@ -79,6 +80,7 @@ pub fn remove_binding(maps: &mut PinnedMaps, out_key: &BindingKey, in_key: &Exte
     }
     let _ = maps.bindings_in.remove(in_key);
     maps.record_released(out_key.internal_addr)?;
+    session_usage::forget_binding(maps, in_key.proto, in_key.external_addr, in_key.external_port);
     Ok(true)
 }
 
@@ -171,14 +173,13 @@ pub struct SweepReport {
 /// Runs one sweep over the live maps.
 pub fn sweep(maps: &mut PinnedMaps, now_ns: u64, timeouts: &Timeouts) -> Result<SweepReport> {
     let bindings = maps.bindings()?;
-    let plan = plan(now_ns, &bindings, &maps.sessions()?, timeouts);
+    let sessions = maps.sessions()?;
+    let plan = plan(now_ns, &bindings, &sessions, timeouts);
     clear_per_remote_flag(maps, &bindings, &plan)?;
-    let mut report = SweepReport::default();
-    for key in &plan.sessions {
-        if maps.sessions.remove(key).is_ok() {
-            report.sessions += 1;
-        }
-    }
+    let mut report = SweepReport {
+        sessions: session_usage::remove_sessions(maps, &plan.sessions, &sessions)?,
+        ..SweepReport::default()
+    };
     for (out_key, in_key) in &plan.bindings {
         // A packet may have refreshed the binding since the plan was made: check again.
         let Ok(current) = maps.bindings_out.get(out_key, 0) else {

@@ -21,6 +21,7 @@ pub mod notices;
 pub mod pinned;
 pub mod raw;
 pub mod reinject;
+pub mod session_usage;
 pub mod settings;
 pub mod sysctl;
 pub mod table;

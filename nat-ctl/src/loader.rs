@@ -220,8 +220,14 @@ impl Attached {
             .map_max_entries(names::BINDINGS_OUT, bindings)
             .map_max_entries(names::BINDINGS_IN, bindings)
             .map_max_entries(names::SESSIONS, session_map_capacity(config.max_bindings))
-            .map_max_entries(names::SESSION_USAGE_CREATED, session_usage_capacity(config.max_bindings))
-            .map_max_entries(names::SESSION_USAGE_RELEASED, session_usage_capacity(config.max_bindings))
+            .map_max_entries(
+                names::SESSION_USAGE_CREATED,
+                session_usage_capacity(config.max_bindings),
+            )
+            .map_max_entries(
+                names::SESSION_USAGE_RELEASED,
+                session_usage_capacity(config.max_bindings),
+            )
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF programs")?;
         let ebpf = attached.ebpf.insert(ebpf);

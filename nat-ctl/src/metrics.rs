@@ -4,13 +4,13 @@
 use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use nat_common::maps::{binding_map_capacity, session_map_capacity, USAGE_ALL_HOSTS};
+use nat_common::maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 
-use crate::pinned::PinnedMaps;
+use crate::{pinned::PinnedMaps, session_usage};
 
 /// Largest request head read before answering; a scrape's is a few hundred bytes.
 const MAX_REQUEST_BYTES: usize = 8192;
@@ -59,6 +59,21 @@ pub fn render(maps: &PinnedMaps) -> Result<String> {
             "nat_session_capacity",
             "Capacity of the session map.",
             session_map_capacity(config.max_bindings) as u64,
+        ),
+        (
+            "nat_sessions_in_use",
+            "Sessions (remote endpoints of bindings) in use.",
+            session_usage::in_use(maps, SessionUsageKey::all()),
+        ),
+        (
+            "nat_sessions_per_host_limit",
+            "Most sessions per internal host (--max-sessions-per-host; 0: no limit).",
+            config.max_sessions_per_host as u64,
+        ),
+        (
+            "nat_sessions_per_binding_limit",
+            "Most sessions per binding (--max-sessions-per-binding; 0: no limit).",
+            config.max_sessions_per_binding as u64,
         ),
     ];
     for (name, help, value) in gauges {

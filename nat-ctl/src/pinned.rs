@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use nat_common::{
-    maps::names, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
-    SessionValue,
+    maps::{names, SessionUsageKey},
+    BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey, SessionValue,
 };
 
 /// The maps of one running NAT.
@@ -27,6 +27,10 @@ pub struct PinnedMaps {
     pub usage_released: HashMap<MapData, u32, u64>,
     /// Interfaces the XDP fast path may redirect to.
     pub fast_path_ifaces: HashMap<MapData, u32, u32>,
+    /// Sessions created per host, per binding and in all (written by the data path).
+    pub session_usage_created: HashMap<MapData, SessionUsageKey, u64>,
+    /// Sessions removed per host, per binding and in all (written only by the controller).
+    pub session_usage_released: HashMap<MapData, SessionUsageKey, u64>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -46,6 +50,11 @@ impl PinnedMaps {
             usage_created: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_CREATED)?))?,
             usage_released: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_RELEASED)?))?,
             fast_path_ifaces: HashMap::try_from(Map::HashMap(open(dir, names::FAST_PATH_IFACES)?))?,
+            session_usage_created: HashMap::try_from(Map::HashMap(open(dir, names::SESSION_USAGE_CREATED)?))?,
+            session_usage_released: HashMap::try_from(Map::HashMap(open(
+                dir,
+                names::SESSION_USAGE_RELEASED,
+            )?))?,
         })
     }
 

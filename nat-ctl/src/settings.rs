@@ -17,7 +17,7 @@ use nat_common::{
         DEFAULT_PORT_MIN, DEFAULT_TCP_ESTABLISHED_TIMEOUT_SECS, DEFAULT_TCP_TRANSITORY_TIMEOUT_SECS,
         DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
-    maps::DEFAULT_MAX_BINDINGS,
+    maps::{default_max_sessions_per_binding, default_max_sessions_per_host, DEFAULT_MAX_BINDINGS},
     Mode, NatConfig,
 };
 
@@ -73,6 +73,11 @@ pub struct Settings {
     pub max_bindings: u32,
     /// Most dynamic bindings per internal host; 0 means no limit.
     pub max_bindings_per_host: u32,
+    /// Most sessions per internal host; 0 means no limit, `None` the default for the table
+    /// size (`nat_common::maps::default_max_sessions_per_host`).
+    pub max_sessions_per_host: Option<u32>,
+    /// Most sessions per binding; 0 means no limit, `None` the default for the table size.
+    pub max_sessions_per_binding: Option<u32>,
     /// Answer unsolicited SYNs with ICMP port unreachable after the RFC 5382 hold.
     pub unsolicited_syn_icmp: bool,
     /// What a host whose new flow is refused is told.
@@ -98,6 +103,8 @@ impl Settings {
             internal_ifaces: Vec::new(),
             max_bindings: DEFAULT_MAX_BINDINGS,
             max_bindings_per_host: 0,
+            max_sessions_per_host: None,
+            max_sessions_per_binding: None,
             unsolicited_syn_icmp: false,
             refusal_icmp: RefusalIcmp::Off,
             datapath_log: false,
@@ -145,6 +152,7 @@ impl Settings {
         config.timeouts_secs = self.timeouts.0;
         config.max_bindings = self.max_bindings;
         config.max_bindings_per_host = self.max_bindings_per_host;
+        self.set_session_limits(&mut config);
         config.flags = CONFIG_FLAG_READY;
         if self.unsolicited_syn_icmp {
             config.flags |= CONFIG_FLAG_SYN_ICMP;
@@ -160,6 +168,19 @@ impl Settings {
             config.flags |= CONFIG_FLAG_FOLLOWS_IFACE;
         }
         config
+    }
+}
+
+impl Settings {
+    /// Writes the session limits into `config`: the given ones, else the defaults for the
+    /// table size in `config` (which adoption may have changed to the running one).
+    pub fn set_session_limits(&self, config: &mut NatConfig) {
+        config.max_sessions_per_host = self
+            .max_sessions_per_host
+            .unwrap_or_else(|| default_max_sessions_per_host(config.max_bindings));
+        config.max_sessions_per_binding = self
+            .max_sessions_per_binding
+            .unwrap_or_else(|| default_max_sessions_per_binding(config.max_bindings));
     }
 }
 
@@ -308,6 +329,21 @@ mod tests {
             0,
             "given addresses stay fixed"
         );
+    }
+
+    #[test]
+    fn session_limits_default_to_shares_of_the_table() {
+        let mut s = Settings::new("eth0");
+        s.max_bindings = 2000;
+        let c = s.to_config(&[Ipv4Addr::new(198, 51, 100, 254)]);
+        // (2000 + 4096) * 4 entries, two per session: 12 192 sessions; a quarter per host, a
+        // quarter of that per binding.
+        assert_eq!(c.max_sessions_per_host, 3048);
+        assert_eq!(c.max_sessions_per_binding, 762);
+        s.max_sessions_per_host = Some(0);
+        s.max_sessions_per_binding = Some(50);
+        let c = s.to_config(&[Ipv4Addr::new(198, 51, 100, 254)]);
+        assert_eq!((c.max_sessions_per_host, c.max_sessions_per_binding), (0, 50));
     }
 
     #[test]

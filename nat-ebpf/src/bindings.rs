@@ -18,6 +18,7 @@ use crate::{
     maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT},
     sessions,
     stats::count,
+    tcp::Tcp,
     usage,
 };
 
@@ -199,7 +200,8 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
 /// a narrow constant and read back as unknown) and then walks the impossible branch.
 #[inline(never)]
 fn allocate(cfg: &NatConfig, key: &BindingKey) -> Option<NonNull<BindingValue>> {
-    if !usage::may_create(cfg, key.internal_addr) {
+    // A host at its session limit would get a binding whose first session is refused.
+    if !usage::may_create(cfg, key.internal_addr) || !usage::host_has_session_room(cfg, key.internal_addr) {
         return None;
     }
     let external_addr = external_addr_for(cfg, key.internal_addr);
@@ -295,26 +297,18 @@ pub fn refresh(binding: NonNull<BindingValue>, now: u64) {
 }
 
 /// Everything an outbound packet does to NAT state: finds or creates its binding, refreshes it,
-/// and records the remote as a session. Returns the external endpoint, or `None` when the flow
-/// must be dropped (already counted).
+/// and records the remote as a session (following the TCP segment `seg`; zeroed for other
+/// protocols). Returns the external endpoint, or `None` when the flow must be dropped (already
+/// counted).
 #[inline(always)]
-pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, tcp_flags: u8) -> Option<(u32, u16)> {
+pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, seg: &Tcp) -> Option<(u32, u16)> {
     let binding = outbound_binding(cfg, flow, true)?;
     let now = now_ns();
     refresh(binding, now);
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) =
         unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
-    sessions::touch_outbound(
-        flow.proto,
-        external_addr,
-        external_port,
-        flow.remote_addr,
-        flow.remote_port,
-        tcp_flags,
-        now,
-    )
-    .ok()?;
+    sessions::touch_outbound(cfg, flow, (external_addr, external_port), seg, now).ok()?;
     Some((external_addr, external_port))
 }
 

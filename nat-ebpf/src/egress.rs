@@ -17,9 +17,7 @@ use nat_common::{
         ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_EMBEDDED_L4_MIN, ICMP_HLEN, ICMP_ID_OFF,
         IPV4_MAX_HLEN, IPV4_SRC_OFF, L4_SRC_PORT_OFF, TCP_MIN_HLEN,
     },
-    proto,
-    tcp_track::Segment,
-    Counter, NatConfig,
+    proto, Counter, NatConfig,
 };
 
 use crate::{
@@ -126,12 +124,12 @@ fn transport(
         return dropped(Counter::Malformed);
     };
     let seg = if ip.proto == proto::TCP {
-        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
+        let Some(seg) = tcp::segment_in(Some(Source::Tc(ctx)), ip, l3, l4, end) else {
             return dropped(Counter::Malformed);
         };
         seg
     } else {
-        Segment::default()
+        tcp::Tcp::none()
     };
     let flow = OutboundFlow {
         proto: ip.proto,
@@ -203,7 +201,7 @@ fn echo_request(
         remote_addr: ip.daddr,
         remote_port: 0,
     };
-    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, &Segment::default()) else {
+    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, &tcp::Tcp::none()) else {
         return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()

@@ -20,7 +20,6 @@ use nat_common::{
     },
     proto,
     tcp_state::flags as tcp_flags,
-    tcp_track::Segment,
     Counter, ExternalKey, ExternalValue, NatConfig,
 };
 
@@ -142,14 +141,14 @@ fn transport(
         return malformed();
     };
     let seg = if ip.proto == proto::TCP {
-        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
+        let Some(seg) = tcp::segment_in(Some(Source::Xdp(ctx)), ip, l3, l4, end) else {
             return malformed();
         };
         seg
     } else {
-        Segment::default()
+        tcp::Tcp::none()
     };
-    let tcp_flags = seg.flags;
+    let tcp_flags = seg.flags();
     let binding = match admit(ctx, cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
         Ok(binding) => binding,
         // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners still

@@ -22,9 +22,7 @@ use nat_common::{
         ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DST_PORT_OFF,
         L4_SRC_PORT_OFF,
     },
-    proto,
-    tcp_track::Segment,
-    Counter, ExternalKey, NatConfig,
+    proto, Counter, ExternalKey, NatConfig,
 };
 
 use crate::{
@@ -123,14 +121,14 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
     };
     let remote_port = if is_echo_request { 0 } else { head.dst };
     let seg = if ip.proto == proto::TCP {
-        let Some(seg) = tcp::segment_in(ip, l3, l4, end) else {
+        let Some(seg) = tcp::segment_in(None, ip, l3, l4, end) else {
             return XDP_PASS;
         };
         seg
     } else {
-        Segment::default()
+        tcp::Tcp::none()
     };
-    let tcp_flags = seg.flags;
+    let tcp_flags = seg.flags();
     if fastpath::kernel_path_tcp(tcp_flags) {
         return XDP_PASS;
     }
@@ -209,9 +207,9 @@ fn hairpin_transport(
         return XDP_PASS;
     }
     let seg = if ip.proto == proto::TCP {
-        tcp::segment_in(ip, l3, l4, end).unwrap_or_default()
+        tcp::segment_in(None, ip, l3, l4, end).unwrap_or_else(tcp::Tcp::none)
     } else {
-        Segment::default()
+        tcp::Tcp::none()
     };
     let flow = OutboundFlow {
         proto: ip.proto,

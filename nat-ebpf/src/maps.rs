@@ -8,12 +8,17 @@ use aya_ebpf::{
 use nat_common::{
     counters::COUNTER_COUNT,
     maps::{
-        binding_map_capacity, session_map_capacity, DEFAULT_MAX_BINDINGS, MAX_FAST_PATH_IFACES,
-        MAX_FRAGMENTS, MAX_USAGE_HOSTS, NOTICE_RING_BYTES, PARKED_RING_BYTES,
+        binding_map_capacity, session_map_capacity, session_usage_capacity, SessionUsageKey,
+        DEFAULT_MAX_BINDINGS, MAX_FAST_PATH_IFACES, MAX_FRAGMENTS, MAX_USAGE_HOSTS, NOTICE_RING_BYTES,
+        PARKED_RING_BYTES,
     },
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
 };
+
+/// `BPF_F_NO_PREALLOC`: elements are allocated on insert and freed after an RCU grace period,
+/// so a value pointer a program holds never lands on a recycled element.
+const NO_PREALLOC: u32 = 1;
 
 /// `NatConfig`, written by the controller.
 #[map]
@@ -49,6 +54,19 @@ pub static NAT_USAGE_CREATED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOST
 /// `created - released` is exact without any read-modify-write race.
 #[map]
 pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
+
+/// Sessions created per internal host, per binding and in all (see `SessionUsageKey`). Only
+/// the data path writes it, with atomic adds. Not preallocated: the controller deletes a
+/// binding's entries when the binding goes, and a CPU adding to one at that moment must not
+/// add to another key's recycled element.
+#[map]
+pub static NAT_SESS_USE_CREATED: HashMap<SessionUsageKey, u64> =
+    HashMap::pinned(session_usage_capacity(DEFAULT_MAX_BINDINGS), NO_PREALLOC);
+
+/// Sessions removed per internal host, per binding and in all. Only the controller writes it.
+#[map]
+pub static NAT_SESS_USE_RELEASED: HashMap<SessionUsageKey, u64> =
+    HashMap::pinned(session_usage_capacity(DEFAULT_MAX_BINDINGS), NO_PREALLOC);
 
 /// Interfaces the XDP fast path may redirect to (the external one and the internal ones);
 /// empty unless internal interfaces are attached.

@@ -8,7 +8,7 @@ use nat_common::{
     mode::Filtering,
     proto,
     tcp_state::Direction,
-    tcp_track::{self, Segment, Verdict},
+    tcp_track::Verdict,
     Counter, NatConfig, SessionKey, SessionValue,
 };
 
@@ -16,6 +16,7 @@ use crate::{
     bindings::{OutboundFlow, REFRESH_GRANULARITY_NS},
     maps::NAT_SESSIONS,
     stats::count,
+    tcp::Tcp,
     usage,
 };
 
@@ -78,7 +79,7 @@ pub fn touch_outbound(
     cfg: &NatConfig,
     flow: &OutboundFlow,
     (external_addr, external_port): (u32, u16),
-    seg: &Segment,
+    seg: &Tcp,
     now: u64,
 ) -> Result<(), ()> {
     let endpoint = key(
@@ -94,8 +95,7 @@ pub fn touch_outbound(
         unsafe {
             // An outbound segment out of window is still translated (the remote's TCP judges
             // it again); it only changes nothing here.
-            if flow.proto == proto::TCP && tcp_track::track(&mut *session, Direction::Outbound, seg) != Verdict::Pass
-            {
+            if flow.proto == proto::TCP && seg.track(&mut *session, Direction::Outbound) != Verdict::Pass {
                 count(Counter::TcpOutOfWindow);
             }
             if now.wrapping_sub((*session).last_seen_ns) > REFRESH_GRANULARITY_NS {
@@ -113,7 +113,7 @@ pub fn touch_outbound(
         ..SessionValue::default()
     };
     if flow.proto == proto::TCP {
-        tcp_track::track(&mut value, Direction::Outbound, seg);
+        seg.track(&mut value, Direction::Outbound);
     }
     let address = key(
         flow.proto,
@@ -183,7 +183,7 @@ pub fn track_inbound_tcp(
     external_port: u16,
     remote_addr: u32,
     remote_port: u16,
-    seg: &Segment,
+    seg: &Tcp,
 ) -> bool {
     let endpoint = key(
         proto::TCP,
@@ -197,7 +197,7 @@ pub fn track_inbound_tcp(
         return false;
     };
     // SAFETY: map value pointer from a successful lookup; racing writes are benign.
-    let verdict = unsafe { tcp_track::track(&mut *session, Direction::Inbound, seg) };
+    let verdict = unsafe { seg.track(&mut *session, Direction::Inbound) };
     if verdict == Verdict::Pass {
         return false;
     }

@@ -129,7 +129,7 @@ impl Entries {
                 // As if each flow's first packets had passed the kernel's forwarding path
                 // both ways: a prefilled flow is an established one.
                 flags: SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN,
-                _pad: [0; 6],
+                ..SessionValue::default()
             },
         }
     }
