@@ -33,20 +33,93 @@ const fn t(target: &'static str, name: &'static str) -> VmTest {
 /// than on the host, so this is a chosen set, not the whole suite: add a test here when it
 /// covers something the 6.1 kernel may do differently.
 pub const VM_TESTS: &[VmTest] = &[
+    // Attach, translate, inspect: ping, UDP, TCP.
     t("basic", "ping_gets_replies_and_wan_sees_the_external_address"),
     t("basic", "udp_mapping_is_endpoint_independent_and_listed"),
     t("basic", "tcp_transfers_data_both_ways"),
+    // Every mode: STUN classification and filtering.
+    t("stun", "stun_clients_classify_every_mode"),
+    t("filtering", "filtering_follows_the_mode"),
     t(
         "filtering",
-        "port_restricted_admits_only_the_remote_endpoint_lan_talked_to",
+        "port_restricted_drops_a_strangers_tcp_syn_to_a_live_connection",
+    ),
+    // Hole punching between two NATs.
+    t("p2p", "udp_hole_punching_succeeds_for_every_pair_of_cone_modes"),
+    t("p2p", "udp_hole_punching_fails_between_two_symmetric_nats"),
+    // Static forwards.
+    t(
+        "forwards",
+        "forwards_deliver_in_every_mode_from_any_remote_and_replies_leave_from_the_forwarded_port",
+    ),
+    // ICMP errors (RFC 5508) and fragments (parked out-of-order ones included).
+    t(
+        "icmp",
+        "port_unreachable_reaches_lan_with_the_inner_header_restored",
     ),
     t(
-        "stun",
-        "stun_clients_classify_the_default_mode_as_port_restricted_cone",
+        "rfc_icmp",
+        "rfc5508_req4_inbound_errors_translated_for_tcp_and_udp",
     ),
+    t("fragments", "fragmented_udp_crosses_the_nat_both_ways"),
+    t("fragments", "inbound_fragments_arriving_last_first_are_delivered"),
+    // --persist on clsact (no TCX before 6.6): restart, adoption, crash, detach.
+    t(
+        "restart",
+        "restart_with_persist_keeps_connections_bindings_and_forwards_then_detach_leaves_nothing",
+    ),
+    t(
+        "restart",
+        "a_persisted_internal_iface_is_adopted_and_detach_restores_its_sysctl",
+    ),
+    t(
+        "restart",
+        "adopting_without_persist_takes_over_and_removes_everything_on_stop",
+    ),
+    t(
+        "restart",
+        "the_packaged_config_starts_keeps_translating_after_exit_and_is_adopted",
+    ),
+    t(
+        "restart",
+        "a_killed_daemon_leaves_the_nat_translating_and_the_next_attach_adopts_it",
+    ),
+    // Hostile traffic: blind RST/FIN/SYN, one host flooding the session table.
+    t("tcp_hostile", "blind_rst_fin_syn_change_nothing_port_restricted"),
+    t(
+        "session_limits",
+        "a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_served",
+    ),
+    // The internal-side program: hairpinning and --internal-iface traffic.
+    t(
+        "hairpin",
+        "internal_hosts_reach_each_other_through_their_external_endpoints",
+    ),
+    t(
+        "hairpin",
+        "traffic_to_and_from_the_internet_still_flows_with_internal_iface",
+    ),
+    // Detach leaves nothing; CLI behaviour that depends on the kernel.
     t("cli", "stop_removes_programs_qdisc_and_pins"),
-    // Attaches nothing: a check of the harness itself that does not depend on the verifier.
     t("cli", "bad_input_fails_with_one_line_and_attaches_nothing"),
+    t("cli", "ip_netns_exec_sees_the_running_nat"),
+    // XDP attach modes and the external address following the interface.
+    t(
+        "xdp_mode",
+        "auto_is_native_on_veth_and_generic_is_forced_on_request",
+    ),
+    t(
+        "xdp_mode",
+        "auto_falls_back_to_generic_on_a_device_without_native_xdp",
+    ),
+    t(
+        "wan_address",
+        "a_new_wan_address_is_followed_and_bindings_on_the_old_one_go",
+    ),
+    t(
+        "wan_address",
+        "deleting_the_interface_stops_the_daemon_and_leaves_nothing",
+    ),
 ];
 
 /// Time allowed for booting and mounting, on top of the tests' own limits.
