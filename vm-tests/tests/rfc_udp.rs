@@ -154,7 +154,10 @@ fn rfc4787_req3_ports_found_when_hosts_share_source_ports() -> Result<()> {
     let seen = burst_from_both_hosts(&lab, 40000, 1000)?;
     ensure!(seen.len() == 4000, "{} of 4000 flows answered", seen.len());
     let refused = nat.stats()?.get("port_exhausted")?;
-    ensure!(refused == 0, "{refused} flows refused as port_exhausted with most of the range free");
+    ensure!(
+        refused == 0,
+        "{refused} flows refused as port_exhausted with most of the range free"
+    );
     nat.stop()
 }
 
