@@ -99,6 +99,8 @@ pub const VM_TESTS: &[VmTest] = &[
         "hairpin",
         "traffic_to_and_from_the_internet_still_flows_with_internal_iface",
     ),
+    // Its source check: no LAN host sends as the gateway (about 60 s in the guest).
+    t("fastpath_policy", "a_lan_host_cannot_send_as_the_gateway"),
     // Detach leaves nothing; CLI behaviour that depends on the kernel.
     t("cli", "stop_removes_programs_qdisc_and_pins"),
     t("cli", "bad_input_fails_with_one_line_and_attaches_nothing"),
