@@ -35,7 +35,15 @@ pub fn run(selection: Selection) -> Result<()> {
     let mut tally = Tally::default();
     let mut failed_phases: Vec<String> = Vec::new();
     if unit {
-        let mut cmd = Cmd::cargo().args(["test", "--release", "--workspace", "--exclude", "vm-tests"]);
+        // --no-fail-fast: a failing test binary must not hide the results of the ones after it.
+        let mut cmd = Cmd::cargo().args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "vm-tests",
+        ]);
         if !selection.filters.is_empty() {
             cmd = cmd.arg("--").args(&selection.filters);
         }
@@ -44,7 +52,15 @@ pub fn run(selection: Selection) -> Result<()> {
     if e2e {
         let cmd = Cmd::cargo()
             .env("NAT_CTL", nat_ctl_path())
-            .args(["test", "--release", "-p", "vm-tests", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "--release",
+                "--no-fail-fast",
+                "-p",
+                "vm-tests",
+                "--",
+                "--test-threads=1",
+            ])
             .args(&selection.filters);
         run_phase("end-to-end tests", cmd, &mut tally, &mut failed_phases)?;
     }
