@@ -8,9 +8,9 @@
 //! is offloaded only after the kernel has forwarded it. Each direction of a session is confirmed
 //! on its own (`SESSION_FLAG_OFFLOAD_OUT`, `SESSION_FLAG_OFFLOAD_IN`) by a TC egress program that
 //! sees only what the kernel let through: the external interface's for outbound packets, the
-//! internal interfaces' for inbound ones. Until then, and for every TCP segment that opens or
-//! closes a connection, packets take the kernel path, where the forward chain, rp_filter and
-//! routing decide as they would without the NAT's fast path.
+//! internal interfaces' for inbound ones. Until then, and for every TCP segment that opens a
+//! connection, packets take the kernel path, where the forward chain, rp_filter and routing
+//! decide as they would without the NAT's fast path.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS},
@@ -53,7 +53,7 @@ pub struct Route {
 }
 
 /// TCP flags of segments that always take the kernel path.
-const KERNEL_PATH_TCP_FLAGS: u8 = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
+const KERNEL_PATH_TCP_FLAGS: u8 = tcp_flags::SYN;
 
 /// True while any device is registered for the fast path: one cheap lookup that spares every
 /// other fast-path step when it is off.
@@ -62,9 +62,13 @@ pub fn enabled() -> bool {
     NAT_FAST_PATH_IFACES.get_ptr(FAST_PATH_ANY).is_some()
 }
 
-/// True for TCP segments that open or close a connection (`tcp_flags` is 0 for other
-/// protocols): they take the kernel path, so the host's firewall and conntrack see every
-/// connection begin and end (a flowtable likewise hands FIN and RST back to the classic path).
+/// True for TCP segments that open a connection (`tcp_flags` is 0 for other protocols): they
+/// take the kernel path, so the host's firewall judges every new connection, one that reuses
+/// the ports of an offloaded connection included. FIN and RST stay on the fast path: conntrack,
+/// which saw only a connection's first packets, would judge them out of its window (invalid),
+/// and the common `ct state invalid drop` would then keep the connection from closing (a
+/// flowtable avoids that by making an offloaded connection's conntrack entry liberal, which
+/// XDP cannot).
 #[inline(always)]
 pub fn kernel_path_tcp(tcp_flags: u8) -> bool {
     tcp_flags & KERNEL_PATH_TCP_FLAGS != 0
