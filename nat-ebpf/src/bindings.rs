@@ -76,11 +76,7 @@ impl OutboundFlow {
 /// endpoint-independent binding is reused only for a static forward or for a remote it has
 /// already talked to.
 #[inline(always)]
-pub fn outbound_binding(
-    cfg: &NatConfig,
-    flow: &OutboundFlow,
-    create: bool,
-) -> Option<NonNull<BindingValue>> {
+pub fn outbound_binding(cfg: &NatConfig, flow: &OutboundFlow, create: bool) -> Option<NonNull<BindingValue>> {
     let symmetric = cfg.mode().mapping_is_remote_dependent();
     if !symmetric && cfg.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS != 0 {
         // A flow that got its own binding in symmetric mode keeps it after the switch.

@@ -17,6 +17,10 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
+/// UDP timeout of the test with explicit limits: long enough that the flood's sessions are all
+/// still there while the test looks at them, even on a slow machine; short enough to wait out.
+const UDP_TIMEOUT_SECS: u64 = 15;
+
 /// First destination port of a flood: wan has nothing listening there, and needs nothing (the
 /// NAT creates a session per remote endpoint whatever answers).
 const FLOOD_PORT: u16 = 10_000;
@@ -84,7 +88,7 @@ fn a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_ser
             "--max-sessions-per-host",
             &per_host.to_string(),
             "--udp-timeout",
-            "3",
+            &UDP_TIMEOUT_SECS.to_string(),
             "--sweep-interval-ms",
             "200",
         ],
@@ -98,7 +102,7 @@ fn a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_ser
     let ext = whoami(&busy, sa(WAN_IP, 9999)).context("lan's first flow")?;
     let before = nat.stats()?;
     flood(&busy, WAN_IP, FLOOD_PORT, 100)?;
-    let st = wait_sessions(&nat, LAN_IP, per_binding)?;
+    wait_sessions(&nat, LAN_IP, per_binding)?;
     let after = nat.stats()?;
     ensure!(
         after.delta(&before, "session_limit")? >= 100 - (per_binding - 1),
@@ -113,32 +117,19 @@ fn a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_ser
     // A second socket of lan's reaches the per-host limit.
     let second = udp_bind(&lab.lan, sa(LAN_IP, 40001))?;
     flood(&second, WAN_IP, FLOOD_PORT, 100)?;
-    let st2 = wait_sessions(&nat, LAN_IP, per_host)?;
-    ensure!(
-        !new_flow_arrives(&lab.lan, sa(LAN_IP, 40002), sa(WAN2_IP, 9998), &sink)?,
-        "lan opened a new flow beyond its {per_host} sessions"
-    );
+    let st = wait_sessions(&nat, LAN_IP, per_host)?;
 
-    // lan2 is served: a new flow, a new remote, and a flood of its own up to its own limit.
-    let other = udp_bind(lab.lan2(), sa(LAN2_IP, 40000))?;
-    let seen = whoami(&other, sa(WAN_IP, 9999)).context("lan2's new flow while lan is at its limit")?;
-    ensure!(seen.ip() == ext.ip(), "lan2 left as {seen}");
-    whoami(&other, sa(WAN2_IP, 9999)).context("lan2's new remote while lan is at its limit")?;
-    ensure!(
-        new_flow_arrives(lab.lan2(), sa(LAN2_IP, 40001), sa(WAN2_IP, 9998), &sink)?,
-        "lan2's datagram to a new remote did not arrive"
-    );
-
-    // status shows the limits and the use, in JSON and for people.
+    // status shows the limits and the use, in JSON and for people (all of this well within the
+    // UDP timeout of the flood's sessions).
     for (key, want) in [
         ("max_sessions_per_binding", per_binding),
         ("max_sessions_per_host", per_host),
     ] {
-        ensure!(st2[key] == want, "status {key} = {}, want {want}", st2[key]);
+        ensure!(st[key] == want, "status {key} = {}, want {want}", st[key]);
     }
     ensure!(
-        st["sessions_in_use"].as_u64().is_some_and(|n| n >= per_binding),
-        "sessions_in_use {} with lan at {per_binding}",
+        st["sessions_in_use"].as_u64().is_some_and(|n| n >= per_host),
+        "sessions_in_use {} with lan at {per_host}",
         st["sessions_in_use"]
     );
     let text = ops::ctl_ok(&lab.nat, &["status", "-i", &lab.wan_if])?;
@@ -156,11 +147,30 @@ fn a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_ser
             .any(|l| l.starts_with("by host:") && l.contains(&format!("{LAN_IP} {per_host}"))),
         "status does not show lan's sessions:\n{text}"
     );
+    ensure!(
+        !new_flow_arrives(&lab.lan, sa(LAN_IP, 40002), sa(WAN2_IP, 9998), &sink)?,
+        "lan opened a new flow beyond its {per_host} sessions"
+    );
 
-    // Once lan's sessions expire (3 s without outbound traffic), its count is back to zero and
-    // it opens new flows again.
+    // lan2 is served: a new flow, a new remote.
+    let other = udp_bind(lab.lan2(), sa(LAN2_IP, 40000))?;
+    let seen = whoami(&other, sa(WAN_IP, 9999)).context("lan2's new flow while lan is at its limit")?;
+    ensure!(seen.ip() == ext.ip(), "lan2 left as {seen}");
+    whoami(&other, sa(WAN2_IP, 9999)).context("lan2's new remote while lan is at its limit")?;
+    ensure!(
+        new_flow_arrives(lab.lan2(), sa(LAN2_IP, 40001), sa(WAN2_IP, 9998), &sink)?,
+        "lan2's datagram to a new remote did not arrive"
+    );
+
+    // Once lan's sessions expire (no outbound traffic for the UDP timeout), its count is back
+    // to zero and it opens new flows again.
     drop((busy, second));
-    wait_sessions(&nat, LAN_IP, 0).context("lan's sessions never expired")?;
+    poll(
+        Duration::from_secs(3 * UDP_TIMEOUT_SECS),
+        Duration::from_millis(200),
+        || ops::status(&nat).ok().filter(|st| sessions_of(st, LAN_IP) == 0),
+    )
+    .context("lan's sessions never expired")?;
     ensure!(
         new_flow_arrives(&lab.lan, sa(LAN_IP, 40003), sa(WAN2_IP, 9998), &sink)?,
         "lan could not open a new flow after its sessions expired"

@@ -90,6 +90,10 @@ pub const VM_TESTS: &[VmTest] = &[
         "session_limits",
         "a_host_flooding_new_remotes_is_stopped_at_its_limits_and_others_are_still_served",
     ),
+    t(
+        "session_limits",
+        "by_default_one_host_is_held_to_a_quarter_of_the_session_table",
+    ),
     // The internal-side program: hairpinning and --internal-iface traffic.
     t(
         "hairpin",
