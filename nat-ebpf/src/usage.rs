@@ -51,7 +51,7 @@ fn add_one<K>(created: &HashMap<K, u64>, key: K) {
             return;
         }
         // First one of this key: create the slot; if another CPU just did, add to theirs.
-        if created.insert(&key, &1, BPF_NOEXIST as u64).is_ok() {
+        if created.insert(&key, 1u64, BPF_NOEXIST as u64).is_ok() {
             return;
         }
     }
