@@ -200,21 +200,24 @@ fn conflicting_forwards_are_refused_with_a_reason_and_change_nothing() -> Result
     );
 
     // A forwarded port inside the dynamic range is never handed to a new flow: a socket whose
-    // source port is that port (port preservation would pick it) gets another one.
+    // source port is that port (port preservation would pick it) gets another one. The port
+    // must not be the one the dynamic binding above drew at random.
+    let fwd_port: u16 = if ext.port() == 20050 { 20052 } else { 20050 };
+    let fwd = fwd_port.to_string();
     let _srv = udp_whoami(&lab.lan, LAN_IP, 5353)?;
     ops::forward_ok(
         &lab.nat,
         &lab.wan_if,
         "add",
-        &["udp", "20050", &format!("{LAN_IP}:5353")],
+        &["udp", &fwd, &format!("{LAN_IP}:5353")],
     )?;
-    let same_port = udp_bind(&lab.lan, sa(LAN_IP, 20050))?;
+    let same_port = udp_bind(&lab.lan, sa(LAN_IP, fwd_port))?;
     let got = whoami(&same_port, sa(WAN_IP, 9999))?;
     ensure!(
-        got.port() != 20050,
-        "a new flow from 10.0.0.2:20050 was given the forwarded port {got}"
+        got.port() != fwd_port,
+        "a new flow from 10.0.0.2:{fwd_port} was given the forwarded port {got}"
     );
-    udp_forward_works(&lab.wan2, WAN2_IP, 7002, 20050)?;
+    udp_forward_works(&lab.wan2, WAN2_IP, 7002, fwd_port)?;
 
     // del removes exactly one; deleting it again is refused.
     ops::forward_ok(&lab.nat, &lab.wan_if, "del", &["udp", "7000"])?;
