@@ -132,7 +132,14 @@ pub fn is_persisted(instance: &Instance) -> bool {
 
 /// The config of a persisted instance, from its pinned map.
 pub fn persisted_config(instance: &Instance) -> Result<NatConfig> {
-    PinnedMaps::open(&instance.pin_dir())?.read_config()
+    let maps = PinnedMaps::open(&instance.pin_dir()).with_context(|| {
+        format!(
+            "the NAT running on {0} was left by an incompatible nat-ctl (its pinned maps differ); \
+             remove it with `nat-ctl detach {0}`, then attach",
+            instance.iface
+        )
+    })?;
+    maps.read_config()
 }
 
 fn internal_pin(iface: &str) -> String {
