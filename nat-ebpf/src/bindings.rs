@@ -299,6 +299,18 @@ pub fn refresh(binding: NonNull<BindingValue>, now: u64) {
 #[inline(always)]
 pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, seg: &Tcp) -> Option<(u32, u16)> {
     let binding = outbound_binding(cfg, flow, true)?;
+    use_binding(cfg, flow, binding, seg)
+}
+
+/// What `bind` does once it has the flow's binding: refreshes it, records the remote as a
+/// session (following `seg`), and returns the external endpoint (`None`: drop, counted).
+#[inline(always)]
+pub fn use_binding(
+    cfg: &NatConfig,
+    flow: &OutboundFlow,
+    binding: NonNull<BindingValue>,
+    seg: &Tcp,
+) -> Option<(u32, u16)> {
     let now = now_ns();
     refresh(binding, now);
     // SAFETY: map value pointer from a successful lookup.

@@ -177,7 +177,7 @@ fn transport(
         return dropped(Counter::Malformed);
     }
     // The kernel forwarded it: the fast path may take the flow's next outbound packets.
-    fastpath::confirm_outbound(ip.proto, external_addr, external_port, ip.daddr, head.dst);
+    fastpath::confirm_outbound(ctx, ip.proto, external_addr, external_port, ip.daddr, head.dst);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }
@@ -220,7 +220,7 @@ fn echo_request(
     {
         return dropped(Counter::Malformed);
     }
-    fastpath::confirm_outbound(proto::ICMP, external_addr, external_id, ip.daddr, 0);
+    fastpath::confirm_outbound(ctx, proto::ICMP, external_addr, external_id, ip.daddr, 0);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }

@@ -12,10 +12,12 @@
 //! connection, packets take the kernel path, where the forward chain, rp_filter and routing
 //! decide as they would without the NAT's fast path.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use nat_common::{
@@ -23,6 +25,7 @@ use nat_common::{
     maps::{FAST_PATH_ANY, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT},
     packet::Ipv4Header,
     tcp_state::flags as tcp_flags,
+    BindingValue, NatConfig,
 };
 
 use crate::{
@@ -74,15 +77,13 @@ pub fn kernel_path_tcp(tcp_flags: u8) -> bool {
     tcp_flags & KERNEL_PATH_TCP_FLAGS != 0
 }
 
-/// True if an outbound packet of `flow` may take the fast path: the flow has a binding, and its
-/// session with the remote has had a packet forwarded by the kernel (see the module comment).
-/// Creates nothing: a new flow's first packets go through the kernel, which may drop them, and
-/// TC egress creates its state when the kernel lets one out.
+/// The binding of `flow` if an outbound packet of it may take the fast path: its session with
+/// the remote has had a packet forwarded by the kernel (see the module comment). Creates
+/// nothing: a new flow's first packets go through the kernel, which may drop them, and TC
+/// egress creates its state when the kernel lets one out.
 #[inline(always)]
-pub fn outbound_confirmed(cfg: &nat_common::NatConfig, flow: &OutboundFlow) -> bool {
-    let Some(binding) = bindings::outbound_binding(cfg, flow, false) else {
-        return false;
-    };
+pub fn confirmed_binding(cfg: &NatConfig, flow: &OutboundFlow) -> Option<NonNull<BindingValue>> {
+    let binding = bindings::outbound_binding(cfg, flow, false)?;
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) =
         unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
@@ -94,6 +95,7 @@ pub fn outbound_confirmed(cfg: &nat_common::NatConfig, flow: &OutboundFlow) -> b
         flow.remote_port,
         SESSION_FLAG_OFFLOAD_OUT,
     )
+    .then_some(binding)
 }
 
 /// True if an inbound packet from the remote to binding `external_addr:external_port` may take
@@ -116,17 +118,27 @@ pub fn inbound_confirmed(
     )
 }
 
+/// The interface a packet seen by TC arrived on; 0 for one the gateway itself sent.
+#[inline(always)]
+fn arrived_on(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's socket buffer, valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
 /// Records that the kernel forwarded an outbound packet of the session (TC egress on the
-/// external interface translated it). Nothing to do while the fast path is off.
+/// external interface translated it). Only a forwarded packet counts: the gateway's own traffic
+/// (from an address that is not external) never went through an internal interface's source
+/// check, and the fast path never serves it anyway. Nothing to do while the fast path is off.
 #[inline(always)]
 pub fn confirm_outbound(
+    ctx: &TcContext,
     proto: u8,
     external_addr: u32,
     external_port: u16,
     remote_addr: u32,
     remote_port: u16,
 ) {
-    if enabled() {
+    if arrived_on(ctx) != 0 && enabled() {
         sessions::set_flags(
             proto,
             external_addr,
@@ -138,16 +150,20 @@ pub fn confirm_outbound(
     }
 }
 
-/// Records that the kernel forwarded an inbound packet of the session to an internal interface.
+/// Records that the kernel forwarded an inbound packet of the session to an internal interface
+/// (TC egress there saw it leave). Only a packet that came in through the external interface
+/// counts.
 #[inline(always)]
 pub fn confirm_inbound(
+    ctx: &TcContext,
+    cfg: &NatConfig,
     proto: u8,
     external_addr: u32,
     external_port: u16,
     remote_addr: u32,
     remote_port: u16,
 ) {
-    if enabled() {
+    if arrived_on(ctx) == cfg.external_ifindex && enabled() {
         sessions::set_flags(
             proto,
             external_addr,

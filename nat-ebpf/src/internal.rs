@@ -51,29 +51,34 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let Some(ip) = read_at::<Ipv4Header>(l3, end, 0) else {
         return XDP_PASS;
     };
-    if source_check::spoofed(ctx, cfg, &ip) {
-        count(Counter::SpoofedSource);
-        return XDP_DROP;
+    if cfg.is_external_addr(ip.saddr) {
+        // Forging the NAT's own address (see `source_check`), checked before anything else.
+        return spoofed();
     }
     let shape = match ipv4_shape(ip.version_ihl, ip.tot_len, ip.frag_off, end - l3) {
         // Fragments and broken headers are left to the kernel path (TC egress translates
         // outbound fragments; hairpinning fragments is not supported).
         Ok(shape) if shape.fragment == Fragment::None && check_transport(&shape, ip.proto).is_ok() => shape,
-        _ => return XDP_PASS,
+        _ => return kernel_path(ctx, cfg, &ip),
     };
     let Some(l4) = ptr_at::<L4Head>(l3, end, shape.header_len) else {
-        return XDP_PASS;
+        return kernel_path(ctx, cfg, &ip);
     };
     let l4 = l4 as usize;
     let l4_len = shape.total_len - shape.header_len;
     let partial = (ip.proto == proto::UDP || ip.proto == proto::TCP)
         && transport_checksum_is_partial(l4, end, ip.proto, ip.saddr, ip.daddr, l4_len);
     if !cfg.is_external_addr(ip.daddr) {
-        if partial {
-            // Only the kernel can complete a seed checksum: TC egress translates this one.
-            return XDP_PASS;
+        // Only the kernel can complete a seed checksum: TC egress translates such a packet.
+        if !partial {
+            if let Some(action) = outbound(ctx, cfg, (l3, l4, end), &ip) {
+                return action;
+            }
         }
-        return outbound(ctx, cfg, (l3, l4, end), &ip);
+        return kernel_path(ctx, cfg, &ip);
+    }
+    if source_check::spoofed(ctx, cfg, &ip) {
+        return spoofed();
     }
     // To one of the gateway's external addresses: hairpinning, or the gateway itself.
     match ip.proto {
@@ -87,50 +92,60 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// Hands the packet to the kernel, unless its source is one no internal host may use.
+#[inline(always)]
+fn kernel_path(ctx: &XdpContext, cfg: &NatConfig, ip: &Ipv4Header) -> u32 {
+    if source_check::spoofed(ctx, cfg, ip) {
+        return spoofed();
+    }
+    XDP_PASS
+}
+
+/// A packet whose source no internal host may use: dropped and counted.
+#[inline(always)]
+fn spoofed() -> u32 {
+    count(Counter::SpoofedSource);
+    XDP_DROP
+}
+
 /// The outbound fast path: UDP, TCP and echo requests of a flow the kernel has already
 /// forwarded (see `fastpath`), that the kernel would route out of the external interface, are
 /// translated here, exactly as TC egress would, and redirected there. The route is looked up
-/// first, on the untouched packet: when the fast path cannot take it, the kernel forwards it
-/// and TC egress translates it instead.
+/// first, on the untouched packet. Returns the action for a packet it took, `None` for one the
+/// kernel must handle (and TC egress translate).
 #[inline(always)]
-fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usize), ip: &Ipv4Header) -> u32 {
+fn outbound(
+    ctx: &XdpContext,
+    cfg: &NatConfig,
+    (l3, l4, end): (usize, usize, usize),
+    ip: &Ipv4Header,
+) -> Option<u32> {
     let is_echo_request = ip.proto == proto::ICMP && read_u8_at(l4, end, 0) == Some(icmp_type::ECHO_REQUEST);
     if !(ip.proto == proto::UDP || ip.proto == proto::TCP || is_echo_request)
         || ip.saddr == 0
         || !fastpath::enabled()
     {
-        return XDP_PASS;
+        return None;
     }
-    let Some(route) = fastpath::route(ctx, ip, ctx.ingress_ifindex() as u32) else {
-        return XDP_PASS;
-    };
+    let route = fastpath::route(ctx, ip, ctx.ingress_ifindex() as u32)?;
     if route.ifindex != cfg.external_ifindex {
         // Routed between internal networks: not the NAT's business.
-        return XDP_PASS;
+        return None;
     }
-    let Some(head) = read_at::<L4Head>(l4, end, 0) else {
-        return XDP_PASS;
-    };
+    let head = read_at::<L4Head>(l4, end, 0)?;
     let (src_port, port_off) = if is_echo_request {
-        let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
-            return XDP_PASS;
-        };
-        (id, ICMP_ID_OFF)
+        (read_at::<u16>(l4, end, ICMP_ID_OFF)?, ICMP_ID_OFF)
     } else {
         (head.src, L4_SRC_PORT_OFF)
     };
     let remote_port = if is_echo_request { 0 } else { head.dst };
     let seg = if ip.proto == proto::TCP {
-        let Some(seg) = tcp::segment_in(None, ip, l3, l4, end) else {
-            return XDP_PASS;
-        };
-        seg
+        tcp::segment_in(None, ip, l3, l4, end)?
     } else {
         tcp::Tcp::none()
     };
-    let tcp_flags = seg.flags();
-    if fastpath::kernel_path_tcp(tcp_flags) {
-        return XDP_PASS;
+    if fastpath::kernel_path_tcp(seg.flags()) {
+        return None;
     }
     let flow = OutboundFlow {
         proto: ip.proto,
@@ -139,13 +154,11 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
         remote_addr: ip.daddr,
         remote_port,
     };
-    if !fastpath::outbound_confirmed(cfg, &flow) {
-        // Not yet forwarded by the kernel: it decides on this packet, TC egress translates it.
-        return XDP_PASS;
-    }
-    // A refused flow (exhausted, full, over its limit) is dropped and counted, as on TC egress.
-    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, &seg) else {
-        return refused(ctx, cfg, l4 - l3);
+    // Not yet forwarded by the kernel: it decides on this packet.
+    let binding = fastpath::confirmed_binding(cfg, &flow)?;
+    // A refused session (over a limit) is dropped and counted, as on TC egress.
+    let Some((external_addr, external_port)) = bindings::use_binding(cfg, &flow, binding, &seg) else {
+        return Some(refused(ctx, cfg, l4 - l3));
     };
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).and_then(|_| {
         write_at(l4, end, port_off, external_port)?;
@@ -171,15 +184,16 @@ fn outbound(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): (usize, usize, usi
     });
     if rewritten.is_none() {
         count(Counter::Malformed);
-        return XDP_DROP;
+        return Some(XDP_DROP);
     }
     count(Counter::TranslatedOut);
     match fastpath::forward(ctx.data(), end, l3, &route) {
         Some(action) => {
             count(Counter::FastPathRedirected);
-            action
+            Some(action)
         }
-        None => XDP_PASS,
+        // Already translated: the kernel forwards it as it is.
+        None => Some(XDP_PASS),
     }
 }
 

@@ -3,8 +3,9 @@
 //! A packet leaves an internal interface through this hook only when the kernel let it through
 //! its forwarding path (the forward chain, routing, reverse-path filtering on the external side)
 //! or sent it itself: frames the XDP fast path redirects bypass TC altogether. So an inbound
-//! packet of a NAT session seen here confirms the session's inbound direction for the fast path
-//! (`SESSION_FLAG_OFFLOAD_IN`, see `fastpath`). The program never changes or drops a packet and
+//! packet of a NAT session seen here, having come in through the external interface, confirms
+//! the session's inbound direction for the fast path (`SESSION_FLAG_OFFLOAD_IN`, see
+//! `fastpath`). The program never changes or drops a packet and
 //! hands every one on to whatever runs after it (`TC_ACT_UNSPEC`).
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
@@ -81,6 +82,14 @@ pub fn handle(ctx: &TcContext) -> i32 {
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) =
         unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
-    fastpath::confirm_inbound(ip.proto, external_addr, external_port, ip.saddr, remote_port);
+    fastpath::confirm_inbound(
+        ctx,
+        cfg,
+        ip.proto,
+        external_addr,
+        external_port,
+        ip.saddr,
+        remote_port,
+    );
     TC_ACT_UNSPEC
 }

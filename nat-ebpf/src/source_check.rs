@@ -12,11 +12,19 @@
 //! external interface (a host on the inside claiming an Internet address). That is the kernel's
 //! martian check without `accept_local`, plus loose reverse-path filtering (RFC 3704 §2.4), plus
 //! "not from the outside". The hairpin path rewrites the source only after this check.
+//!
+//! The outbound fast path takes a packet before the route lookup (the external-address check
+//! comes first, always): it serves only flows the kernel has forwarded, whose source passed
+//! this check (or the kernel's own, on an interface without this program) on their first
+//! packet, and the lookup would cost as much as the fast path's own route lookup.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+        bpf_fib_lookup, xdp_md, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNREACHABLE,
     },
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
@@ -35,30 +43,39 @@ pub fn spoofed(ctx: &XdpContext, cfg: &NatConfig, ip: &Ipv4Header) -> bool {
     if ip.saddr == 0 {
         return false;
     }
-    if cfg.is_external_addr(ip.saddr) {
-        // Also when the address is a routed pool address the gateway does not hold itself.
-        return true;
-    }
+    // Also when the address is a routed pool address the gateway does not hold itself.
+    cfg.is_external_addr(ip.saddr) || unroutable(ctx.as_ptr(), ip.saddr, ip.daddr, cfg.external_ifindex) != 0
+}
+
+/// 1 if the gateway has no route for a reply to `saddr` that leads back to the inside, else
+/// 0. A subprogram of its own (the callers are several, and the lookup's request buffer is
+/// large), returning a plain integer, which every verifier tracks.
+#[inline(never)]
+fn unroutable(ctx: *mut c_void, saddr: u32, daddr: u32, external_ifindex: u32) -> u32 {
     // The route a reply would take, looked up as the kernel's reverse-path check does: from
-    // the packet's destination to its source. No length is given, so no MTU check applies.
+    // the packet's destination to its source, for the interface it came in on. No length is
+    // given, so no MTU check applies.
     // SAFETY: all-zero is a valid lookup request; the IPv4 fields are set below.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = ip.daddr;
-    params.__bindgen_anon_4.ipv4_dst = ip.saddr;
+    // SAFETY: `ctx` is the program's `xdp_md`.
+    params.ifindex = unsafe { (*ctx.cast::<xdp_md>()).ingress_ifindex };
+    params.__bindgen_anon_3.ipv4_src = daddr;
+    params.__bindgen_anon_4.ipv4_dst = saddr;
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     // SAFETY: valid context and request buffer of the size given.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    let rc = unsafe { fib_lookup(ctx, &mut params, size, 0) };
+    let unroutable = if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // A unicast route (with or without a neighbour entry yet): it must not lead outside.
-        return params.ifindex == cfg.external_ifindex;
-    }
-    // Local, broadcast or multicast (or no route at all), and the routes that refuse: no
-    // reply could go back. Anything else (forwarding disabled on the interface, tunnels) is
-    // left to the kernel.
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
-        || rc == BPF_FIB_LKUP_RET_BLACKHOLE as i64
-        || rc == BPF_FIB_LKUP_RET_UNREACHABLE as i64
-        || rc == BPF_FIB_LKUP_RET_PROHIBIT as i64
+        params.ifindex == external_ifindex
+    } else {
+        // Local, broadcast or multicast (or no route at all), and the routes that refuse: no
+        // reply could go back. Anything else (forwarding disabled on the interface, tunnels)
+        // is left to the kernel.
+        rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
+            || rc == BPF_FIB_LKUP_RET_BLACKHOLE as i64
+            || rc == BPF_FIB_LKUP_RET_UNREACHABLE as i64
+            || rc == BPF_FIB_LKUP_RET_PROHIBIT as i64
+    };
+    u32::from(unroutable)
 }
