@@ -103,8 +103,13 @@ pub const VM_TESTS: &[VmTest] = &[
         "hairpin",
         "traffic_to_and_from_the_internet_still_flows_with_internal_iface",
     ),
-    // Its source check: no LAN host sends as the gateway (about 60 s in the guest).
+    // Its source check (no LAN host sends as the gateway), and the host's forward rules with it
+    // as with masquerade (40 s each in the guest).
     t("fastpath_policy", "a_lan_host_cannot_send_as_the_gateway"),
+    t(
+        "fastpath_policy",
+        "forward_chain_rules_hold_with_and_without_the_fast_path_as_with_masquerade",
+    ),
     // Detach leaves nothing; CLI behaviour that depends on the kernel.
     t("cli", "stop_removes_programs_qdisc_and_pins"),
     t("cli", "bad_input_fails_with_one_line_and_attaches_nothing"),
