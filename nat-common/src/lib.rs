@@ -16,6 +16,7 @@ pub mod counters;
 pub mod maps;
 pub mod mode;
 pub mod packet;
+pub mod source;
 pub mod tcp_state;
 pub mod tcp_track;
 

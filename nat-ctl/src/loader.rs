@@ -66,6 +66,8 @@ const INGRESS_LINK_PIN: &str = "link_ingress";
 const EGRESS_LINK_PIN: &str = "link_egress";
 /// Pin name prefix of the internal interfaces' XDP links.
 const INTERNAL_LINK_PIN_PREFIX: &str = "link_internal_";
+/// Said when the fast path runs without its inbound half.
+const NO_INBOUND_FAST_PATH: &str = "nat-ctl: inbound packets take the kernel's forwarding path: confirming that the kernel forwarded an inbound flow needs TCX (Linux 6.6+) on the internal interfaces";
 /// Pin name prefix of the internal interfaces' TC egress links (not a prefix of the above).
 const LAN_EGRESS_LINK_PIN_PREFIX: &str = "link_lan_egress_";
 /// Where the verifier's log goes when it rejects a program: too long for a terminal line.
@@ -302,6 +304,9 @@ impl Attached {
                     for lan in plan.internal_ifaces {
                         attach_lan_egress(ebpf, &pin_dir, lan)?;
                     }
+                } else if crate::fastpath::unavailable_reason().is_none() {
+                    // Linux 6.3-6.5: a fast path, but no TCX to confirm inbound flows with.
+                    eprintln!("{NO_INBOUND_FAST_PATH}");
                 }
             }
             sysctl::save(instance, &attached.sysctls)?;

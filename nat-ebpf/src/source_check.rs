@@ -9,9 +9,10 @@
 //! dropped when the gateway would not route a reply to its source back out of the internal
 //! side: one of the NAT's external addresses, another address of the gateway itself, a
 //! broadcast or multicast address, a source with no route, or one whose route leads out of the
-//! external interface (a host on the inside claiming an Internet address). That is the kernel's
-//! martian check without `accept_local`, plus loose reverse-path filtering (RFC 3704 §2.4), plus
-//! "not from the outside". The hairpin path rewrites the source only after this check.
+//! external interface (a host on the inside claiming an Internet address); the route lookup's
+//! answer is judged by `nat_common::source`. That is the kernel's martian check without
+//! `accept_local`, plus loose reverse-path filtering (RFC 3704 §2.4), plus "not from the
+//! outside". The hairpin path rewrites the source only after this check.
 //!
 //! The outbound fast path takes a packet before the route lookup (the external-address check
 //! comes first, always): it serves only flows the kernel has forwarded, whose source passed
@@ -21,16 +22,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup, xdp_md, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE,
-    },
+    bindings::{bpf_fib_lookup, xdp_md},
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
     EbpfContext,
 };
-use nat_common::{packet::Ipv4Header, NatConfig};
+use nat_common::{packet::Ipv4Header, source::refused_by_reverse_route, NatConfig};
 
 /// `AF_INET`.
 const AF_INET: u8 = 2;
@@ -65,17 +62,5 @@ fn unroutable(ctx: *mut c_void, saddr: u32, daddr: u32, external_ifindex: u32) -
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     // SAFETY: valid context and request buffer of the size given.
     let rc = unsafe { fib_lookup(ctx, &mut params, size, 0) };
-    let unroutable = if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // A unicast route (with or without a neighbour entry yet): it must not lead outside.
-        params.ifindex == external_ifindex
-    } else {
-        // Local, broadcast or multicast (or no route at all), and the routes that refuse: no
-        // reply could go back. Anything else (forwarding disabled on the interface, tunnels)
-        // is left to the kernel.
-        rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
-            || rc == BPF_FIB_LKUP_RET_BLACKHOLE as i64
-            || rc == BPF_FIB_LKUP_RET_UNREACHABLE as i64
-            || rc == BPF_FIB_LKUP_RET_PROHIBIT as i64
-    };
-    u32::from(unroutable)
+    u32::from(refused_by_reverse_route(rc, params.ifindex, external_ifindex))
 }
