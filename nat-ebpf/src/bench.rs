@@ -1,5 +1,6 @@
-//! Benchmark programs: a packet generator, a counting sink, and empty programs that measure the
-//! floor of `BPF_PROG_TEST_RUN`.
+//! Benchmark programs: a packet generator, a counting sink, empty programs that measure the
+//! floor of `BPF_PROG_TEST_RUN`, and a bare XDP forwarder (route lookup, MAC rewrite, redirect;
+//! no NAT) that is the limit any XDP data path on the benchmark's path can reach.
 //!
 //! They live in their own object (`target/bpfel-unknown-none/release/bench`) so that loading
 //! them never creates, reuses or touches the NAT's pinned maps; none of the maps here is pinned.
@@ -16,14 +17,20 @@
 
 use aya_ebpf::{
     bindings::{
+        bpf_fib_lookup,
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
-        TC_ACT_OK,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    },
     macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
+use nat_common::checksum::replace_u16;
 
 /// Length of every generated frame: Ethernet + IPv4 (no options) + UDP + 22 bytes of payload.
 /// The harness passes a `data_in` of exactly this length.
@@ -47,6 +54,22 @@ const IP_HEADER_WORDS: usize = 10;
 const ETH_P_IP_IN_MEMORY: u16 = 0x0800u16.to_be();
 /// IP protocol number of UDP.
 const IPPROTO_UDP: u8 = 17;
+/// Further IPv4 header offsets (from the start of the frame) the forwarder reads.
+const IP_VERSION_IHL_OFF: usize = IP_OFF;
+const IP_TOS_OFF: usize = IP_OFF + 1;
+const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
+/// The TTL and protocol bytes form one 16-bit word (TTL first on the wire).
+const IP_TTL_OFF: usize = IP_OFF + 8;
+/// End of an IPv4 header without options.
+const IP_END: usize = IP_OFF + 20;
+/// Version 4, header length 5 words: the only header shape the forwarder handles.
+const IPV4_NO_OPTIONS: u8 = 0x45;
+/// One TTL step in the host-order TTL/protocol word.
+const TTL_ONE: u16 = 0x0100;
+/// `AF_INET`, the address family of a `bpf_fib_lookup` request.
+const AF_INET: u8 = 2;
+/// Ethernet address length.
+const ETH_ALEN: usize = 6;
 
 /// `GenParams::vary`: the source endpoint varies per flow (outbound traffic).
 const VARY_SOURCE: u32 = 0;
@@ -149,6 +172,73 @@ pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Bare XDP forwarder, the limit of any XDP data path here: looks the destination up in the
+/// kernel's routing and neighbour tables (`bpf_fib_lookup`), decrements the TTL as a router must
+/// (RFC 791; checksum updated incrementally, RFC 1624), writes the next hop's Ethernet
+/// addresses and redirects out of the egress interface. No NAT, no state, no counters. Whatever
+/// the lookup cannot finish (ARP, no route, no neighbour entry yet, TTL about to expire, over the
+/// MTU, IPv4 options) goes to the kernel.
+#[xdp]
+pub fn bench_xdp_forward(ctx: XdpContext) -> u32 {
+    xdp_forward(&ctx).unwrap_or(XDP_PASS)
+}
+
+/// `bench_xdp_forward`'s work; `None` hands the packet to the kernel.
+#[inline(always)]
+fn xdp_forward(ctx: &XdpContext) -> Option<u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + IP_END > end {
+        return None;
+    }
+    // SAFETY: every read lies before `start + IP_END`, checked above.
+    let (eth_type, version_ihl, tos, tot_len, ttl_word, saddr, daddr) = unsafe {
+        (
+            core::ptr::read_unaligned((start + ETH_TYPE_OFF) as *const u16),
+            *((start + IP_VERSION_IHL_OFF) as *const u8),
+            *((start + IP_TOS_OFF) as *const u8),
+            core::ptr::read_unaligned((start + IP_TOT_LEN_OFF) as *const u16),
+            core::ptr::read_unaligned((start + IP_TTL_OFF) as *const u16),
+            core::ptr::read_unaligned((start + IP_SRC_OFF) as *const u32),
+            core::ptr::read_unaligned((start + IP_DST_OFF) as *const u32),
+        )
+    };
+    let (ttl, proto) = (u16::from_be(ttl_word) >> 8, u16::from_be(ttl_word) as u8);
+    if eth_type != ETH_P_IP_IN_MEMORY || version_ihl != IPV4_NO_OPTIONS || ttl <= 1 {
+        return None;
+    }
+    // SAFETY: all-zero is a valid lookup request; the IPv4 fields are filled in below.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    // The MTU check compares the packet's length with the egress MTU.
+    params.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
+    params.__bindgen_anon_2.tos = tos;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    // SAFETY: a valid context and a request buffer of the size passed.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    let new_ttl_word = (u16::from_be(ttl_word) - TTL_ONE).to_be();
+    // SAFETY: the IPv4 header and both Ethernet addresses lie before `start + IP_END`.
+    unsafe {
+        let check = core::ptr::read_unaligned((start + IP_CHECK_OFF) as *const u16);
+        core::ptr::write_unaligned((start + IP_TTL_OFF) as *mut u16, new_ttl_word);
+        core::ptr::write_unaligned(
+            (start + IP_CHECK_OFF) as *mut u16,
+            replace_u16(check, ttl_word, new_ttl_word),
+        );
+        core::ptr::write_unaligned(start as *mut [u8; ETH_ALEN], params.dmac);
+        core::ptr::write_unaligned((start + ETH_ALEN) as *mut [u8; ETH_ALEN], params.smac);
+    }
+    // SAFETY: plain helper call; without flags it returns XDP_REDIRECT (or XDP_ABORTED for a
+    // bad interface, which the lookup just returned, so it exists).
+    Some(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
 }
 
 /// Copies the template into the frame, applies this packet's flow, fixes the IPv4 checksum.

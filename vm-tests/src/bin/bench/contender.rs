@@ -3,15 +3,21 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use aya::programs::XdpMode;
+use aya::Ebpf;
 use vm_tests::nat::PIN_ROOT;
 use vm_tests::netns::SETUP_TIMEOUT;
 use vm_tests::NatProcess;
 
 use crate::cpu;
+use crate::forwarding::Direction;
+use crate::objects;
 use crate::topology::{Topology, RTR_EXT_IP};
 
-/// Name of the nftables table the masquerade contender adds.
+/// Name of the nftables table the masquerade contenders add.
 const NFT_TABLE: &str = "bench_nat";
+/// The bare XDP forwarder's program in the bench object.
+const XDP_FORWARD_PROGRAM: &str = "bench_xdp_forward";
 
 /// One way to get packets through the router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,28 +26,67 @@ pub enum Contender {
     Kernel,
     /// nftables masquerade on the external interface (conntrack).
     Nftables,
+    /// nftables masquerade plus a software flowtable on both router interfaces: nftables' own
+    /// fast path, which forwards a flow's later packets from the ingress hook.
+    NftFlowtable,
     /// Our NAT, port-restricted, XDP ingress + TC egress on the external interface.
     Nat,
     /// Our NAT with the internal-side XDP fast path (`--internal-iface`).
     NatFastPath,
+    /// `bench_xdp_forward` on both router interfaces: route lookup + MAC rewrite + redirect,
+    /// no NAT. The limit of any XDP data path on this path.
+    XdpForward,
 }
 
 impl Contender {
     /// Every contender, in report order.
-    pub const ALL: [Contender; 4] = [
+    pub const ALL: [Contender; 6] = [
         Contender::Kernel,
         Contender::Nftables,
+        Contender::NftFlowtable,
+        Contender::Nat,
+        Contender::NatFastPath,
+        Contender::XdpForward,
+    ];
+
+    /// The contenders of the VM phase (pktgen on 6.1 under emulation, where every contender
+    /// costs minutes): all but the bare XDP forwarder, whose limit matters beside our fast
+    /// path, which stays off on 6.1. The flowtable is measured there because Debian's 6.1 has
+    /// flowtables (this machine's 6.18 build has none).
+    pub const IN_VM: [Contender; 5] = [
+        Contender::Kernel,
+        Contender::Nftables,
+        Contender::NftFlowtable,
         Contender::Nat,
         Contender::NatFastPath,
     ];
 
+    /// True for contenders that translate addresses (replies go to the external endpoint).
+    pub fn translates(self) -> bool {
+        !matches!(self, Contender::Kernel | Contender::XdpForward)
+    }
+
+    /// True when this contender must carry `dir`'s traffic past the kernel's forwarding path
+    /// (`ForwDatagrams`): a result where the kernel forwarded more is not counted. A flow's first
+    /// packet always takes the kernel path for our fast path and for a flowtable (the forward
+    /// chain decides), so a new flow per packet never takes their fast paths; the bare forwarder
+    /// keeps no state and takes every packet.
+    pub fn bypasses_kernel(self, dir: Direction) -> bool {
+        match self {
+            Contender::NatFastPath | Contender::NftFlowtable => dir.takes_the_fast_path(),
+            Contender::XdpForward => true,
+            _ => false,
+        }
+    }
     /// Short stable name (JSON, plot legend).
     pub fn key(self) -> &'static str {
         match self {
             Contender::Kernel => "kernel",
             Contender::Nftables => "nftables",
+            Contender::NftFlowtable => "nftables-flowtable",
             Contender::Nat => "nat",
             Contender::NatFastPath => "nat-fastpath",
+            Contender::XdpForward => "xdp-forward",
         }
     }
 
@@ -50,8 +95,10 @@ impl Contender {
         match self {
             Contender::Kernel => "kernel forwarding (no NAT)",
             Contender::Nftables => "nftables masquerade",
+            Contender::NftFlowtable => "nftables masquerade + flowtable",
             Contender::Nat => "our NAT (port-restricted)",
             Contender::NatFastPath => "our NAT + internal XDP fast path",
+            Contender::XdpForward => "bare XDP forwarder (no NAT)",
         }
     }
 
@@ -59,7 +106,7 @@ impl Contender {
     pub fn start(self, topo: &Topology, nat_args: &[&str]) -> Result<Running> {
         match self {
             Contender::Kernel => Ok(Running::Nothing),
-            Contender::Nftables => {
+            Contender::Nftables | Contender::NftFlowtable => {
                 let rules = format!(
                     "add table ip {NFT_TABLE}; \
                      add chain ip {NFT_TABLE} post {{ type nat hook postrouting priority srcnat; policy accept; }}; \
@@ -69,7 +116,26 @@ impl Contender {
                 topo.rtr
                     .run_ok("nft", &[&rules], SETUP_TIMEOUT)
                     .context("cannot add the nftables masquerade rule")?;
+                if self == Contender::NftFlowtable {
+                    add_flowtable(topo)?;
+                }
                 Ok(Running::Nftables)
+            }
+            Contender::XdpForward => {
+                let mut ebpf = objects::load_bench()?;
+                let prog = objects::xdp(&mut ebpf, XDP_FORWARD_PROGRAM)?;
+                // Native XDP on both router interfaces; the links belong to `ebpf` and go with
+                // it. A veth redirects a frame into its peer only when the peer runs NAPI: the
+                // end hosts' sinks are XDP programs, so both targets qualify.
+                for iface in [&topo.int_if, &topo.ext_if] {
+                    topo.rtr.enter(|| {
+                        prog.attach(iface, XdpMode::Driver)
+                            .with_context(|| format!("cannot attach {XDP_FORWARD_PROGRAM} to {iface}"))
+                    })?;
+                }
+                Ok(Running::Xdp {
+                    _object: Box::new(ebpf),
+                })
             }
             Contender::Nat | Contender::NatFastPath => {
                 let ext = RTR_EXT_IP.to_string();
@@ -87,13 +153,55 @@ impl Contender {
     }
 }
 
+/// The flowtable part of `Contender::NftFlowtable`: a software flowtable on both router
+/// interfaces (its ingress hook forwards offloaded flows before the kernel's IP layer sees them)
+/// and a forward chain that offloads every UDP and TCP flow. The flow expression offloads a flow
+/// once conntrack has confirmed it, so from its second packet on, in both directions: the
+/// kernel's own documentation (nf_flowtable) writes the rule this way. (`ct state established`
+/// in front of it would never offload the benchmark's outbound-only streams: a UDP flow becomes
+/// established only when a reply is seen.) Our fast path likewise offloads each direction after
+/// the kernel forwarded one of its packets.
+///
+/// A kernel built without flowtables (`CONFIG_NF_FLOW_TABLE`, as this machine's 6.18 build)
+/// refuses the flowtable with ENOENT; the error then says so in one line.
+fn add_flowtable(topo: &Topology) -> Result<()> {
+    let rules = format!(
+        "add flowtable ip {NFT_TABLE} ft {{ hook ingress priority filter; devices = {{ \"{}\", \"{}\" }}; }}; \
+         add chain ip {NFT_TABLE} to_flowtable {{ type filter hook forward priority filter; policy accept; }}; \
+         add rule ip {NFT_TABLE} to_flowtable meta l4proto {{ tcp, udp }} flow add @ft",
+        topo.int_if, topo.ext_if
+    );
+    let out = topo.rtr.run("nft", &[&rules], SETUP_TIMEOUT)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Error:"))
+        .unwrap_or("nft failed")
+        .trim_start_matches("Error: ");
+    if why.contains("No such file or directory") {
+        bail!(
+            "this kernel has no nftables flowtables (nft: {why}; kernel built without CONFIG_NF_FLOW_TABLE?)"
+        );
+    }
+    bail!("cannot add the nftables flowtable: {why}");
+}
+
 /// A contender set up on a router; the NAT process is stopped on drop (the nftables rule goes
 /// with the namespace).
 pub enum Running {
     /// Kernel forwarding: nothing to run.
     Nothing,
-    /// The masquerade rule is in place.
+    /// The masquerade rule (and the flowtable, if any) is in place.
     Nftables,
+    /// The bare XDP forwarder is attached: its links belong to the loaded object, so dropping
+    /// it detaches them.
+    Xdp {
+        /// The loaded bench object, held only for its links.
+        _object: Box<Ebpf>,
+    },
     /// `nat-ctl attach` is running.
     Nat(Box<NatProcess>),
 }

@@ -32,8 +32,9 @@ pub const NEW_FLOW_PORT_BASE: u16 = 1_024;
 const WARMUP_PACKETS: u64 = 10_000;
 /// Time for frames still queued downstream to reach the sink after the generator stops.
 const SETTLE: Duration = Duration::from_millis(30);
-/// A fast-path run counts as "not on the fast path" when the kernel forwarded more than this
-/// share of the delivered packets.
+/// A run of a contender with a fast path (ours, the flowtable, the bare XDP forwarder) counts as
+/// "not on the fast path" when the kernel forwarded more than this share of the delivered
+/// packets.
 pub const FAST_PATH_MAX_KERNEL_SHARE: f64 = 0.1;
 
 /// Which traffic a measurement sends.
@@ -150,10 +151,10 @@ impl Stream {
     /// Replies to the established flows: to the external endpoint (the internal one itself
     /// when there is no NAT).
     fn inbound(topo: &Topology, contender: Contender) -> Stream {
-        let to = if contender == Contender::Kernel {
-            SRC_IP
-        } else {
+        let to = if contender.translates() {
             RTR_EXT_IP
+        } else {
+            SRC_IP
         };
         Stream {
             frame: udp_frame(
@@ -323,10 +324,7 @@ fn record(m: &mut Measurement, contender: Contender, dir: Direction, d: Result<D
         ));
         return;
     }
-    if contender == Contender::NatFastPath
-        && dir.takes_the_fast_path()
-        && d.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE
-    {
+    if contender.bypasses_kernel(dir) && d.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
         m.unavailable = Some(format!(
             "not on the fast path: the kernel forwarded {} of {} delivered packets",
             d.forwarded, d.delivered

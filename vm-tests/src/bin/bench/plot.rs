@@ -31,7 +31,7 @@ const MARGIN_BOTTOM: f64 = 110.0;
 /// Fraction of a group's width taken by bars.
 const GROUP_FILL: f64 = 0.8;
 /// Series colours of the comparison (colour-blind friendly, Okabe-Ito): one per contender.
-pub const CONTENDER_COLOURS: [&str; 4] = ["#888888", "#e69f00", "#56b4e9", "#009e73"];
+pub const CONTENDER_COLOURS: [&str; 6] = ["#888888", "#e69f00", "#d55e00", "#56b4e9", "#009e73", "#cc79a7"];
 /// Series colours of the scale plot: our NAT light/dark blue, the fast path light/dark green
 /// (outbound, inbound), so the NAT keeps its colour family from the comparison.
 pub const SCALE_COLOURS: [&str; 4] = ["#56b4e9", "#0072b2", "#7fd4a8", "#009e73"];

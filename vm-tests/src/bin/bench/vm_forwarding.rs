@@ -97,10 +97,10 @@ fn inbound(topo: &Topology, contender: Contender, count: u64) -> Stream {
     Stream {
         dst_mac: topo.ext_mac,
         src: DST_IP,
-        dst: if contender == Contender::Kernel {
-            SRC_IP
-        } else {
+        dst: if contender.translates() {
             RTR_EXT_IP
+        } else {
+            SRC_IP
         },
         src_ports: REMOTE_PORT..REMOTE_PORT + 1,
         dst_ports: EST_PORT_BASE..EST_PORT_BASE + EST_FLOWS as u16,
@@ -137,7 +137,13 @@ fn send(gen: &Generator, topo: &Topology, stream: &Stream, sink: &Sink) -> Resul
 /// Records one sample, or why it does not count (the same rules as the host comparison).
 /// `nat_says` is what our NAT printed about its fast path, if anything: the reason when the
 /// fast path did not take the packets.
-fn record(m: &mut Measurement, contender: Contender, s: Result<Sample>, nat_says: Option<&str>) {
+fn record(
+    m: &mut Measurement,
+    contender: Contender,
+    dir: Direction,
+    s: Result<Sample>,
+    nat_says: Option<&str>,
+) {
     if m.unavailable.is_some() {
         return;
     }
@@ -155,7 +161,7 @@ fn record(m: &mut Measurement, contender: Contender, s: Result<Sample>, nat_says
         ));
         return;
     }
-    if contender == Contender::NatFastPath && s.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
+    if contender.bypasses_kernel(dir) && s.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
         let mut why = format!(
             "not on the fast path: the kernel forwarded {:.0}% of the delivered packets",
             s.kernel_share() * 100.0
@@ -259,6 +265,7 @@ fn round(
         record(
             results.points.entry((contender, dir)).or_default(),
             contender,
+            dir,
             s,
             nat_says.as_deref(),
         );
@@ -361,11 +368,11 @@ pub fn run(settings: &Settings, log: &mut dyn FnMut(&str)) -> Result<Results> {
     // Start-up failures per contender: after `MAX_START_FAILURES` it is not tried again (a
     // verifier that refuses a program refuses it every time; one time-out may be bad luck).
     let mut start_failures: BTreeMap<Contender, usize> = BTreeMap::new();
-    let n = Contender::ALL.len();
+    let n = Contender::IN_VM.len();
     for r in 0..settings.rounds {
         log(&format!("pktgen round {}/{}", r + 1, settings.rounds));
         for i in 0..n {
-            let contender = Contender::ALL[(r + i) % n];
+            let contender = Contender::IN_VM[(r + i) % n];
             if start_failures.get(&contender).copied().unwrap_or(0) >= MAX_START_FAILURES {
                 continue;
             }
@@ -419,6 +426,7 @@ mod tests {
         record(
             &mut m,
             Contender::NatFastPath,
+            Direction::OutboundEstablished,
             Ok(sample(80_000, 80_000)),
             Some("nat-ctl: the fast path stays off"),
         );
@@ -429,14 +437,26 @@ mod tests {
         );
         assert!(m.pps.is_empty());
         let mut m = Measurement::default();
-        record(&mut m, Contender::Nat, Ok(sample(80_000, 80_000)), None);
+        record(
+            &mut m,
+            Contender::Nat,
+            Direction::OutboundEstablished,
+            Ok(sample(80_000, 80_000)),
+            None,
+        );
         assert_eq!(m.pps, vec![40_000.0]);
     }
 
     #[test]
     fn nothing_delivered_is_unavailable_not_zero() {
         let mut m = Measurement::default();
-        record(&mut m, Contender::Nftables, Ok(sample(0, 0)), None);
+        record(
+            &mut m,
+            Contender::Nftables,
+            Direction::OutboundEstablished,
+            Ok(sample(0, 0)),
+            None,
+        );
         assert!(m.unavailable.is_some());
         assert!(m.median_pps().is_none());
     }

@@ -20,12 +20,15 @@ pub const BEGIN: &str =
 pub const END: &str = "<!-- END vm-pktgen -->";
 
 /// Ratios the section lists: (numerator, denominator).
-const RATIOS: [(Contender, Contender); 5] = [
+const RATIOS: [(Contender, Contender); 8] = [
     (Contender::NatFastPath, Contender::Nftables),
+    (Contender::NatFastPath, Contender::NftFlowtable),
     (Contender::NatFastPath, Contender::Kernel),
     (Contender::Nat, Contender::Nftables),
+    (Contender::Nat, Contender::NftFlowtable),
     (Contender::Nat, Contender::Kernel),
     (Contender::Nftables, Contender::Kernel),
+    (Contender::NftFlowtable, Contender::Kernel),
 ];
 
 /// Byte range of the section in `doc`: from the start of its BEGIN line to the end of its END
@@ -137,7 +140,7 @@ fn router_time_table(r: &Results, floor: f64, md: &mut String) {
         "| contender | {} |\n|---|---|---|---|",
         Direction::ALL.map(|d| d.label()).join(" | ")
     );
-    for c in Contender::ALL {
+    for c in Contender::IN_VM {
         let cells: Vec<String> = Direction::ALL
             .iter()
             .map(|&d| {
@@ -164,6 +167,8 @@ fn short(c: Contender) -> &'static str {
         Contender::Nftables => "nftables masquerade",
         Contender::Nat => "our NAT",
         Contender::NatFastPath => "our NAT + fast path",
+        Contender::NftFlowtable => "nftables flowtable",
+        Contender::XdpForward => "bare XDP forwarder",
     }
 }
 
@@ -226,7 +231,7 @@ pub fn section(run: &Run, settings: &str) -> String {
     );
     header(&mut md, "contender");
     let mut notes = Notes::default();
-    for c in Contender::ALL {
+    for c in Contender::IN_VM {
         let cells: Vec<String> = dirs.iter().map(|&d| cell(point(r, c, d), &mut notes)).collect();
         let _ = writeln!(md, "| {} | {} |", c.label(), cells.join(" | "));
     }
@@ -248,7 +253,7 @@ pub fn section(run: &Run, settings: &str) -> String {
         "\nShare of delivered packets the router's kernel forwarded (`ForwDatagrams`; 0% = all on an XDP path):\n"
     );
     header(&mut md, "contender");
-    for c in Contender::ALL {
+    for c in Contender::IN_VM {
         let cells: Vec<String> = dirs
             .iter()
             .map(|&d| match point(r, c, d) {
