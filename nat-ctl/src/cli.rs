@@ -10,9 +10,12 @@ use crate::{
     xdp_mode::XdpModeChoice,
 };
 
+/// What `--version` prints: the package version and the source revision it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NAT_CTL_REVISION"), ")");
+
 /// eBPF/XDP IPv4 NAT gateway controller.
 #[derive(Debug, Parser)]
-#[command(name = "nat-ctl", version, about)]
+#[command(name = "nat-ctl", version = VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -39,6 +42,16 @@ pub enum Command {
     Check(CheckArgs),
     /// Remove a NAT left running by `attach --persist` (programs, pins, everything).
     Detach(DetachArgs),
+    /// Write the manual pages and shell completions into a directory (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+/// `nat-ctl generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to write into (created if missing): `man8/` and `completions/`.
+    pub dir: std::path::PathBuf,
 }
 
 /// `nat-ctl forward ...`.

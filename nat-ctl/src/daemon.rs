@@ -28,6 +28,7 @@ use crate::{
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
+    service_notify,
     sysctl, xdp_mode,
 };
 
@@ -206,9 +207,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
     // A closed stdout (the reader of a pipe gone) must not stop the NAT: the line is for the
     // reader, so it is written when possible and otherwise dropped.
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(
-        stdout,
+    let attached_line = format!(
         "attached {} mode={} external={} ports={}-{} xdp={}{}",
         settings.iface,
         settings.mode.name(),
@@ -221,8 +220,11 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         } else {
             ""
         }
-    )
-    .and_then(|()| stdout.flush());
+    );
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{attached_line}").and_then(|()| stdout.flush());
+    // `Type=notify`: systemd starts the units ordered after this one only now.
+    service_notify::send(&service_notify::ready_message(&attached_line));
 
     let result = runtime.block_on(async {
         if let Some(listener) = metrics_listener {
@@ -270,6 +272,11 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     drop(maps);
     drop(attached);
     if removed && resolved.persist {
+    service_notify::send(&service_notify::stopping_message(if resolved.persist && !removed {
+        "exiting; the NAT keeps translating"
+    } else {
+        "detaching"
+    }));
         // Nothing is left to persist for: the interface took its programs with it.
         if let Err(e) = loader::remove_persisted(&instance) {
             eprintln!("nat-ctl: warning: {e:#}");

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         // SAFETY: restores the default disposition; no handler runs, no threads exist yet.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    if !matches!(cli.command, Command::Check(_)) {
+    if !matches!(cli.command, Command::Check(_) | Command::Generate(_)) {
         // Before anything else, while the process has one thread (tokio starts later).
         if let Err(e) = mountns::use_host_bpffs() {
             eprintln!("nat-ctl: error: {e:#}");
@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Forward(command) => commands::forward(command),
         Command::Check(args) => commands::check(args),
         Command::Detach(args) => commands::detach(args),
+        Command::Generate(args) => nat_ctl::generate::write_all(&args.dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

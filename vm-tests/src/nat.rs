@@ -217,6 +217,12 @@ impl NatProcess {
 
     /// `nat-ctl attach IFACE args...` inside `ns`; waits (bounded) for the `attached ` line.
     pub fn attach_in(ns: &Netns, iface: &str, args: &[&str]) -> Result<NatProcess> {
+        NatProcess::attach_wrapped(ns, iface, &[], args)
+    }
+
+    /// As `attach_in`, with nat-ctl started by a wrapper command (`wrapper` then nat-ctl's path
+    /// and arguments), e.g. `setpriv` to run it with fewer capabilities.
+    pub fn attach_wrapped(ns: &Netns, iface: &str, wrapper: &[&str], args: &[&str]) -> Result<NatProcess> {
         ensure_bpffs()?;
         let bin = nat_ctl_path();
         if !bin.exists() {
@@ -227,7 +233,17 @@ impl NatProcess {
         }
         let mut full = vec!["attach", iface];
         full.extend_from_slice(args);
-        let proc = Proc::spawn(&format!("nat-ctl {}", full.join(" ")), nat_ctl(ns, &full))?;
+        let command = match wrapper.split_first() {
+            None => nat_ctl(ns, &full),
+            Some((program, wrapper_args)) => {
+                let bin = bin.to_string_lossy();
+                let mut wrapped: Vec<&str> = wrapper_args.to_vec();
+                wrapped.push(&bin);
+                wrapped.extend_from_slice(&full);
+                ns.nsenter(program, &wrapped)
+            }
+        };
+        let proc = Proc::spawn(&format!("nat-ctl {}", full.join(" ")), command)?;
         let mut nat = NatProcess {
             proc,
             ns_path: ns.path(),

@@ -199,6 +199,11 @@ pub fn whoami_via(
     }
 }
 
+/// A file of this repository, by its path from the repository's root.
+pub fn repo_file(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
 /// A scratch directory under /tmp for config files, removed on drop.
 pub struct TempDir {
     path: PathBuf,

@@ -20,3 +20,10 @@ pub fn build_all() -> Result<()> {
         .args(["build", "--release", "-p", "nat-ctl", "-p", "vm-tests"])
         .run()
 }
+
+/// Builds the eBPF object, then nat-ctl alone (what a package ships). Expects
+/// `setup::EBPF_BUILD` to be in place.
+pub fn build_nat_ctl() -> Result<()> {
+    ebpf::build(false)?;
+    Cmd::cargo().args(["build", "--release", "-p", "nat-ctl"]).run()
+}

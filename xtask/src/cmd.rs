@@ -174,6 +174,15 @@ impl Cmd {
             .with_context(|| format!("could not start `{}`", self.shown))
     }
 
+    /// Runs the command quietly and returns its output (stderr still goes to the terminal).
+    /// `Err` only when it could not be started.
+    pub fn output(mut self) -> Result<std::process::Output> {
+        self.inner
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("could not start `{}`", self.shown))
+    }
+
     /// Prints the command and runs it with stdout teed: each line goes to the terminal and to
     /// `on_line`. Stderr goes straight to the terminal. `Err` only when it could not be started.
     pub fn run_tee(mut self, mut on_line: impl FnMut(&str)) -> Result<ExitStatus> {

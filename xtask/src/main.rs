@@ -9,6 +9,7 @@ mod check;
 mod cmd;
 mod demo;
 mod ebpf;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -65,6 +66,9 @@ enum Command {
     },
     /// Check formatting and run clippy, for the workspace and for nat-ebpf.
     Check,
+    /// Build nat-ctl, then a Debian package of it (binary, systemd unit, example config,
+    /// manual pages, shell completions) in target/debian.
+    Package,
     /// Boot Debian 12's 6.1 kernel in qemu over this machine's userspace and run a shell command
     /// there, in the repository; exits with the command's status.
     VmRun {
@@ -112,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Demo { args } => demo::run(&args),
         Command::Check => check::run(),
+        Command::Package => package::run().map(drop),
         Command::Bench { args } => bench::run(&args),
         Command::VmRun {
             timeout,

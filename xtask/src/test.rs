@@ -50,6 +50,8 @@ pub fn run(selection: Selection) -> Result<()> {
         run_phase("unit tests", cmd, &mut tally, &mut failed_phases)?;
     }
     if e2e {
+        // vm-tests/tests/package.rs installs it.
+        crate::package::make_deb()?;
         let cmd = Cmd::cargo()
             .env("NAT_CTL", nat_ctl_path())
             .args([
