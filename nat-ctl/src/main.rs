@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{error::ErrorKind, Parser};
 use nat_ctl::{
     cli::{Cli, Command},
-    commands, daemon, mountns,
+    commands, daemon, mountns, privileges, usage_error,
 };
 
 fn main() -> ExitCode {
@@ -14,17 +14,27 @@ fn main() -> ExitCode {
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
         Err(e) => {
-            // One line: bad input gets a clear error, not a usage screen.
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("nat-ctl: error: {first}");
+            // clap's text with its tips and usage line, not the whole help screen.
+            eprintln!("{}", usage_error::report(&e.to_string()));
             return ExitCode::from(2);
         }
     };
+    let needed = match &cli.command {
+        Command::Check(_) | Command::Generate(_) => None,
+        Command::Attach(_) => Some(("attach", privileges::ATTACH)),
+        Command::Mappings(_) => Some(("mappings", privileges::QUERY)),
+        Command::Stats(_) => Some(("stats", privileges::QUERY)),
+        Command::Status(_) => Some(("status", privileges::QUERY)),
+        Command::Mode(_) => Some(("mode", privileges::QUERY)),
+        Command::Forward(_) => Some(("forward", privileges::QUERY)),
+        Command::Detach(_) => Some(("detach", privileges::QUERY)),
+    };
+    if let Some((what, needed)) = needed {
+        if let Err(e) = privileges::require(what, needed) {
+            eprintln!("nat-ctl: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     if !matches!(cli.command, Command::Attach(_)) {
         // A closed pipe (`nat-ctl mappings | head -1`) ends a query quietly, by SIGPIPE, as it
         // ends `ip` and `conntrack`: a shell sees status 141. Rust ignores SIGPIPE and println!

@@ -1,5 +1,6 @@
 //! The `nat-ctl attach` life cycle as a user sees it: a clean stop leaves nothing behind, and
-//! bad input fails with one line on stderr and attaches nothing. Root only.
+//! bad input fails with one line on stderr and attaches nothing, a typo keeps clap's
+//! suggestion, and missing privileges are named. Root only.
 
 use std::time::Duration;
 
@@ -477,4 +478,87 @@ fn external_addr_not_on_the_interface_gets_a_warning_and_a_routed_one_works() ->
         nat.stderr()
     );
     nat.stop()
+}
+
+/// Runs nat-ctl directly (no namespace needed: nothing is attached), optionally under a
+/// `setpriv` wrapper.
+fn run_plain(wrapper: &[&str], args: &[&str]) -> Result<Output> {
+    let bin = vm_tests::nat::nat_ctl_path();
+    let bin = bin.to_string_lossy();
+    let command = match wrapper.split_first() {
+        None => vm_tests::proc::command(&bin, args),
+        Some((program, rest)) => {
+            let mut full: Vec<&str> = rest.to_vec();
+            full.push(&bin);
+            full.extend_from_slice(args);
+            vm_tests::proc::command(program, &full)
+        }
+    };
+    vm_tests::proc::run(
+        &format!("nat-ctl {}", args.join(" ")),
+        command,
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn mistakes_keep_clap_s_suggestions_and_missing_privileges_are_named() -> Result<()> {
+    // (arguments, what stderr must contain)
+    let typos: [(&[&str], &str); 3] = [
+        (
+            &["attach", "x", "--mdoe", "symmetric"],
+            "a similar argument exists: '--mode'",
+        ),
+        (&["stat"], "'stats'"),
+        (&["detach"], "<IFACE>"),
+    ];
+    for (args, expected) in typos {
+        let out = run_plain(&[], args)?;
+        ensure!(
+            out.status.code() == Some(2) && out.stderr.contains(expected),
+            "nat-ctl {}: status {}, stderr lacks {expected:?}:\n{}",
+            args.join(" "),
+            out.status,
+            out.stderr
+        );
+        ensure!(
+            !out.stderr.contains("For more information"),
+            "the generic footer is printed:\n{}",
+            out.stderr
+        );
+    }
+
+    // An unprivileged user: one line saying what is needed, for a query and for attach.
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    for args in [&["status"][..], &["attach", "lo"][..]] {
+        let out = run_plain(&nobody, args)?;
+        let lines = stderr_lines(&out);
+        ensure!(
+            !out.status.success()
+                && lines.len() == 1
+                && lines[0].contains("needs root")
+                && lines[0].contains("CAP_BPF"),
+            "nat-ctl {} as nobody: status {}, stderr:\n{}",
+            args.join(" "),
+            out.status,
+            out.stderr
+        );
+    }
+    // Root without the raw-socket and perfmon capabilities: attach names exactly those.
+    let partial = ["setpriv", "--bounding-set=-all,+bpf,+net_admin", "--"];
+    let out = run_plain(&partial, &["attach", "lo"])?;
+    let lines = stderr_lines(&out);
+    ensure!(
+        !out.status.success() && lines.len() == 1 && lines[0].ends_with("lacks: CAP_NET_RAW, CAP_PERFMON"),
+        "attach with CAP_BPF and CAP_NET_ADMIN only: status {}, stderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    Ok(())
 }

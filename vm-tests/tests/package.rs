@@ -46,11 +46,18 @@ fn built_deb() -> Result<PathBuf> {
         .with_context(|| format!("no {} (run `cargo xtask package` first)", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "deb"))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nat-ctl_")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nat-ctl_"))
+        })
         .collect();
     debs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    debs.pop()
-        .with_context(|| format!("no nat-ctl_*.deb in {} (run `cargo xtask package`)", dir.display()))
+    debs.pop().with_context(|| {
+        format!(
+            "no nat-ctl_*.deb in {} (run `cargo xtask package`)",
+            dir.display()
+        )
+    })
 }
 
 /// Whether dpkg lists the package as installed.
@@ -140,7 +147,10 @@ fn the_package_installs_passes_systemds_checks_and_purges_cleanly() -> Result<()
             version.stdout
         );
         let complaints = verify(INSTALLED_UNIT)?;
-        ensure!(complaints.is_empty(), "systemd-analyze verify {INSTALLED_UNIT}:\n{complaints}");
+        ensure!(
+            complaints.is_empty(),
+            "systemd-analyze verify {INSTALLED_UNIT}:\n{complaints}"
+        );
         let level = exposure(INSTALLED_UNIT)?;
         ensure!(
             level <= MAX_EXPOSURE,
@@ -160,7 +170,10 @@ fn the_package_installs_passes_systemds_checks_and_purges_cleanly() -> Result<()
     for file in INSTALLED_FILES {
         ensure!(!Path::new(file).exists(), "{file} is left after purge");
     }
-    ensure!(!Path::new("/etc/nat-ctl").exists(), "/etc/nat-ctl is left after purge");
+    ensure!(
+        !Path::new("/etc/nat-ctl").exists(),
+        "/etc/nat-ctl is left after purge"
+    );
     Ok(())
 }
 
@@ -209,7 +222,10 @@ fn nat_ctl_attaches_translates_and_detaches_with_only_the_units_capabilities() -
     );
     let _who = tools::tcp_whoami(&lab.wan, WAN_IP, WHOAMI_PORT)?;
     let (seen, _) = tools::tcp_whoami_query(&lab.lan, SocketAddrV4::new(WAN_IP, WHOAMI_PORT))?;
-    ensure!(seen.ip() == &NAT_EXT, "the remote saw {seen}, not the external address");
+    ensure!(
+        seen.ip() == &NAT_EXT,
+        "the remote saw {seen}, not the external address"
+    );
     nat.stop()?;
     Ok(())
 }

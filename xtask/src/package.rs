@@ -23,15 +23,28 @@ const PACKAGE: &str = "nat-ctl";
 pub const OUTPUT_DIR: &str = "debian";
 /// Files installed from the repository: (source, destination in the package, mode).
 const REPO_FILES: &[(&str, &str, u32)] = &[
-    ("packaging/nat-ctl.service", "lib/systemd/system/nat-ctl.service", 0o644),
+    (
+        "packaging/nat-ctl.service",
+        "lib/systemd/system/nat-ctl.service",
+        0o644,
+    ),
     ("packaging/nat.toml", "etc/nat-ctl/nat.toml", 0o644),
     ("README.md", "usr/share/doc/nat-ctl/README.md", 0o644),
 ];
 /// Generated completions: (path under `nat-ctl generate`'s directory, destination).
 const COMPLETIONS: &[(&str, &str)] = &[
-    ("completions/bash/nat-ctl", "usr/share/bash-completion/completions/nat-ctl"),
-    ("completions/zsh/_nat-ctl", "usr/share/zsh/vendor-completions/_nat-ctl"),
-    ("completions/fish/nat-ctl.fish", "usr/share/fish/vendor_completions.d/nat-ctl.fish"),
+    (
+        "completions/bash/nat-ctl",
+        "usr/share/bash-completion/completions/nat-ctl",
+    ),
+    (
+        "completions/zsh/_nat-ctl",
+        "usr/share/zsh/vendor-completions/_nat-ctl",
+    ),
+    (
+        "completions/fish/nat-ctl.fish",
+        "usr/share/fish/vendor_completions.d/nat-ctl.fish",
+    ),
 ];
 /// Configuration files dpkg must not overwrite on upgrade when the operator changed them.
 const CONFFILES: &str = "/etc/nat-ctl/nat.toml\n";
@@ -107,7 +120,10 @@ pub fn make_deb() -> Result<PathBuf> {
     fs::create_dir_all(&control)?;
     let arch = command_output(Cmd::new("dpkg").arg("--print-architecture"))?;
     let version = env!("CARGO_PKG_VERSION");
-    fs::write(control.join("control"), control_file(version, &arch, installed_kib(&stage)?))?;
+    fs::write(
+        control.join("control"),
+        control_file(version, &arch, installed_kib(&stage)?),
+    )?;
     fs::write(control.join("conffiles"), CONFFILES)?;
     for (name, text) in [("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)] {
         write_mode(&control.join(name), text.as_bytes(), 0o755)?;
@@ -179,7 +195,9 @@ fn install_man_pages(from: &Path, to: &Path) -> Result<()> {
         let page = entry?.path();
         let dest = to.join(format!(
             "{}.gz",
-            page.file_name().context("a page without a name")?.to_string_lossy()
+            page.file_name()
+                .context("a page without a name")?
+                .to_string_lossy()
         ));
         let gz = std::process::Command::new("gzip")
             .args(["-9n", "-c"])
