@@ -50,7 +50,7 @@ use crate::{
 
 /// `sizeof(struct nlmsghdr)`: length u32, type u16, flags u16, sequence u32, port id u32
 /// (include/uapi/linux/netlink.h). Netlink headers are in host byte order.
-const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
 /// Netlink messages and attributes are padded to 4 bytes (`NLMSG_ALIGNTO`, `RTA_ALIGNTO`).
 const NL_ALIGN: usize = 4;
 /// `sizeof(struct ifaddrmsg)`: family u8, prefix length u8, flags u8, scope u8, index u32
@@ -58,15 +58,15 @@ const NL_ALIGN: usize = 4;
 const IFADDRMSG_LEN: usize = 8;
 /// `sizeof(struct ifinfomsg)`: family u8, pad u8, type u16, index i32, flags u32, change u32
 /// (include/uapi/linux/rtnetlink.h).
-const IFINFOMSG_LEN: usize = 16;
+pub(crate) const IFINFOMSG_LEN: usize = 16;
 /// `sizeof(struct rtattr)`: length u16, type u16.
-const RTA_HDRLEN: usize = 4;
+pub(crate) const RTA_HDRLEN: usize = 4;
 /// `AF_UNSPEC`: the family of a real link deletion. The bridge also sends `RTM_DELLINK`, with
 /// family `AF_BRIDGE`, when a port merely leaves it (`br_ifinfo_notify`).
 const LINK_FAMILY_UNSPEC: u8 = libc::AF_UNSPEC as u8;
 /// Receive buffer for one datagram: the kernel builds notifications of at most a page or so
 /// (`NLMSG_GOODSIZE`), so this never truncates.
-const RECV_BUF_BYTES: usize = 64 * 1024;
+pub(crate) const RECV_BUF_BYTES: usize = 64 * 1024;
 /// Socket receive buffer asked for, so a burst of link and address changes (many interfaces
 /// coming up at boot) does not overrun it. An overrun is still handled (`ENOBUFS`: re-read).
 const SOCKET_RCVBUF_BYTES: libc::c_int = 1 << 20;
@@ -102,15 +102,15 @@ pub enum RtEvent {
     Garbled,
 }
 
-fn u16_at(buf: &[u8], off: usize) -> Option<u16> {
+pub(crate) fn u16_at(buf: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(buf.get(off..off + 2)?.try_into().ok()?))
 }
 
-fn u32_at(buf: &[u8], off: usize) -> Option<u32> {
+pub(crate) fn u32_at(buf: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(buf.get(off..off + 4)?.try_into().ok()?))
 }
 
-const fn align(len: usize) -> usize {
+pub(crate) const fn align(len: usize) -> usize {
     (len + NL_ALIGN - 1) & !(NL_ALIGN - 1)
 }
 

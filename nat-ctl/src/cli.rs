@@ -145,8 +145,10 @@ pub struct AttachArgs {
     /// ICMP query idle timeout in seconds (default 60, RFC 5508 REQ-2).
     #[arg(long, value_name = "SECS")]
     pub icmp_timeout: Option<u32>,
-    /// Internal interface (repeatable): gets the hairpinning program, so internal hosts can
-    /// reach each other through their external endpoints.
+    /// Internal interface (repeatable): gets the internal-side program (hairpinning, so
+    /// internal hosts reach each other through their external endpoints, and the XDP fast
+    /// path). Default: found automatically (every other interface that is up and holds an
+    /// IPv4 address in 10/8, 172.16/12, 192.168/16 or 100.64/10); `none` turns them off.
     #[arg(long = "internal-iface", value_name = "IFACE")]
     pub internal_ifaces: Vec<String>,
     /// Most dynamic bindings at once; new flows beyond it are dropped (table_full).

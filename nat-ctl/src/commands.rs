@@ -117,6 +117,19 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let t = config.timeouts_secs;
     // Recorded at attach: the kernel's link info does not carry the XDP mode.
     let xdp_modes = crate::xdp_mode::load(&instance);
+    // Recorded at attach; a NAT attached by an older nat-ctl has no record: its internal
+    // interfaces are the XDP programs recorded besides the external one.
+    let (internal_source, internal) = match crate::internal_ifaces::load(&instance) {
+        Some((source, names)) => (Some(source), names),
+        None => (
+            None,
+            xdp_modes
+                .iter()
+                .map(|(i, _)| i.clone())
+                .filter(|i| *i != instance.iface)
+                .collect(),
+        ),
+    };
     if query.json {
         let value = serde_json::json!({
             "iface": instance.iface,
@@ -128,6 +141,8 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             "ports": format!("{}-{}", config.port_min, config.port_max),
             "timeouts": {"udp": t[0], "tcp_established": t[1], "tcp_transitory": t[2], "icmp": t[3]},
             "programs": programs,
+            "internal_ifaces": internal,
+            "internal_ifaces_chosen": internal_source.map(|s| s.name()),
             "xdp_modes": xdp_modes
                 .iter()
                 .map(|(iface, m)| (iface.clone(), serde_json::Value::from(m.name())))
@@ -174,6 +189,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             t[0], t[1], t[2], t[3]
         );
         println!("programs:   {programs}");
+        println!("internal:   {}", internal_line(&internal, internal_source));
         let modes: Vec<String> = xdp_modes
             .iter()
             .map(|(i, m)| format!("{i} {}", m.name()))
@@ -211,6 +227,22 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `internal:` line of `status`: the internal interfaces and how they were chosen.
+fn internal_line(names: &[String], source: Option<crate::internal_ifaces::Source>) -> String {
+    use crate::internal_ifaces::Source;
+    match (names, source) {
+        ([], Some(Source::Off)) => "none (--internal-iface none: no hairpinning, no fast path)".to_string(),
+        ([], Some(Source::Auto)) => {
+            "none found automatically (no hairpinning, no fast path; name them with --internal-iface)"
+                .to_string()
+        }
+        ([], _) => "none (no hairpinning, no fast path)".to_string(),
+        (names, Some(Source::Auto)) => format!("{} (found automatically)", names.join(", ")),
+        (names, Some(Source::Named)) => format!("{} (named)", names.join(", ")),
+        (names, _) => names.join(", "),
+    }
 }
 
 /// `nat-ctl mode`: switches the filtering and mapping behaviour of a running NAT. Existing
@@ -323,6 +355,7 @@ pub fn detach(args: &crate::cli::DetachArgs) -> Result<()> {
     let _lock = crate::instance::InstanceLock::acquire(&instance)
         .map_err(|e| anyhow::anyhow!("{e:#}; stop that daemon (SIGTERM) instead"))?;
     crate::loader::remove_persisted(&instance)?;
+    crate::internal_ifaces::forget(&instance);
     println!("detached {}", args.iface);
     Ok(())
 }

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::{
     forwards::{parse_internal, parse_proto},
+    internal_ifaces::InternalIfaces,
     settings::{parse_ipv4, parse_mode, parse_port_range, Settings},
 };
 
@@ -21,7 +22,7 @@ struct RawConfig {
     mode: Option<Spanned<String>>,
     external_addrs: Option<Vec<Spanned<String>>>,
     ports: Option<Spanned<String>>,
-    internal_ifaces: Option<Vec<String>>,
+    internal_ifaces: Option<Spanned<Vec<String>>>,
     max_bindings: Option<Spanned<u32>>,
     max_bindings_per_host: Option<u32>,
     max_sessions_per_host: Option<u32>,
@@ -83,8 +84,9 @@ pub struct FileConfig {
     pub external_addrs: Option<Vec<Ipv4Addr>>,
     /// Dynamic port range.
     pub ports: Option<nat_common::alloc::PortRange>,
-    /// Internal interfaces.
-    pub internal_ifaces: Option<Vec<String>>,
+    /// Internal interfaces: `None` when the key is absent (found automatically), an empty
+    /// list or `["none"]` for none.
+    pub internal_ifaces: Option<InternalIfaces>,
     /// Binding limit.
     pub max_bindings: Option<u32>,
     /// Per-host binding limit.
@@ -162,7 +164,6 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
     };
     let mut config = FileConfig {
         interface: raw.interface,
-        internal_ifaces: raw.internal_ifaces,
         persist: raw.persist,
         debug: raw.debug,
         datapath_log: raw.datapath_log,
@@ -177,6 +178,11 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
             parsed.push(parse_ipv4(addr.get_ref()).map_err(|e| at(addr.span(), "external_addrs", e))?);
         }
         config.external_addrs = Some(parsed);
+    }
+    if let Some(list) = raw.internal_ifaces {
+        config.internal_ifaces = Some(
+            InternalIfaces::from_config(list.get_ref()).map_err(|e| at(list.span(), "internal_ifaces", e))?,
+        );
     }
     if let Some(ports) = raw.ports {
         config.ports = Some(parse_port_range(ports.get_ref()).map_err(|e| at(ports.span(), "ports", e))?);
@@ -425,6 +431,27 @@ internal = "10.0.0.2:80"
             e.starts_with("f.toml:2: xdp_mode:") && e.contains("auto, native, generic"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn internal_interfaces_absent_empty_or_named() {
+        let internal = |text: &str| parse("f", text).unwrap().internal_ifaces;
+        assert_eq!(
+            internal("mode = \"full-cone\"\n"),
+            None,
+            "absent: found automatically"
+        );
+        assert_eq!(internal("internal_ifaces = []\n"), Some(InternalIfaces::Off));
+        assert_eq!(
+            internal("internal_ifaces = [\"none\"]\n"),
+            Some(InternalIfaces::Off)
+        );
+        assert_eq!(
+            internal("internal_ifaces = [\"lan0\"]\n"),
+            Some(InternalIfaces::Named(vec!["lan0".into()]))
+        );
+        let e = error("\ninternal_ifaces = [\"lan0\", \"none\"]\n");
+        assert!(e.starts_with("f.toml:2: internal_ifaces:"), "{e}");
     }
 
     #[test]

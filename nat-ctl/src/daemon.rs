@@ -22,6 +22,7 @@ use crate::{
     forwards::{self, Forward},
     iface,
     instance::{ensure_bpffs, Instance, InstanceLock},
+    internal_ifaces::{self, InternalIfaces, Resolution},
     loader::{self, AttachPlan, Attached},
     metrics,
     notices::Notifier,
@@ -53,18 +54,18 @@ pub struct Resolved {
 }
 
 /// The flags, as the same kind of override record a config file gives.
-fn flag_overrides(args: &AttachArgs) -> FileConfig {
+fn flag_overrides(args: &AttachArgs) -> Result<FileConfig> {
     let mut timeouts = [None; nat_common::config::TIMEOUT_COUNT];
     timeouts[Timeout::Udp as usize] = args.udp_timeout;
     timeouts[Timeout::TcpEstablished as usize] = args.tcp_established_timeout;
     timeouts[Timeout::TcpTransitory as usize] = args.tcp_transitory_timeout;
     timeouts[Timeout::Icmp as usize] = args.icmp_timeout;
-    FileConfig {
+    Ok(FileConfig {
         interface: args.iface.clone(),
         mode: args.mode,
         external_addrs: (!args.external_addrs.is_empty()).then(|| args.external_addrs.clone()),
         ports: args.ports,
-        internal_ifaces: (!args.internal_ifaces.is_empty()).then(|| args.internal_ifaces.clone()),
+        internal_ifaces: InternalIfaces::from_flags(&args.internal_ifaces)?,
         max_bindings: args.max_bindings,
         max_bindings_per_host: args.max_bindings_per_host,
         max_sessions_per_host: args.max_sessions_per_host,
@@ -79,7 +80,7 @@ fn flag_overrides(args: &AttachArgs) -> FileConfig {
         refusal_icmp: args.refusal_icmp,
         timeouts,
         forwards: Vec::new(),
-    }
+    })
 }
 
 /// Merges the config file (if any) and the flags; flags win.
@@ -88,7 +89,7 @@ pub fn resolve(args: &AttachArgs) -> Result<Resolved> {
         Some(path) => config_file::load(path)?,
         None => FileConfig::default(),
     };
-    let flags = flag_overrides(args);
+    let flags = flag_overrides(args)?;
     let Some(iface) = flags.interface.clone().or_else(|| file.interface.clone()) else {
         bail!("no interface given: name it on the command line or as `interface` in the config file");
     };
@@ -120,9 +121,10 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             settings.iface
         );
     }
-    for internal in &settings.internal_ifaces {
+    for internal in settings.internal_ifaces.named() {
         iface::index(internal)?;
     }
+    let internal = internal_ifaces::resolve(&settings.iface, &settings.internal_ifaces)?;
     let addrs = if settings.external_addrs.is_empty() {
         match iface::ipv4_addrs(&settings.iface)?.first() {
             Some(primary) => vec![*primary],
@@ -174,11 +176,24 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     }
 
     let plan = AttachPlan {
-        internal_ifaces: &settings.internal_ifaces,
+        internal_ifaces: &internal.names,
         persist: resolved.persist,
         xdp_mode: settings.xdp_mode,
     };
-    let mut attached = Attached::attach(&instance, &config, &plan)?;
+    let mut attached = Attached::attach(&instance, &config, &plan).map_err(|e| {
+        // A failure on an interface the user did not name says why it was taken.
+        let text = format!("{e:#}");
+        if internal.source == internal_ifaces::Source::Auto
+            && internal.names.iter().any(|n| text.contains(n.as_str()))
+        {
+            e.context(format!(
+                "attaching to the internal interfaces found automatically ({}); choose them with --internal-iface NAME or turn them off with --internal-iface none",
+                internal.names.join(", ")
+            ))
+        } else {
+            e
+        }
+    })?;
     // Mistakes that would leave the NAT attached but useless, said once here.
     let forwarding = sysctl::IpForwarding::enable(&instance, resolved.persist)?;
     if let Some(was) = &forwarding.was {
@@ -202,6 +217,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         FastPathDevices::new(fast_path_candidates(&settings.iface, &attached.internal_ifaces)?)?;
     fast_path.refresh(&mut maps)?;
     install_forwards(&mut maps, &config, &resolved.forwards)?;
+    report_internal(&instance, &settings.iface, &internal, &attached)?;
     lock.write_info(&attached.description)?;
 
     let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
@@ -271,6 +287,9 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     }
     drop(maps);
     drop(attached);
+    if removed || !resolved.persist {
+        internal_ifaces::forget(&instance);
+    }
     if removed && resolved.persist {
     service_notify::send(&service_notify::stopping_message(if resolved.persist && !removed {
         "exiting; the NAT keeps translating"
@@ -284,6 +303,33 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     }
     drop(lock);
     result
+}
+
+/// Says which internal interfaces the NAT took when it chose them itself (one line), and
+/// records the choice for `status`. An adopted instance keeps the ones it runs with.
+fn report_internal(
+    instance: &Instance,
+    external: &str,
+    internal: &Resolution,
+    attached: &Attached,
+) -> Result<()> {
+    if attached.adopted {
+        // Detection found nothing meaningful here (the running programs hold the interfaces):
+        // only a choice the user made and adoption cannot honour is worth a line.
+        let source = internal_ifaces::load(instance).map_or(internal_ifaces::Source::Named, |(s, _)| s);
+        if internal.source != internal_ifaces::Source::Auto && attached.internal_ifaces != internal.names {
+            let kept = match attached.internal_ifaces.as_slice() {
+                [] => "none".to_string(),
+                names => names.join(", "),
+            };
+            eprintln!("nat-ctl: internal interfaces: {kept} (kept from the running instance; detach first to change them)");
+        }
+        return internal_ifaces::save(instance, source, &attached.internal_ifaces);
+    }
+    if let Some(line) = internal_ifaces::notice(external, internal) {
+        eprintln!("{line}");
+    }
+    internal_ifaces::save(instance, internal.source, &attached.internal_ifaces)
 }
 
 /// Warns about each given external address that is not on the interface: legitimate for a

@@ -100,3 +100,330 @@ pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
     unsafe { libc::freeifaddrs(head) };
     Ok(addrs)
 }
+
+/// `IFLA_LINKINFO` and, nested in it, `IFLA_INFO_KIND` (include/uapi/linux/if_link.h): the
+/// device kind (`bridge`, `bond`, `veth`, ...) of a virtual device.
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// `IFLA_XDP` and, nested in it, `IFLA_XDP_ATTACHED`: which kind of XDP program the device
+/// runs (`XDP_ATTACHED_NONE` = 0).
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
+/// `NLMSG_ERROR` and `NLMSG_DONE` (include/uapi/linux/netlink.h): the end of a dump.
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// Datagrams read from one dump before giving up: a dump of a few thousand interfaces takes a
+/// few dozen; this only bounds the loop against a kernel that never says done.
+const MAX_DUMP_DATAGRAMS: usize = 100_000;
+
+/// One network device as rtnetlink lists it (`RTM_NEWLINK`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// Name (`IFLA_IFNAME`).
+    pub name: String,
+    /// Hardware type (`ARPHRD_*`, `ifi_type`): `ARPHRD_ETHER` for Ethernet-framed devices.
+    pub hw_type: u16,
+    /// Device flags (`IFF_*`, `ifi_flags`).
+    pub flags: u32,
+    /// The device it is enslaved to (`IFLA_MASTER`): a bridge, bond or VRF.
+    pub master: Option<u32>,
+    /// Device kind of a virtual device (`IFLA_INFO_KIND`), e.g. `bridge`, `bond`, `veth`.
+    pub kind: Option<String>,
+    /// An XDP program is attached to it (`IFLA_XDP_ATTACHED` not none).
+    pub has_xdp: bool,
+}
+
+/// The attributes of one netlink message body after its fixed header of `fixed` bytes, as
+/// (type, payload) pairs; `None` when they do not fit.
+fn attributes(body: &[u8], fixed: usize) -> Option<Vec<(u16, &[u8])>> {
+    use crate::addr_watch::{align, u16_at, RTA_HDRLEN};
+    let mut attrs = Vec::new();
+    let mut off = fixed;
+    while off + RTA_HDRLEN <= body.len() {
+        let len = u16_at(body, off)? as usize;
+        // The top bits flag nested/byte-order attributes (NLA_F_NESTED); the type is below.
+        let kind = u16_at(body, off + 2)? & 0x3fff;
+        if len < RTA_HDRLEN || off + len > body.len() {
+            return None;
+        }
+        attrs.push((kind, &body[off + RTA_HDRLEN..off + len]));
+        off += align(len);
+    }
+    Some(attrs)
+}
+
+/// A NUL-terminated string attribute.
+fn attr_string(data: &[u8]) -> String {
+    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    String::from_utf8_lossy(&data[..end]).into_owned()
+}
+
+/// Decodes the `RTM_NEWLINK` messages of one dump datagram (a pure function of the bytes, so
+/// it is unit-tested); other messages are skipped, a malformed one ends the datagram.
+pub fn parse_links(buf: &[u8]) -> Vec<Link> {
+    use crate::addr_watch::{align, u16_at, u32_at, IFINFOMSG_LEN, NLMSG_HDRLEN};
+    let mut links = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) else {
+            break;
+        };
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        let body = &buf[off + NLMSG_HDRLEN..off + len];
+        off += align(len);
+        if kind != libc::RTM_NEWLINK || body.len() < IFINFOMSG_LEN {
+            continue;
+        }
+        let (Some(hw_type), Some(index), Some(flags), Some(attrs)) = (
+            u16_at(body, 2),
+            u32_at(body, 4),
+            u32_at(body, 8),
+            attributes(body, IFINFOMSG_LEN),
+        ) else {
+            continue;
+        };
+        let mut link = Link {
+            index,
+            name: String::new(),
+            hw_type,
+            flags,
+            master: None,
+            kind: None,
+            has_xdp: false,
+        };
+        for (kind, data) in attrs {
+            match kind {
+                libc::IFLA_IFNAME => link.name = attr_string(data),
+                libc::IFLA_MASTER => link.master = u32_at(data, 0).filter(|&m| m != 0),
+                IFLA_XDP => {
+                    link.has_xdp = attributes(data, 0).is_some_and(|nested| {
+                        nested
+                            .iter()
+                            .any(|(k, d)| *k == IFLA_XDP_ATTACHED && d.first().is_some_and(|&m| m != 0))
+                    })
+                }
+                IFLA_LINKINFO => {
+                    link.kind = attributes(data, 0).and_then(|nested| {
+                        nested
+                            .iter()
+                            .find(|(k, _)| *k == IFLA_INFO_KIND)
+                            .map(|(_, d)| attr_string(d))
+                    })
+                }
+                _ => {}
+            }
+        }
+        links.push(link);
+    }
+    links
+}
+
+/// True when `buf` holds the message that ends a dump (`NLMSG_DONE`, or an error).
+fn dump_ended(buf: &[u8]) -> bool {
+    use crate::addr_watch::{align, u16_at, u32_at, NLMSG_HDRLEN};
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) else {
+            return true;
+        };
+        if kind == NLMSG_DONE || kind == NLMSG_ERROR {
+            return true;
+        }
+        if (len as usize) < NLMSG_HDRLEN {
+            return true;
+        }
+        off += align(len as usize);
+    }
+    false
+}
+
+/// Asks rtnetlink for a dump (`RTM_GETLINK`, `RTM_GETADDR`) of `family` and returns its
+/// datagrams, for `parse_links` or `addr_watch::parse`. `header_len` is the request's fixed
+/// header (ifinfomsg or ifaddrmsg), sent zeroed but for its family.
+fn rtnetlink_dump(request: u16, family: u8, header_len: usize) -> Result<Vec<Vec<u8>>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2) call; the descriptor is owned right below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        bail!(
+            "cannot open a netlink socket: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = crate::addr_watch::NLMSG_HDRLEN + header_len;
+    let mut msg = vec![0u8; len];
+    msg[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    msg[4..6].copy_from_slice(&request.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    msg[crate::addr_watch::NLMSG_HDRLEN] = family;
+    // SAFETY: all-zero is a valid sockaddr_nl: the kernel (port id 0).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: valid descriptor, buffer and address of the sizes given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        bail!(
+            "cannot ask rtnetlink for a dump: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut datagrams = Vec::new();
+    let mut buf = vec![0u8; crate::addr_watch::RECV_BUF_BYTES];
+    for _ in 0..MAX_DUMP_DATAGRAMS {
+        // SAFETY: valid descriptor and buffer of the size given.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            bail!("cannot read an rtnetlink dump: {error}");
+        }
+        let datagram = buf[..n as usize].to_vec();
+        let ended = n == 0 || dump_ended(&datagram);
+        datagrams.push(datagram);
+        if ended {
+            return Ok(datagrams);
+        }
+    }
+    bail!("an rtnetlink dump did not end after {MAX_DUMP_DATAGRAMS} datagrams")
+}
+
+/// Every network device of this network namespace.
+pub fn links() -> Result<Vec<Link>> {
+    let dump = rtnetlink_dump(
+        libc::RTM_GETLINK,
+        libc::AF_UNSPEC as u8,
+        crate::addr_watch::IFINFOMSG_LEN,
+    )?;
+    Ok(dump.iter().flat_map(|d| parse_links(d)).collect())
+}
+
+/// Every IPv4 address of this network namespace, as (interface index, address), in kernel
+/// order (primary addresses first). Decoded by `addr_watch::parse`, which reads the same
+/// `RTM_NEWADDR` messages as notifications.
+pub fn all_ipv4_addrs() -> Result<Vec<(u32, Ipv4Addr)>> {
+    /// `sizeof(struct ifaddrmsg)`.
+    const IFADDRMSG_LEN: usize = 8;
+    let dump = rtnetlink_dump(libc::RTM_GETADDR, libc::AF_INET as u8, IFADDRMSG_LEN)?;
+    let mut addrs = Vec::new();
+    for datagram in &dump {
+        for event in crate::addr_watch::parse(datagram) {
+            if let crate::addr_watch::RtEvent::Address {
+                index,
+                family,
+                local: Some(local),
+                ..
+            } = event
+            {
+                if family == libc::AF_INET as u8 {
+                    addrs.push((index, local));
+                }
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `RTM_NEWLINK` message: ifinfomsg (type, index, flags) and the given attributes.
+    fn newlink(hw_type: u16, index: u32, flags: u32, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![0u8; 16];
+        body[2..4].copy_from_slice(&hw_type.to_ne_bytes());
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        body[8..12].copy_from_slice(&flags.to_ne_bytes());
+        for (kind, data) in attrs {
+            let len = 4 + data.len();
+            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&kind.to_ne_bytes());
+            body.extend_from_slice(data);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        let mut msg = vec![0u8; 16];
+        msg[0..4].copy_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+        msg.extend(body);
+        msg
+    }
+
+    fn nested(kind: u16, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        v.extend_from_slice(&kind.to_ne_bytes());
+        v.extend_from_slice(data);
+        v.resize(v.len().next_multiple_of(4), 0);
+        v
+    }
+
+    #[test]
+    fn links_with_name_master_and_kind() {
+        let mut buf = newlink(1, 4, 0x1043, &[(libc::IFLA_IFNAME, b"lan0\0".to_vec())]);
+        buf.extend(newlink(
+            1,
+            5,
+            0x1003,
+            &[
+                (libc::IFLA_IFNAME, b"p1\0".to_vec()),
+                (libc::IFLA_MASTER, 9u32.to_ne_bytes().to_vec()),
+                (IFLA_LINKINFO | 0x8000, nested(IFLA_INFO_KIND, b"veth\0")),
+                (IFLA_XDP | 0x8000, nested(IFLA_XDP_ATTACHED, &[1])),
+            ],
+        ));
+        let links = parse_links(&buf);
+        assert_eq!(links.len(), 2);
+        assert_eq!(
+            links[0],
+            Link {
+                index: 4,
+                name: "lan0".into(),
+                hw_type: 1,
+                flags: 0x1043,
+                master: None,
+                kind: None,
+                has_xdp: false
+            }
+        );
+        assert_eq!(links[1].name, "p1");
+        assert_eq!(links[1].master, Some(9));
+        assert_eq!(links[1].kind.as_deref(), Some("veth"));
+        assert!(links[1].has_xdp);
+        assert!(!dump_ended(&buf));
+    }
+
+    #[test]
+    fn truncated_input_is_not_a_link() {
+        let buf = newlink(1, 4, 0, &[(libc::IFLA_IFNAME, b"lan0\0".to_vec())]);
+        assert!(parse_links(&buf[..buf.len() - 3]).is_empty());
+        let mut done = vec![0u8; 20];
+        done[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        assert!(dump_ended(&done));
+    }
+}

@@ -15,6 +15,7 @@ pub mod forwards;
 pub mod iface;
 pub mod generate;
 pub mod instance;
+pub mod internal_ifaces;
 pub mod loader;
 pub mod metrics;
 pub mod mountns;

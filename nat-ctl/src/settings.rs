@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Result};
 
 pub use crate::notices::RefusalIcmp;
-use crate::xdp_mode::XdpModeChoice;
+use crate::{internal_ifaces::InternalIfaces, xdp_mode::XdpModeChoice};
 use nat_common::{
     alloc::PortRange,
     config::{
@@ -67,8 +67,9 @@ pub struct Settings {
     pub ports: PortRange,
     /// Idle timeouts.
     pub timeouts: Timeouts,
-    /// Internal interfaces that get the hairpinning program.
-    pub internal_ifaces: Vec<String>,
+    /// Internal interfaces that get the hairpinning and fast-path program: named, none, or
+    /// (the default) found at attach by the rule of `internal_ifaces`.
+    pub internal_ifaces: InternalIfaces,
     /// Most dynamic bindings at once.
     pub max_bindings: u32,
     /// Most dynamic bindings per internal host; 0 means no limit.
@@ -100,8 +101,8 @@ impl Settings {
                 max: DEFAULT_PORT_MAX,
             },
             timeouts: Timeouts::default(),
-            internal_ifaces: Vec::new(),
             max_bindings: DEFAULT_MAX_BINDINGS,
+            internal_ifaces: InternalIfaces::Auto,
             max_bindings_per_host: 0,
             max_sessions_per_host: None,
             max_sessions_per_binding: None,
@@ -118,11 +119,12 @@ impl Settings {
         if !(1..=MAX_BINDINGS_LIMIT).contains(&self.max_bindings) {
             bail!("--max-bindings must be between 1 and {MAX_BINDINGS_LIMIT}");
         }
-        for (i, internal) in self.internal_ifaces.iter().enumerate() {
+        let named = self.internal_ifaces.named();
+        for (i, internal) in named.iter().enumerate() {
             if *internal == self.iface {
                 bail!("{internal} is the external interface; it cannot also be an internal one");
             }
-            if self.internal_ifaces[..i].contains(internal) {
+            if named[..i].contains(internal) {
                 bail!("internal interface {internal} is listed twice");
             }
         }
@@ -349,11 +351,11 @@ mod tests {
     #[test]
     fn internal_interfaces_checked() {
         let mut s = Settings::new("eth0");
-        s.internal_ifaces = vec!["eth0".into()];
+        s.internal_ifaces = InternalIfaces::Named(vec!["eth0".into()]);
         assert!(s.validate().is_err(), "external cannot be internal");
-        s.internal_ifaces = vec!["lan0".into(), "lan0".into()];
+        s.internal_ifaces = InternalIfaces::Named(vec!["lan0".into(), "lan0".into()]);
         assert!(s.validate().is_err(), "duplicates refused");
-        s.internal_ifaces = vec!["lan0".into(), "lan1".into()];
+        s.internal_ifaces = InternalIfaces::Named(vec!["lan0".into(), "lan1".into()]);
         assert!(s.validate().is_ok());
     }
 

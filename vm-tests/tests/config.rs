@@ -37,6 +37,7 @@ sweep_interval_ms = 200
 metrics = "127.0.0.1:9181"
 persist = false
 xdp_mode = "generic"
+internal_ifaces = []
 
 [timeouts]
 udp = 111
@@ -88,6 +89,8 @@ internal = "{LAN_IP}:80"
         ("max_bindings", serde_json::json!(500)),
         ("max_bindings_per_host", serde_json::json!(40)),
         ("xdp_modes", serde_json::json!({lab.wan_if.clone(): "generic"})),
+        ("internal_ifaces", serde_json::json!([])),
+        ("internal_ifaces_chosen", serde_json::json!("off")),
         (
             "timeouts",
             serde_json::json!({"udp": 111, "tcp_established": 7777, "tcp_transitory": 333, "icmp": 66}),
@@ -166,6 +169,7 @@ fn flags_override_the_config_file() -> Result<()> {
 ports = "30000-30999"
 max_bindings_per_host = 7
 xdp_mode = "generic"
+internal_ifaces = []
 
 [timeouts]
 udp = 100
@@ -185,6 +189,8 @@ tcp_established = 8000
             "150",
             "--xdp-mode",
             "native",
+            "--internal-iface",
+            &lab.lan_if,
         ],
     )?;
     let s = ops::status(&nat)?;
@@ -208,6 +214,14 @@ tcp_established = 8000
         s["xdp_modes"][lab.wan_if.as_str()] == "native",
         "xdp_modes {} (flag says native)",
         s["xdp_modes"]
+    );
+    ensure!(
+        s["internal_ifaces"] == serde_json::json!([lab.lan_if.clone()])
+            && s["internal_ifaces_chosen"] == "named",
+        "internal_ifaces {} ({}): the flag names {}, the file says none",
+        s["internal_ifaces"],
+        s["internal_ifaces_chosen"],
+        lab.lan_if
     );
     // ...and what no flag names still comes from the file.
     ensure!(

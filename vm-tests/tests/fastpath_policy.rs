@@ -41,7 +41,7 @@ const DROP_SRC_MATCH: &str = "ip saddr 198.51.100.2";
 enum Gateway {
     /// nftables masquerade (and a dnat rule for the forward): the reference.
     Masquerade,
-    /// Our NAT without `--internal-iface` (every packet through the kernel's forwarding).
+    /// Our NAT with `--internal-iface none` (every packet through the kernel's forwarding).
     Nat,
     /// Our NAT with `--internal-iface` (the XDP fast path where the kernel allows it).
     NatFastPath,
@@ -51,7 +51,7 @@ impl Gateway {
     fn label(self) -> &'static str {
         match self {
             Gateway::Masquerade => "nftables masquerade",
-            Gateway::Nat => "our NAT without --internal-iface",
+            Gateway::Nat => "our NAT with --internal-iface none",
             Gateway::NatFastPath => "our NAT with --internal-iface",
         }
     }
@@ -88,6 +88,10 @@ fn start(lab: &Lab, gw: Gateway) -> Result<Option<NatProcess>> {
                 if let Some(l2) = &lab.lan2_if {
                     args.extend(["--internal-iface", l2.as_str()]);
                 }
+            } else {
+                // Every packet through the kernel: no internal interface (the default would
+                // find the lab's LAN side).
+                args.extend(["--internal-iface", "none"]);
             }
             let nat = NatProcess::attach(lab, &args)?;
             ops::forward_ok(

@@ -1,12 +1,14 @@
-//! Hairpinning (RFC 4787 REQ-9/9a) with `--internal-iface`, and switching the mode of a
-//! running NAT (`nat-ctl mode`). Root only.
+//! Hairpinning (RFC 4787 REQ-9/9a) with `--internal-iface` and with the internal interfaces
+//! found by the plain one-line attach, and switching the mode of a running NAT (`nat-ctl
+//! mode`). Root only.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use vm_tests::lab::{LAN2_IP, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP};
-use vm_tests::tools::{udp_bind, udp_expect, udp_recv, udp_whoami, whoami};
+use vm_tests::lab::{LAN2_IP, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP, WAN_IP2};
+use vm_tests::ops;
+use vm_tests::tools::{udp_bind, udp_expect, udp_recv, udp_whoami, vovida_result, whoami, Turnserver};
 use vm_tests::{Lab, LabOptions, NatProcess};
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -186,6 +188,158 @@ fn mode_switch_changes_filtering_and_keeps_bindings() -> Result<()> {
     ensure!(
         udp_expect(&lan, b"remote", Duration::from_secs(3))?.is_some(),
         "the original remote was cut off"
+    );
+    nat.stop()
+}
+
+/// The Vovida STUN client (RFC 3489 `stun`) from lan with source ports `port` and `port + 1`:
+/// its `Primary:` result (which ends in `will hairpin` or `no hairpin`) and the whole output.
+fn vovida(lab: &Lab, port: u16) -> Result<(String, String)> {
+    let out = lab.lan.run(
+        "stun",
+        &[&WAN_IP.to_string(), "0", "-p", &port.to_string()],
+        Duration::from_secs(60),
+    )?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    Ok((vovida_result(&out.stdout).unwrap_or_default(), text))
+}
+
+/// `status --json`'s internal interfaces, sorted, and how they were chosen.
+fn internal_of(nat: &NatProcess) -> Result<(Vec<String>, serde_json::Value)> {
+    let status = ops::status(nat)?;
+    let mut names: Vec<String> = status["internal_ifaces"]
+        .as_array()
+        .with_context(|| format!("no internal_ifaces in status: {status:#}"))?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    Ok((names, status["internal_ifaces_chosen"].clone()))
+}
+
+/// A real hairpin exchange: lan's datagram to lan2's external endpoint reaches lan2 from lan's
+/// external endpoint (REQ-9a). Ports differ per call so every mode starts fresh bindings.
+fn hairpin_exchange(lab: &Lab, port: u16) -> Result<()> {
+    let s1 = udp_bind(&lab.lan, sa(LAN_IP, port))?;
+    let s2 = udp_bind(lab.lan2(), sa(LAN2_IP, port))?;
+    let x1 = whoami(&s1, sa(WAN_IP, 9999))?;
+    let x2 = whoami(&s2, sa(WAN_IP, 9999))?;
+    // Filtering modes other than full cone admit lan only once lan2 has sent to it.
+    s2.send_to(b"open", x1)?;
+    let _ = udp_recv(&s1, Duration::from_millis(500))?;
+    s1.send_to(b"hairpin", x2)?;
+    let from = udp_expect(&s2, b"hairpin", Duration::from_secs(3))?
+        .with_context(|| format!("lan's datagram to lan2's external endpoint {x2} never reached lan2"))?;
+    ensure!(
+        from == SocketAddr::V4(x1),
+        "lan2 saw the hairpinned datagram from {from}, expected lan's external {x1}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_one_line_attach_hairpins_and_takes_the_fast_path_in_every_cone_mode() -> Result<()> {
+    // `nat-ctl attach IFACE --mode X` and nothing else: the internal interfaces (both of the
+    // lab's LAN links, 10.0.0.1 and 10.0.1.1) are found automatically, so hairpinning (RFC 4787
+    // REQ-9) works as a third-party STUN client sees it, and established flows take the fast
+    // path where the kernel has one.
+    let lab = hairpin_lab("hpdef")?;
+    ops::enable_fast_path_delivery(&lab)?;
+    let _turn = Turnserver::start(&lab.wan, WAN_IP, WAN_IP2, lab.names.ns("turn").as_str())?;
+    let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let mut expected = vec![lab.lan_if.clone(), lab.lan2_if.clone().unwrap()];
+    expected.sort();
+    let mut failures = Vec::new();
+    for (i, mode) in ["full-cone", "restricted-cone", "port-restricted"]
+        .into_iter()
+        .enumerate()
+    {
+        let nat = NatProcess::attach(&lab, &["--mode", mode])?;
+        let notice = nat
+            .stderr()
+            .lines()
+            .find(|l| l.contains("internal interfaces (found automatically)"))
+            .map(str::to_string);
+        if !notice
+            .as_ref()
+            .is_some_and(|l| expected.iter().all(|i| l.contains(i.as_str())))
+        {
+            failures.push(format!(
+                "{mode}: attach did not say it took {expected:?}: {}",
+                nat.stderr()
+            ));
+        }
+        let (internal, chosen) = internal_of(&nat)?;
+        if internal != expected || chosen != "auto" {
+            failures.push(format!(
+                "{mode}: status shows internal interfaces {internal:?} ({chosen}), expected {expected:?} (auto)"
+            ));
+        }
+        let (result, text) = vovida(&lab, 21000 + 10 * i as u16)?;
+        if !result.contains("will hairpin") {
+            failures.push(format!(
+                "{mode}: Vovida stun says {result:?}, expected \"will hairpin\"\n{text}"
+            ));
+        }
+        if let Err(e) = hairpin_exchange(&lab, 41000 + i as u16) {
+            failures.push(format!("{mode}: {e:#}"));
+        }
+        match ops::fast_path_unavailable(&nat)? {
+            Some(reason) => println!("{mode}: no fast path on this kernel: {reason}"),
+            None => {
+                let towards = ops::status(&nat)?["fast_path_towards"].clone();
+                let sock = udp_bind(&lab.lan, sa(LAN_IP, 42000 + i as u16))?;
+                let before = nat.stats()?;
+                for _ in 0..10 {
+                    whoami(&sock, sa(WAN_IP, 9999))?;
+                }
+                let after = nat.stats()?;
+                let fp = after.delta(&before, "fast_path_redirected")?;
+                if fp == 0 || towards.as_array().map_or(0, Vec::len) == 0 {
+                    failures.push(format!(
+                        "{mode}: no fast path (towards {towards}, fast_path_redirected +{fp}): {}",
+                        after.changes(&before)
+                    ));
+                }
+            }
+        }
+        nat.stop()?;
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn internal_iface_none_attaches_no_internal_program() -> Result<()> {
+    let lab = hairpin_lab("hpnone")?;
+    let _turn = Turnserver::start(&lab.wan, WAN_IP, WAN_IP2, lab.names.ns("turn").as_str())?;
+    let nat = NatProcess::attach(&lab, &["--mode", "full-cone", "--internal-iface", "none"])?;
+    let (internal, chosen) = internal_of(&nat)?;
+    ensure!(
+        internal.is_empty() && chosen == "off",
+        "status shows internal interfaces {internal:?} ({chosen}), expected none (off)"
+    );
+    let status = ops::status(&nat)?;
+    ensure!(
+        status["xdp_modes"].as_object().map(|m| m.len()) == Some(1)
+            && status["fast_path_towards"]
+                .as_array()
+                .is_some_and(|a| a.is_empty()),
+        "an internal program or fast path with --internal-iface none: {status:#}"
+    );
+    for dev in [&lab.lan_if, lab.lan2_if.as_ref().unwrap()] {
+        let link = lab.nat.ip_out(&["link", "show", "dev", dev])?;
+        ensure!(!link.contains("xdp"), "{dev} has an XDP program: {link}");
+    }
+    ensure!(
+        !nat.stderr().contains("found automatically"),
+        "attach looked for internal interfaces although told not to: {}",
+        nat.stderr()
+    );
+    let (result, text) = vovida(&lab, 21100)?;
+    ensure!(
+        result.contains("no hairpin"),
+        "Vovida stun says {result:?} without internal interfaces\n{text}"
     );
     nat.stop()
 }

@@ -166,7 +166,9 @@ fn auto_is_native_on_veth_and_generic_is_forced_on_request() -> Result<()> {
 fn auto_falls_back_to_generic_on_a_device_without_native_xdp() -> Result<()> {
     let lab = Lab::new("xmauto")?;
     let mv = macvlan_external(&lab)?;
-    let nat = NatProcess::attach_in(&lab.nat, &mv, &[])?;
+    // The subject is the external interface: no internal one, so the fallback line is the
+    // only line and the only program is the macvlan's.
+    let nat = NatProcess::attach_in(&lab.nat, &mv, &["--internal-iface", "none"])?;
     ensure!(
         nat.attached_line().contains("xdp=generic"),
         "attached line: {}",
@@ -239,7 +241,11 @@ fn native_is_refused_where_the_driver_has_none_and_nothing_is_left() -> Result<(
 fn adoption_keeps_the_mode_of_the_running_programs() -> Result<()> {
     let lab = Lab::new("xmadopt")?;
     let _guard = PersistGuard::new(&lab.nat, &lab.wan_if);
-    let first = NatProcess::attach(&lab, &["--persist", "--xdp-mode", "generic"])?;
+    // Only the external interface's program, whose mode the adoption must keep.
+    let first = NatProcess::attach(
+        &lab,
+        &["--persist", "--xdp-mode", "generic", "--internal-iface", "none"],
+    )?;
     translated(&lab, &first, 40003)?;
     first.stop()?;
     // No daemon: status still knows the mode.
