@@ -30,6 +30,7 @@ use crate::{
     reinject::{self, Reinjector},
     settings::{Settings, Timeouts},
     service_notify,
+    stop::StopFlag,
     sysctl, xdp_mode,
 };
 
@@ -390,6 +391,8 @@ async fn run_until_signal(
 ) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    // Seen by the sweep between its chunks: a signal stops a sweep over any table in time.
+    let stop = StopFlag::on_signals()?;
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
     let mut fragment_ticker = tokio::time::interval(FRAGMENT_POLL_INTERVAL);
     let mut events = BindingEvents::default();
@@ -410,8 +413,11 @@ async fn run_until_signal(
                 }
             }
             _ = ticker.tick() => {
-                if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts) {
+                if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts, stop.flag()) {
                     eprintln!("nat-ctl: expiry sweep failed: {e:#}");
+                }
+                if stop.is_set() {
+                    return Ok(());
                 }
                 fast_path.refresh(maps)?;
                 if debug {

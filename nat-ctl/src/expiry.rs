@@ -4,24 +4,32 @@
 //! - an address-and-port session expires when idle longer than its protocol's timeout (for TCP,
 //!   the established or the transitory timeout, by state);
 //! - an address-only session lives as long as any address-and-port session with the same remote
-//!   address on the same binding;
+//!   address on the same binding, and at least its own timeout from when it was last written;
 //! - a binding expires when it has no live session left and has itself been idle longer than
 //!   its protocol's timeout (TCP: the transitory one). Static forwards never expire.
 //!
 //! Only outbound packets refresh timers, so the data path's timestamps are "last outbound".
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Result;
 use nat_common::{
     config::{Timeout, CONFIG_FLAG_PER_REMOTE_BINDINGS},
-    maps::{BINDING_FLAG_STATIC, SESSION_KIND_ADDRESS},
+    maps::{SessionUsageKey, BINDING_FLAG_STATIC, SESSION_KIND_ADDRESS, USAGE_ALL_HOSTS},
     proto,
     tcp_state::TcpState,
     BindingKey, BindingValue, ExternalKey, SessionKey, SessionValue,
 };
 
-use crate::{pinned::PinnedMaps, session_usage, settings::Timeouts};
+use crate::{
+    batch::{self, BatchReader},
+    pinned::PinnedMaps,
+    session_usage,
+    settings::Timeouts,
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -93,46 +101,95 @@ pub struct SweepPlan {
     pub bindings: Vec<(BindingKey, ExternalKey)>,
 }
 
-/// Decides what has expired at `now_ns`.
+/// What the session map says, built entry by entry as it is read (so the sweep never holds a
+/// copy of the whole map): the expired address-and-port sessions, and which bindings and
+/// (binding, remote address) pairs still have a live one.
+#[derive(Debug, Default)]
+pub struct SessionScan {
+    live_bindings: HashSet<BindingId>,
+    live_remotes: HashSet<(BindingId, u32)>,
+    /// Expired address-and-port sessions, with their values (for the usage accounting).
+    pub expired: Vec<(SessionKey, SessionValue)>,
+    /// The address-only sessions idle past their timeout, decided once all address-and-port
+    /// sessions are seen.
+    address: Vec<SessionKey>,
+}
+
+impl SessionScan {
+    /// Takes in one session entry.
+    pub fn observe(&mut self, now_ns: u64, key: &SessionKey, value: &SessionValue, timeouts: &Timeouts) {
+        let idle = expired(
+            now_ns,
+            value.last_seen_ns,
+            session_timeout_secs(key.proto, value.tcp_state, timeouts),
+        );
+        if key.kind == SESSION_KIND_ADDRESS {
+            // One created within its timeout stays whatever else the walk saw: the data path
+            // inserts it right after its address-and-port session, and a walk over the hash
+            // map (bucket by bucket, not a snapshot) can see the second and miss the first.
+            // Deleted, it would not come back while that session lives (only a new session
+            // inserts it), and ADF would drop the remote's packets.
+            if idle {
+                self.address.push(*key);
+            }
+            return;
+        }
+        if idle {
+            self.expired.push((*key, *value));
+        } else {
+            let id = (key.proto, key.external_addr, key.external_port);
+            self.live_bindings.insert(id);
+            self.live_remotes.insert((id, key.remote_addr));
+        }
+    }
+
+    /// The address-only sessions that go: no address-and-port session with their remote on
+    /// their binding is live (RFC 4787 ADF state lives as long as the APDF state behind it).
+    pub fn expired_address_sessions(&self) -> impl Iterator<Item = &SessionKey> + '_ {
+        self.address.iter().filter(|key| {
+            !self
+                .live_remotes
+                .contains(&((key.proto, key.external_addr, key.external_port), key.remote_addr))
+        })
+    }
+
+    /// Whether the binding `key` -> `value` expires at `now_ns`: not a static forward, no live
+    /// session, and itself idle past its protocol's timeout.
+    pub fn binding_expires(
+        &self,
+        now_ns: u64,
+        key: &BindingKey,
+        value: &BindingValue,
+        timeouts: &Timeouts,
+    ) -> bool {
+        value.flags & BINDING_FLAG_STATIC == 0
+            && !self
+                .live_bindings
+                .contains(&(key.proto, value.external_addr, value.external_port))
+            && expired(
+                now_ns,
+                value.last_seen_ns,
+                binding_timeout_secs(key.proto, timeouts),
+            )
+    }
+}
+
+/// Decides what has expired at `now_ns` (the sweep's decisions over whole-map snapshots).
 pub fn plan(
     now_ns: u64,
     bindings: &[(BindingKey, BindingValue)],
     sessions: &[(SessionKey, SessionValue)],
     timeouts: &Timeouts,
 ) -> SweepPlan {
+    let mut scan = SessionScan::default();
+    for (key, value) in sessions {
+        scan.observe(now_ns, key, value, timeouts);
+    }
     let mut plan = SweepPlan::default();
-    let mut live_bindings: HashSet<BindingId> = HashSet::new();
-    let mut live_remotes: HashSet<(BindingId, u32)> = HashSet::new();
-    for (key, value) in sessions.iter().filter(|(k, _)| k.kind != SESSION_KIND_ADDRESS) {
-        if expired(
-            now_ns,
-            value.last_seen_ns,
-            session_timeout_secs(key.proto, value.tcp_state, timeouts),
-        ) {
-            plan.sessions.push(*key);
-        } else {
-            let id = (key.proto, key.external_addr, key.external_port);
-            live_bindings.insert(id);
-            live_remotes.insert((id, key.remote_addr));
-        }
-    }
-    for (key, _) in sessions.iter().filter(|(k, _)| k.kind == SESSION_KIND_ADDRESS) {
-        if !live_remotes.contains(&((key.proto, key.external_addr, key.external_port), key.remote_addr)) {
-            plan.sessions.push(*key);
-        }
-    }
+    plan.sessions.extend(scan.expired.iter().map(|(k, _)| *k));
+    plan.sessions.extend(scan.expired_address_sessions().copied());
     for (key, value) in bindings {
-        if value.flags & BINDING_FLAG_STATIC != 0 {
-            continue;
-        }
-        let id = (key.proto, value.external_addr, value.external_port);
-        if !live_bindings.contains(&id)
-            && expired(
-                now_ns,
-                value.last_seen_ns,
-                binding_timeout_secs(key.proto, timeouts),
-            )
-        {
+        if scan.binding_expires(now_ns, key, value, timeouts) {
             plan.bindings.push((*key, external_key(key, value)));
         }
     }
@@ -140,21 +197,10 @@ pub fn plan(
 }
 
 /// Clears `CONFIG_FLAG_PER_REMOTE_BINDINGS` once a cone mode runs and no per-remote binding
-/// outlives this sweep, so cone modes stop paying the extra lookup.
-fn clear_per_remote_flag(
-    maps: &mut PinnedMaps,
-    bindings: &[(BindingKey, BindingValue)],
-    plan: &SweepPlan,
-) -> Result<()> {
+/// outlived a complete sweep, so cone modes stop paying the extra lookup.
+fn clear_per_remote_flag(maps: &mut PinnedMaps) -> Result<()> {
     let mut config = maps.read_config()?;
     if config.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS == 0 || config.mode().mapping_is_remote_dependent() {
-        return Ok(());
-    }
-    let expiring: HashSet<&BindingKey> = plan.bindings.iter().map(|(k, _)| k).collect();
-    if bindings
-        .iter()
-        .any(|(k, _)| k.remote_addr != 0 && !expiring.contains(k))
-    {
         return Ok(());
     }
     config.flags &= !CONFIG_FLAG_PER_REMOTE_BINDINGS;
@@ -168,35 +214,154 @@ pub struct SweepReport {
     pub sessions: usize,
     /// Bindings removed.
     pub bindings: usize,
+    /// The sweep saw the stop flag and returned before its end (what it removed until then is
+    /// removed and accounted for; the next sweep does the rest).
+    pub interrupted: bool,
 }
 
-/// Runs one sweep over the live maps.
-pub fn sweep(maps: &mut PinnedMaps, now_ns: u64, timeouts: &Timeouts) -> Result<SweepReport> {
-    let bindings = maps.bindings()?;
-    let sessions = maps.sessions()?;
-    let plan = plan(now_ns, &bindings, &sessions, timeouts);
-    clear_per_remote_flag(maps, &bindings, &plan)?;
-    let mut report = SweepReport {
-        sessions: session_usage::remove_sessions(maps, &plan.sessions, &sessions)?,
-        ..SweepReport::default()
-    };
-    for (out_key, in_key) in &plan.bindings {
-        // A packet may have refreshed the binding since the plan was made: check again.
-        let Ok(current) = maps.bindings_out.get(out_key, 0) else {
-            continue;
+fn stopping(stop: &AtomicBool) -> bool {
+    stop.load(Ordering::Relaxed)
+}
+
+/// Runs one sweep over the live maps, `batch::CHUNK` entries per map operation, and returns
+/// early when `stop` is set (looked at between chunks, so within milliseconds at any table
+/// size). Order as the data path needs it: the whole session map is read first (a binding
+/// with a live session stays), expired sessions are deleted before any binding, and a binding
+/// goes by its outbound entry first, so no new packet finds it while its port is freed.
+pub fn sweep(
+    maps: &mut PinnedMaps,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    stop: &AtomicBool,
+) -> Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let mut per_remote_left = false;
+    {
+        let maps: &PinnedMaps = maps;
+        let Some(scan) = scan_sessions(maps, now_ns, timeouts, stop)? else {
+            report.interrupted = true;
+            return Ok(report);
         };
-        if !expired(
-            crate::clock::monotonic_ns(),
-            current.last_seen_ns,
-            binding_timeout_secs(out_key.proto, timeouts),
-        ) {
-            continue;
+        if !remove_expired_sessions(maps, &scan, stop, &mut report)? {
+            report.interrupted = true;
+            return Ok(report);
         }
-        if remove_binding(maps, out_key, in_key)? {
-            report.bindings += 1;
-        }
+        let mut released_hosts: HashMap<u32, u64> = HashMap::new();
+        let mut reader = BatchReader::new(&maps.bindings_out);
+        let result = (|| -> Result<()> {
+            while let Some((keys, values)) = reader.next_chunk()? {
+                let mut out_keys = Vec::new();
+                let mut in_keys = Vec::new();
+                for (key, value) in keys.iter().zip(values) {
+                    if scan.binding_expires(now_ns, key, value, timeouts) {
+                        out_keys.push(*key);
+                        in_keys.push(external_key(key, value));
+                    } else if key.remote_addr != 0 {
+                        per_remote_left = true;
+                    }
+                }
+                report.bindings += remove_bindings(maps, &out_keys, &in_keys, &mut released_hosts)?;
+                if stopping(stop) {
+                    report.interrupted = true;
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        // Whatever was removed is accounted for, also after a failure part way.
+        batch::add_to_counts(&maps.usage_released, &released_hosts)?;
+        result?;
+    }
+    if !report.interrupted && !per_remote_left {
+        clear_per_remote_flag(maps)?;
     }
     Ok(report)
+}
+
+/// Reads the whole session map into a `SessionScan`; `None` when stopped part way.
+fn scan_sessions(
+    maps: &PinnedMaps,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    stop: &AtomicBool,
+) -> Result<Option<SessionScan>> {
+    let mut scan = SessionScan::default();
+    let mut reader = BatchReader::new(&maps.sessions);
+    while let Some((keys, values)) = reader.next_chunk()? {
+        for (key, value) in keys.iter().zip(values) {
+            scan.observe(now_ns, key, value, timeouts);
+        }
+        if stopping(stop) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(scan))
+}
+
+/// Deletes the expired sessions of `scan`, chunk by chunk, recording each chunk's releases
+/// (RFC 6888 REQ-5 counts) as it goes. Returns false when stopped part way.
+fn remove_expired_sessions(
+    maps: &PinnedMaps,
+    scan: &SessionScan,
+    stop: &AtomicBool,
+    report: &mut SweepReport,
+) -> Result<bool> {
+    for chunk in scan.expired.chunks(batch::CHUNK) {
+        let keys: Vec<SessionKey> = chunk.iter().map(|(k, _)| *k).collect();
+        let missing = batch::delete(&maps.sessions, &keys)?;
+        let mut releases = session_usage::Releases::default();
+        for (i, (key, value)) in chunk.iter().enumerate() {
+            if missing.binary_search(&i).is_err() {
+                releases.add(key, value);
+            }
+        }
+        report.sessions += chunk.len() - missing.len();
+        session_usage::record_batched(maps, &releases)?;
+        if stopping(stop) {
+            return Ok(false);
+        }
+    }
+    let address: Vec<SessionKey> = scan.expired_address_sessions().copied().collect();
+    for chunk in address.chunks(batch::CHUNK) {
+        let missing = batch::delete(&maps.sessions, chunk)?;
+        report.sessions += chunk.len() - missing.len();
+        if stopping(stop) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Removes bindings by both of their keys (`out_keys[i]` with `in_keys[i]`), adds the freed
+/// quota per host to `released_hosts` and settles their session counts. Returns how many were
+/// removed (one already gone is skipped).
+fn remove_bindings(
+    maps: &PinnedMaps,
+    out_keys: &[BindingKey],
+    in_keys: &[ExternalKey],
+    released_hosts: &mut HashMap<u32, u64>,
+) -> Result<usize> {
+    if out_keys.is_empty() {
+        return Ok(0);
+    }
+    // Outbound entries first, so no new packet can find the binding; then free the ports.
+    let missing = batch::delete(&maps.bindings_out, out_keys)?;
+    let gone: Vec<usize> = (0..out_keys.len())
+        .filter(|i| missing.binary_search(i).is_err())
+        .collect();
+    let freed: Vec<ExternalKey> = gone.iter().map(|&i| in_keys[i]).collect();
+    batch::delete(&maps.bindings_in, &freed)?;
+    for &i in &gone {
+        for host in [USAGE_ALL_HOSTS, out_keys[i].internal_addr] {
+            *released_hosts.entry(host).or_default() += 1;
+        }
+    }
+    let usage: Vec<SessionUsageKey> = freed
+        .iter()
+        .map(|k| SessionUsageKey::binding(k.proto, k.external_addr, k.external_port))
+        .collect();
+    session_usage::forget_bindings(maps, &usage)?;
+    Ok(gone.len())
 }
 
 #[cfg(test)]
@@ -291,6 +456,28 @@ mod tests {
         assert!(p.bindings.is_empty(), "binding kept by its session");
         assert_eq!(p.sessions.len(), 1, "only the twin of the dead remote goes");
         assert_eq!(p.sessions[0].remote_addr, 8);
+    }
+
+    #[test]
+    fn a_fresh_address_session_stays_even_when_its_twin_was_not_seen() {
+        // The walk saw the address-only session the data path has just written, but not the
+        // address-and-port session written just before it (an earlier bucket).
+        let b = [binding(proto::UDP, 4000, 50 * S)];
+        let s = [session(
+            proto::UDP,
+            4000,
+            7,
+            SESSION_KIND_ADDRESS,
+            50 * S,
+            TcpState::None,
+        )];
+        let p = plan(55 * S, &b, &s, &timeouts());
+        assert!(p.sessions.is_empty(), "kept until its own timeout");
+        assert_eq!(
+            plan(61 * S, &b, &s, &timeouts()).sessions.len(),
+            1,
+            "then it goes"
+        );
     }
 
     #[test]

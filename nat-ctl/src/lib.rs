@@ -3,6 +3,7 @@
 //! counters from the pinned maps.
 
 pub mod addr_watch;
+pub mod batch;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -27,6 +28,7 @@ pub mod privileges;
 pub mod session_usage;
 pub mod settings;
 pub mod service_notify;
+pub mod stop;
 pub mod sysctl;
 pub mod table;
 pub mod tc_filter;

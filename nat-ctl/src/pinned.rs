@@ -2,8 +2,12 @@
 
 use std::path::Path;
 
+use crate::batch;
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    Pod,
+};
 use nat_common::{
     maps::{names, SessionUsageKey},
     BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey, SessionValue,
@@ -31,6 +35,16 @@ pub struct PinnedMaps {
     pub session_usage_created: HashMap<MapData, SessionUsageKey, u64>,
     /// Sessions removed per host, per binding and in all (written only by the controller).
     pub session_usage_released: HashMap<MapData, SessionUsageKey, u64>,
+}
+
+/// Every entry of a hash map: in batches, or one entry per call where the kernel has no batch
+/// operations (older than 5.6).
+pub fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
+    match batch::read_all(map) {
+        Ok(all) => Ok(all),
+        Err(e) if batch::unsupported(&e) => Ok(map.iter().filter_map(|r| r.ok()).collect()),
+        Err(e) => Err(e).context("cannot read a map in batches"),
+    }
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -68,14 +82,14 @@ impl PinnedMaps {
         Ok(self.config.set(0, config, 0)?)
     }
 
-    /// Every outbound binding entry.
+    /// Every outbound binding entry, read in batches (see `batch`).
     pub fn bindings(&self) -> Result<Vec<(BindingKey, BindingValue)>> {
-        Ok(self.bindings_out.iter().filter_map(|r| r.ok()).collect())
+        read_all(&self.bindings_out)
     }
 
-    /// Every session entry.
+    /// Every session entry, read in batches.
     pub fn sessions(&self) -> Result<Vec<(SessionKey, SessionValue)>> {
-        Ok(self.sessions.iter().filter_map(|r| r.ok()).collect())
+        read_all(&self.sessions)
     }
 
     /// Every counter, summed over CPUs, in `Counter` order.

@@ -15,7 +15,7 @@ use nat_common::{
     SessionKey, SessionValue,
 };
 
-use crate::pinned::PinnedMaps;
+use crate::{batch, pinned::PinnedMaps};
 
 /// Removed sessions, tallied per usage key, to be recorded in one write per key.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -35,6 +35,30 @@ impl Releases {
             *self.0.entry(usage).or_default() += 1;
         }
     }
+}
+
+/// Adds `releases` to the released counts in batches (the sweep's path, for thousands of keys
+/// at a time; `record` is the same for a few).
+pub fn record_batched(maps: &PinnedMaps, releases: &Releases) -> Result<()> {
+    Ok(batch::add_to_counts(&maps.session_usage_released, &releases.0)?)
+}
+
+/// `forget_binding` for many bindings at once (given by their usage keys), in batches.
+pub fn forget_bindings(maps: &PinnedMaps, keys: &[SessionUsageKey]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let created = batch::lookup_many(&maps.session_usage_created, keys)?;
+    let released = batch::lookup_many(&maps.session_usage_released, keys)?;
+    let settled: Vec<SessionUsageKey> = keys
+        .iter()
+        .filter(|k| created.get(k).copied().unwrap_or(0) == released.get(k).copied().unwrap_or(0))
+        .filter(|k| created.contains_key(k) || released.contains_key(k))
+        .copied()
+        .collect();
+    batch::delete(&maps.session_usage_created, &settled)?;
+    batch::delete(&maps.session_usage_released, &settled)?;
+    Ok(())
 }
 
 /// Sessions in use under `key`.

@@ -1,0 +1,155 @@
+//! The expiry sweep at table scale (issue 10, item 5): with 100 000 bindings filled into the
+//! maps (as the benchmark fills them), the sweep removes every expired binding with its
+//! sessions and keeps every live one and the static forwards; and a daemon sweeping such a
+//! table stops on SIGTERM (bounded wait, no timing assertion: how fast is the benchmark's
+//! business) and leaves nothing behind. Root only.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use vm_tests::lab::{LAN_IP, NAT_EXT, WAN_IP};
+use vm_tests::nat::{Leftovers, PIN_ROOT};
+use vm_tests::ops;
+use vm_tests::proc::poll;
+use vm_tests::{Lab, NatProcess};
+
+// The benchmark's map filler, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../src/bin/bench/nat_maps.rs"]
+mod nat_maps;
+
+use nat_maps::{monotonic_ns, NatMaps, ScaleLayout};
+
+/// Bindings in the table.
+const BINDINGS: u32 = 100_000;
+/// How long ago the expired half was last used: far past any timeout given here.
+const STALE_NS: u64 = 3_600 * 1_000_000_000;
+
+fn layout() -> ScaleLayout {
+    ScaleLayout {
+        host_base: std::net::Ipv4Addr::new(10, 64, 0, 1),
+        external: NAT_EXT,
+        filler_external_base: std::net::Ipv4Addr::new(100, 64, 0, 0),
+        remote: std::net::SocketAddrV4::new(WAN_IP, 9999),
+    }
+}
+
+/// The pin directory of the NAT on `iface` (`<netns inode>-<iface>` under PIN_ROOT).
+fn pin_dir(iface: &str) -> Result<PathBuf> {
+    let suffix = format!("-{iface}");
+    let found: Vec<PathBuf> = std::fs::read_dir(PIN_ROOT)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+        .map(|e| e.path())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("expected one pin directory for {iface} under {PIN_ROOT}, found {found:?}"),
+    }
+}
+
+/// Entries of a map, counted (with aya's one-at-a-time iteration: independent of the batch
+/// code under test).
+fn count<K: aya::Pod, V: aya::Pod>(map: &aya::maps::HashMap<aya::maps::MapData, K, V>) -> usize {
+    map.keys().filter(|k| k.is_ok()).count()
+}
+
+#[test]
+fn expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones() -> Result<()> {
+    let lab = Lab::new("expbig")?;
+    let max = (BINDINGS * 2).to_string();
+    let nat = NatProcess::attach(&lab, &["--max-bindings", &max, "--udp-timeout", "300"])?;
+    ops::ctl_ok(
+        &lab.nat,
+        &[
+            "forward",
+            "add",
+            "-i",
+            &lab.wan_if,
+            "udp",
+            "5353",
+            &format!("{LAN_IP}:53"),
+        ],
+    )?;
+    let mut maps = NatMaps::open(&pin_dir(nat.iface())?)?;
+    let l = layout();
+    let now = monotonic_ns();
+    let stale = now.saturating_sub(STALE_NS);
+    // Even bindings are live (used just now), odd ones idle for an hour.
+    for i in 0..BINDINGS {
+        let last_seen = if i % 2 == 0 { now } else { stale };
+        maps.insert(&l.binding(i), last_seen)
+            .with_context(|| format!("filling binding {i}"))?;
+    }
+    let live = (BINDINGS / 2) as usize;
+    // The daemon sweeps every second; bounded wait for the expired half to go.
+    let settled = poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        (count(&maps.bindings_out) == live + 1).then_some(())
+    });
+    ensure!(
+        settled.is_some(),
+        "after 60 s the table holds {} outbound bindings; expected {} live ones and the forward",
+        count(&maps.bindings_out),
+        live
+    );
+    let outbound: HashSet<(u32, u16)> = maps
+        .bindings_out
+        .keys()
+        .flatten()
+        .map(|k| (k.internal_addr, k.internal_port))
+        .collect();
+    for i in 0..BINDINGS {
+        let b = l.binding(i);
+        let key = (nat_maps::be(*b.internal.ip()), nat_maps::be16(b.internal.port()));
+        ensure!(
+            outbound.contains(&key) == (i % 2 == 0),
+            "binding {i} ({}, {}) is {} after the sweep",
+            b.internal,
+            if i % 2 == 0 { "live" } else { "expired" },
+            if outbound.contains(&key) {
+                "present"
+            } else {
+                "gone"
+            }
+        );
+    }
+    ensure!(
+        count(&maps.bindings_in) == live + 1,
+        "inbound entries: {} (expected {live} and the forward's)",
+        count(&maps.bindings_in)
+    );
+    // Each live binding keeps both of its sessions (address and port, address only); the
+    // expired ones lost both.
+    ensure!(
+        count(&maps.sessions) == 2 * live,
+        "sessions: {} (expected {})",
+        count(&maps.sessions),
+        2 * live
+    );
+    let forwards = ops::ctl_ok(&lab.nat, &["forward", "list", "-i", &lab.wan_if])?;
+    ensure!(
+        forwards.contains("5353"),
+        "the static forward is gone: {forwards}"
+    );
+    drop(maps);
+    nat.stop()
+}
+
+#[test]
+fn expiry_daemon_sweeping_a_large_table_stops_on_sigterm_and_leaves_nothing() -> Result<()> {
+    let lab = Lab::new("expterm")?;
+    let max = BINDINGS.to_string();
+    // Sweeps back to back, so SIGTERM arrives while one is running.
+    let nat = NatProcess::attach(&lab, &["--max-bindings", &max, "--sweep-interval-ms", "10"])?;
+    let mut maps = NatMaps::open(&pin_dir(nat.iface())?)?;
+    maps.fill(&layout(), BINDINGS)?;
+    drop(maps);
+    let iface = nat.iface().to_string();
+    // `stop` sends SIGTERM, waits (bounded) and requires a clean exit.
+    nat.stop()?;
+    let left = Leftovers::inspect(&lab.nat, &iface)?;
+    ensure!(left.is_clean(), "the NAT left {left:?} after SIGTERM");
+    Ok(())
+}
