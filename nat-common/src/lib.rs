@@ -17,6 +17,7 @@ pub mod maps;
 pub mod mode;
 pub mod packet;
 pub mod source;
+pub mod table_size;
 pub mod tcp_state;
 pub mod tcp_track;
 

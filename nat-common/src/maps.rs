@@ -50,8 +50,10 @@ pub mod names {
     ];
 }
 
-/// Default limit on dynamic bindings (`--max-bindings`).
-pub const DEFAULT_MAX_BINDINGS: u32 = 262_144;
+/// Default limit on dynamic bindings where the machine's RAM is not known, and the capacity
+/// the eBPF object is built with (the controller sizes the maps at load): the most a
+/// RAM-derived default gives (`table_size::default_max_bindings`).
+pub const DEFAULT_MAX_BINDINGS: u32 = crate::table_size::MAX_DEFAULT_MAX_BINDINGS;
 /// Room kept in the binding maps beyond the dynamic limit, so static forwards always fit.
 pub const STATIC_FORWARD_RESERVE: u32 = 4_096;
 /// Session map entries per allowed binding (each remote a binding talks to takes two: one
@@ -85,8 +87,8 @@ pub const fn session_capacity(max_bindings: u32) -> u32 {
 
 /// The default per-host session limit is the session capacity divided by this: one host can
 /// take a quarter of the table, so it takes at least four flooding hosts to fill it, and a host
-/// at its limit still holds far more sessions than any legitimate client uses (133 120 with
-/// the default table; a busy peer-to-peer client uses a few thousand).
+/// at its limit still holds far more sessions than any legitimate client uses (30 720 with
+/// the largest default table; a busy peer-to-peer client uses a few thousand).
 pub const DEFAULT_HOST_SESSION_SHARE: u32 = 4;
 /// The default per-binding session limit is the per-host default divided by this: one socket
 /// (a port flooding many remotes) cannot take all of its host's share, so the host's other
@@ -400,11 +402,11 @@ mod tests {
     #[test]
     fn default_session_limits_keep_one_host_from_filling_the_table() {
         let capacity = session_capacity(DEFAULT_MAX_BINDINGS);
-        assert_eq!(session_map_capacity(DEFAULT_MAX_BINDINGS), 1_064_960);
-        assert_eq!(capacity, 532_480);
+        assert_eq!(session_map_capacity(DEFAULT_MAX_BINDINGS), 245_760);
+        assert_eq!(capacity, 122_880);
         let host = default_max_sessions_per_host(DEFAULT_MAX_BINDINGS);
-        assert_eq!(host, 133_120);
-        assert_eq!(default_max_sessions_per_binding(DEFAULT_MAX_BINDINGS), 33_280);
+        assert_eq!(host, 30_720);
+        assert_eq!(default_max_sessions_per_binding(DEFAULT_MAX_BINDINGS), 7_680);
         // One host at its limit, to distinct remote addresses (two entries each), leaves three
         // quarters of the map to the others.
         assert!(2 * host <= session_map_capacity(DEFAULT_MAX_BINDINGS) / 4);

@@ -151,7 +151,10 @@ pub struct AttachArgs {
     /// IPv4 address in 10/8, 172.16/12, 192.168/16 or 100.64/10); `none` turns them off.
     #[arg(long = "internal-iface", value_name = "IFACE")]
     pub internal_ifaces: Vec<String>,
-    /// Most dynamic bindings at once; new flows beyond it are dropped (table_full).
+    /// Most dynamic bindings at once; new flows beyond it are dropped (table_full). Default: as
+    /// conntrack's nf_conntrack_max, RAM / 128 KiB (at least 1 024), at most 57 344, so an idle
+    /// attach holds at most 16 MiB of maps. Memory follows the live flows (about 0.5 KiB per
+    /// binding with one remote); a larger N costs 16 bytes per map slot up front (262 144: 67 MiB)
     #[arg(long, value_name = "N")]
     pub max_bindings: Option<u32>,
     /// Most dynamic bindings per internal host (RFC 6888 REQ-4); 0 = no limit.

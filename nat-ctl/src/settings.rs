@@ -18,12 +18,38 @@ use nat_common::{
         DEFAULT_UDP_TIMEOUT_SECS, MAX_EXTERNAL_ADDRS, TIMEOUT_COUNT,
     },
     maps::{default_max_sessions_per_binding, default_max_sessions_per_host, DEFAULT_MAX_BINDINGS},
-    Mode, NatConfig,
+    table_size, Mode, NatConfig,
 };
 
 /// Largest accepted `--max-bindings`: the session map gets four entries per binding, and the
-/// kernel must allocate all of it up front.
+/// kernel allocates every map's bucket array up front (16 bytes per power-of-two slot: about
+/// 0.5 GiB at this limit, before any entry).
 pub const MAX_BINDINGS_LIMIT: u32 = 4_000_000;
+
+/// Where the kernel reports the machine's RAM (`MemTotal`: `totalram_pages()`, the figure
+/// conntrack sizes its table from).
+const MEMINFO: &str = "/proc/meminfo";
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// The default `--max-bindings` for this machine: conntrack's rule from its RAM, capped so an
+/// idle attach holds at most 16 MiB of maps (`nat_common::table_size`); the cap if the RAM
+/// cannot be read.
+pub fn default_max_bindings() -> u32 {
+    std::fs::read_to_string(MEMINFO)
+        .ok()
+        .and_then(|text| mem_total_bytes(&text))
+        .map_or(DEFAULT_MAX_BINDINGS, table_size::default_max_bindings)
+}
 
 /// Idle timeouts in seconds, per `Timeout` kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +127,7 @@ impl Settings {
                 max: DEFAULT_PORT_MAX,
             },
             timeouts: Timeouts::default(),
-            max_bindings: DEFAULT_MAX_BINDINGS,
+            max_bindings: default_max_bindings(),
             internal_ifaces: InternalIfaces::Auto,
             max_bindings_per_host: 0,
             max_sessions_per_host: None,
@@ -301,6 +327,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("port-restricted"));
+    }
+
+    #[test]
+    fn default_table_follows_the_ram() {
+        let meminfo = "MemTotal:         262144 kB\nMemFree:  1000 kB\n";
+        assert_eq!(mem_total_bytes(meminfo), Some(256 * 1024 * 1024));
+        assert_eq!(mem_total_bytes("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal: many\n"), None);
+        let n = default_max_bindings();
+        assert!(
+            (table_size::MIN_DEFAULT_MAX_BINDINGS..=table_size::MAX_DEFAULT_MAX_BINDINGS).contains(&n),
+            "{n}"
+        );
     }
 
     #[test]

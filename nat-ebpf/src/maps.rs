@@ -17,7 +17,11 @@ use nat_common::{
 };
 
 /// `BPF_F_NO_PREALLOC`: elements are allocated on insert and freed after an RCU grace period,
-/// so a value pointer a program holds never lands on a recycled element.
+/// so a value pointer a program holds never lands on a recycled element, and a map's memory
+/// follows its live entries: an idle map holds only its bucket array (16 bytes per
+/// power-of-two slot), not `max_entries` elements. `max_entries` is still enforced (an insert
+/// into a full map fails with `-E2BIG`, as with preallocation), and since 6.1 the elements of
+/// programs' inserts come from per-CPU caches (`bpf_mem_alloc`), which XDP and TC may use.
 const NO_PREALLOC: u32 = 1;
 
 /// `NatConfig`, written by the controller.
@@ -27,33 +31,34 @@ pub static NAT_CONFIG: Array<NatConfig> = Array::pinned(1, 0);
 /// Outbound lookups: internal endpoint (and remote, in symmetric mode) -> external endpoint.
 #[map]
 pub static NAT_BINDINGS_OUT: HashMap<BindingKey, BindingValue> =
-    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), 0);
+    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), NO_PREALLOC);
 
 /// Inbound lookups: external endpoint -> internal endpoint. Inserted first, with `BPF_NOEXIST`,
 /// to claim an external port atomically.
 #[map]
 pub static NAT_BINDINGS_IN: HashMap<ExternalKey, ExternalValue> =
-    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), 0);
+    HashMap::pinned(binding_map_capacity(DEFAULT_MAX_BINDINGS), NO_PREALLOC);
 
 /// Remotes each binding has sent to (filter state), with TCP state and last use.
 #[map]
 pub static NAT_SESSIONS: HashMap<SessionKey, SessionValue> =
-    HashMap::pinned(session_map_capacity(DEFAULT_MAX_BINDINGS), 0);
+    HashMap::pinned(session_map_capacity(DEFAULT_MAX_BINDINGS), NO_PREALLOC);
 
 /// Inbound fragmented datagrams whose first fragment was translated. LRU: a flood of stray
-/// fragments can only evict other fragment state (RFC 4787 REQ-14a).
+/// fragments can only evict other fragment state (RFC 4787 REQ-14a). LRU maps are always
+/// preallocated: 8 192 entries hold about 0.7 MiB.
 #[map]
 pub static NAT_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
 
 /// Bindings created per internal host (key 0: all hosts). Only the data path writes it, with
 /// atomic adds. (Capacities here are defaults; the controller sizes the maps at load time.)
 #[map]
-pub static NAT_USAGE_CREATED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
+pub static NAT_USAGE_CREATED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, NO_PREALLOC);
 
 /// Bindings removed per internal host (key 0: all hosts). Only the controller writes it, so
 /// `created - released` is exact without any read-modify-write race.
 #[map]
-pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, 0);
+pub static NAT_USAGE_RELEASED: HashMap<u32, u64> = HashMap::pinned(MAX_USAGE_HOSTS, NO_PREALLOC);
 
 /// Sessions created per internal host, per binding and in all (see `SessionUsageKey`). Only
 /// the data path writes it, with atomic adds. Not preallocated: the controller deletes a
