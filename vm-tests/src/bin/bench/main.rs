@@ -332,8 +332,9 @@ fn run(o: &Options) -> Result<Run> {
         run.scale_forwarding = Some(scale::forwarding(g, &contenders, &plan.scale, &mut log)?);
         log("scale: per-packet cost with live bindings");
         let mut mem = None;
+        let ram_bytes = run.machine.memory_mib * 1024 * 1024;
         run.scale_costs = Some(scale::costs(&plan.scale, &plan.cost, &mut log, |inst| {
-            mem = Some(memory::measure(inst)?);
+            mem = Some(memory::measure(inst, ram_bytes)?);
             Ok(())
         })?);
         run.memory = mem;

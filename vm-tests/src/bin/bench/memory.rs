@@ -1,18 +1,26 @@
-//! Memory per binding: what one binding occupies in the kernel's hash maps, computed from the
-//! key and value sizes and the running kernel's per-element overhead (read from its BTF), and
-//! cross-checked against the memory the kernel charges for the maps (`bpftool map show`).
+//! Memory per binding: what one live binding occupies in the kernel's hash maps, and what an
+//! idle table holds.
 //!
 //! A binding is one entry in each binding map plus two session entries (address-and-port and
-//! address-only). The maps are preallocated: their memory is set by `--max-bindings` when the
-//! NAT attaches, not by how many bindings are live, so both figures are reported.
+//! address-only). The maps are not preallocated (`BPF_F_NO_PREALLOC`): each entry is allocated
+//! when it is inserted, from a per-CPU cache of fixed-size objects (`bpf_mem_alloc`: element +
+//! an 8-byte list node, rounded up by kmalloc to its size class), so memory follows the live
+//! bindings; an idle map holds only its bucket array (one `struct bucket` per power-of-two
+//! slot). Two figures per live binding:
+//! - computed: element sizes from the key and value sizes and the running kernel's
+//!   `struct htab_elem` (read from its BTF), rounded to the allocator's size classes;
+//! - measured: the growth of the kernel's own accounting of the maps (bpftool `bytes_memlock`,
+//!   which since Linux 6.4 is `htab_map_mem_usage`: buckets + live entries × (element + list
+//!   node)) between an empty instance and the filled one, divided by the live bindings. Before
+//!   6.4 `bytes_memlock` is `max_entries` × (key + value) whatever is live, so no growth shows
+//!   and the measured figure is left out.
 
 use std::mem::size_of;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nat_common::{
-    maps::{names, SESSIONS_PER_BINDING},
-    BindingKey, BindingValue, ExternalKey, ExternalValue, SessionKey, SessionValue,
+    maps::names, table_size, BindingKey, BindingValue, ExternalKey, ExternalValue, SessionKey, SessionValue,
 };
 use vm_tests::proc;
 
@@ -24,6 +32,10 @@ pub const SESSIONS_PER_LIVE_BINDING: u64 = 2;
 /// when the running kernel's BTF cannot be read.
 const FALLBACK_HTAB_ELEM: u64 = 48;
 const FALLBACK_BUCKET: u64 = 16;
+/// The list node `bpf_mem_alloc` puts before each object (`LLIST_NODE_SZ`).
+const LLIST_NODE: u64 = 8;
+/// kmalloc's size classes up to a page (`kmalloc_info`, 64-bit, no 8-byte class needed here).
+const KMALLOC_CLASSES: [u64; 10] = [16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048];
 /// Where the running kernel's BTF is.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Time limit of one bpftool call (dumping vmlinux BTF takes a moment).
@@ -40,10 +52,15 @@ pub struct MapMemory {
     pub value: u64,
     /// Bytes per element: `htab_elem` + key and value each rounded up to 8.
     pub elem: u64,
+    /// Bytes the allocator hands out per element: `elem` + list node, rounded to a kmalloc
+    /// size class.
+    pub allocated: u64,
     /// Capacity of the measured instance.
     pub max_entries: u64,
-    /// Bytes the kernel charges for the whole map (`bytes_memlock`), if bpftool told us.
+    /// `bytes_memlock` of the filled instance, if bpftool told us.
     pub memlock: Option<u64>,
+    /// `bytes_memlock` of an empty instance of the same capacity.
+    pub memlock_empty: Option<u64>,
 }
 
 /// The memory figures.
@@ -59,34 +76,52 @@ pub struct Memory {
     pub maps: [MapMemory; 3],
     /// The `--max-bindings` of the measured instance.
     pub max_bindings: u32,
+    /// Bindings live in the measured instance.
+    pub live_bindings: u64,
+    /// An idle default attach on this machine.
+    pub idle: IdleAttach,
 }
 
 impl Memory {
-    /// Element bytes of one live binding: both binding entries and its two sessions.
+    /// Bytes the allocator hands out for one live binding: both binding entries and its two
+    /// sessions.
     pub fn per_live_binding(&self) -> u64 {
-        self.maps[0].elem + self.maps[1].elem + SESSIONS_PER_LIVE_BINDING * self.maps[2].elem
+        self.maps[0].allocated + self.maps[1].allocated + SESSIONS_PER_LIVE_BINDING * self.maps[2].allocated
     }
 
-    /// Computed bytes per configured binding: every map's preallocated elements and buckets
-    /// divided by `--max-bindings`.
-    pub fn per_configured_binding(&self) -> f64 {
-        let total: f64 = self
+    /// The kernel's accounting of the same: growth of `bytes_memlock` of the three maps from
+    /// empty to filled, per live binding; `None` where the kernel does not account live
+    /// entries (before 6.4) or bpftool gave no figure.
+    pub fn memlock_per_live_binding(&self) -> Option<f64> {
+        let filled: u64 = self.maps.iter().map(|m| m.memlock).sum::<Option<u64>>()?;
+        let empty: u64 = self.maps.iter().map(|m| m.memlock_empty).sum::<Option<u64>>()?;
+        (filled > empty && self.live_bindings > 0)
+            .then(|| (filled - empty) as f64 / self.live_bindings as f64)
+    }
+
+    /// Bytes an idle table holds per configured binding: the bucket arrays of both binding
+    /// maps and of the session map, divided by `--max-bindings`.
+    pub fn idle_per_configured_binding(&self) -> f64 {
+        let total: u64 = self
             .maps
             .iter()
-            .map(|m| (m.elem * m.max_entries + self.bucket * m.max_entries.next_power_of_two()) as f64)
+            .map(|m| self.bucket * m.max_entries.next_power_of_two())
             .sum();
-        total / self.max_bindings as f64
-    }
-
-    /// The same from the kernel's own accounting, if bpftool reported all three maps.
-    pub fn memlock_per_configured_binding(&self) -> Option<f64> {
-        let total: u64 = self.maps.iter().map(|m| m.memlock).sum::<Option<u64>>()?;
-        Some(total as f64 / self.max_bindings as f64)
+        total as f64 / self.max_bindings as f64
     }
 }
 
 fn round8(n: u64) -> u64 {
     n.div_ceil(8) * 8
+}
+
+/// The kmalloc size class `n` bytes come from.
+fn kmalloc_class(n: u64) -> u64 {
+    KMALLOC_CLASSES
+        .iter()
+        .copied()
+        .find(|&c| c >= n)
+        .unwrap_or_else(|| n.next_power_of_two())
 }
 
 /// `size=` of `STRUCT 'name'` in a raw BTF dump.
@@ -139,21 +174,28 @@ fn memlock(inst: &TestInstance, name: &str) -> Result<(u64, u64)> {
     Ok((memlock, entries))
 }
 
-/// Computes the figures for `inst`'s map sizes.
-pub fn measure(inst: &TestInstance) -> Result<Memory> {
+/// Computes the figures for `inst`'s map sizes and measures its maps against an empty
+/// instance of the same capacity, and an idle default attach for `ram_bytes` of RAM.
+pub fn measure(inst: &TestInstance, ram_bytes: u64) -> Result<Memory> {
+    let idle = idle_default_attach(ram_bytes)?;
     let (htab_elem, bucket, source) = kernel_sizes();
+    let empty = TestInstance::load(inst.max_bindings)?;
+    let live_bindings = inst.maps.bindings_in.keys().filter(|k| k.is_ok()).count() as u64;
     let map = |name: &'static str, key: usize, value: usize, default_entries: u64| {
-        let (memlock, entries) = match memlock(inst, name) {
+        let (filled, entries) = match memlock(inst, name) {
             Ok((m, e)) => (Some(m), e),
             Err(_) => (None, default_entries),
         };
+        let elem = htab_elem + round8(key as u64) + round8(value as u64);
         MapMemory {
             name,
             key: key as u64,
             value: value as u64,
-            elem: htab_elem + round8(key as u64) + round8(value as u64),
+            elem,
+            allocated: kmalloc_class(elem + LLIST_NODE),
             max_entries: entries,
-            memlock,
+            memlock: filled,
+            memlock_empty: memlock(&empty, name).ok().map(|(m, _)| m),
         }
     };
     let cap = nat_common::maps::binding_map_capacity(inst.max_bindings) as u64;
@@ -178,10 +220,40 @@ pub fn measure(inst: &TestInstance) -> Result<Memory> {
                 names::SESSIONS,
                 size_of::<SessionKey>(),
                 size_of::<SessionValue>(),
-                cap * SESSIONS_PER_BINDING as u64,
+                nat_common::maps::session_map_capacity(inst.max_bindings) as u64,
             ),
         ],
         max_bindings: inst.max_bindings,
+        live_bindings,
+        idle,
+    })
+}
+
+/// An idle NAT with the default `--max-bindings` for this machine's RAM: every map it holds.
+#[derive(Clone, Debug)]
+pub struct IdleAttach {
+    /// The default `--max-bindings` for this machine (`table_size::default_max_bindings`).
+    pub max_bindings: u32,
+    /// `bytes_memlock` summed over every map of the NAT, as the kernel accounts it.
+    pub memlock: u64,
+    /// The same computed (`table_size::idle_map_bytes`), for kernels before 6.4 whose
+    /// `bytes_memlock` does not follow the live entries.
+    pub computed: u64,
+}
+
+/// Loads the NAT's object with the default table size for `ram_bytes` of RAM, as `nat-ctl
+/// attach` would size it, and sums what its maps hold before any traffic.
+pub fn idle_default_attach(ram_bytes: u64) -> Result<IdleAttach> {
+    let max_bindings = table_size::default_max_bindings(ram_bytes);
+    let inst = TestInstance::load(max_bindings)?;
+    let memlock = names::ALL
+        .iter()
+        .map(|name| memlock(&inst, name).map(|(m, _)| m))
+        .sum::<Result<u64>>()?;
+    Ok(IdleAttach {
+        max_bindings,
+        memlock,
+        computed: table_size::idle_map_bytes(max_bindings),
     })
 }
 
@@ -197,5 +269,8 @@ mod tests {
         assert_eq!(btf_struct_size(dump, "bucket"), Some(16));
         assert_eq!(btf_struct_size(dump, "nothing"), None);
         assert_eq!(round8(12), 16);
+        assert_eq!(kmalloc_class(48 + 16 + 16 + LLIST_NODE), 96);
+        assert_eq!(kmalloc_class(97), 128);
+        assert_eq!(kmalloc_class(3000), 4096);
     }
 }

@@ -426,12 +426,25 @@ fn targets(run: &Run, md: &mut String) {
         );
     }
     if let Some(m) = &run.memory {
+        let idle_mib = m.idle.memlock as f64 / (1024.0 * 1024.0);
+        let budget_mib = nat_common::table_size::IDLE_MAP_BUDGET_BYTES as f64 / (1024.0 * 1024.0);
         let _ = writeln!(
             md,
-            "| memory per binding (both directions and its sessions) stated | {} bytes per live binding in map elements; \
-             {:.0} bytes per configured binding, preallocated | stated |",
-            m.per_live_binding(),
-            m.per_configured_binding()
+            "| default attach with no traffic ≤ {budget_mib:.0} MiB of map memory | {idle_mib:.1} MiB in all maps \
+             (`--max-bindings` {} for {} MiB of RAM; kernel accounting, bpftool `bytes_memlock`) | {} |",
+            thousands(m.idle.max_bindings),
+            thousands(run.machine.memory_mib),
+            if idle_mib <= budget_mib { "met" } else { "missed" }
+        );
+        let measured = m
+            .memlock_per_live_binding()
+            .map(|k| format!("; kernel accounting {k:.0} bytes"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "| memory per live binding stated | {} bytes per live binding allocated (both binding entries and two \
+             sessions){measured} | stated |",
+            m.per_live_binding()
         );
     }
     md.push('\n');
@@ -633,63 +646,80 @@ fn scale_forwarding_tables(points: &[ForwardingPoint], md: &mut String) {
 }
 
 fn memory_section(m: &Memory, md: &mut String) {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
     let _ = writeln!(md, "### Memory per binding\n");
     let _ = writeln!(
         md,
-        "Kernel hash-map element = `struct htab_elem` ({} bytes) + key + value, each rounded up to 8; \
-         one bucket ({} bytes) per power-of-two slot. Sizes from {}. Capacities of the measured \
-         instance (`--max-bindings` {}).\n",
+        "The binding, session and usage maps are not preallocated (`BPF_F_NO_PREALLOC`): an entry is \
+         allocated when it is inserted, so memory follows the live bindings. Kernel hash-map element = \
+         `struct htab_elem` ({} bytes) + key + value, each rounded up to 8; the allocator \
+         (`bpf_mem_alloc`) adds an 8-byte list node and kmalloc rounds to its size class. An idle map \
+         holds one bucket ({} bytes) per power-of-two slot. Sizes from {}. Measured instance: \
+         `--max-bindings` {}, {} live bindings; memlock is bpftool's `bytes_memlock` (the kernel's \
+         `map_mem_usage`, which counts live entries since Linux 6.4).\n",
         m.htab_elem,
         m.bucket,
         m.source,
-        thousands(m.max_bindings)
+        thousands(m.max_bindings),
+        thousands(m.live_bindings)
     );
     let _ = writeln!(
         md,
-        "| map | key | value | bytes per element | capacity | kernel memlock (bpftool) |\n|---|---|---|---|---|---|"
+        "| map | key | value | bytes per element | allocated per element | capacity | memlock empty | memlock filled |\n\
+         |---|---|---|---|---|---|---|---|"
     );
     for map in &m.maps {
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {} | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} |",
             map.name,
             map.key,
             map.value,
             map.elem,
+            map.allocated,
             thousands(map.max_entries),
-            map.memlock
-                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
-                .unwrap_or_else(|| "n/a".into())
+            map.memlock_empty.map(mib).unwrap_or_else(|| "n/a".into()),
+            map.memlock.map(mib).unwrap_or_else(|| "n/a".into())
         );
     }
-    let _ = writeln!(
-        md,
-        "\n- **Per live binding: {} bytes** of map elements = outbound entry {} + inbound entry {} + \
-         {SESSIONS_PER_LIVE_BINDING} sessions × {} (one remote: address-and-port and address-only).",
-        m.per_live_binding(),
-        m.maps[0].elem,
-        m.maps[1].elem,
-        m.maps[2].elem
-    );
     let _ = write!(
         md,
-        "- The maps are preallocated, so what a NAT actually holds is set by `--max-bindings`: \
-         **{:.0} bytes per configured binding** computed (elements and buckets of both binding maps \
-         and of the session map, which has room for {} sessions per binding)",
-        m.per_configured_binding(),
-        nat_common::maps::SESSIONS_PER_BINDING
+        "\n- **Per live binding: {} bytes** allocated = outbound entry {} + inbound entry {} + \
+         {SESSIONS_PER_LIVE_BINDING} sessions × {} (one remote: address-and-port and address-only)",
+        m.per_live_binding(),
+        m.maps[0].allocated,
+        m.maps[1].allocated,
+        m.maps[2].allocated
     );
-    match m.memlock_per_configured_binding() {
+    match m.memlock_per_live_binding() {
         Some(k) => {
             let _ = writeln!(
                 md,
-                "; the kernel's own accounting (bpftool `bytes_memlock`) says {k:.0} bytes."
+                "; the kernel's accounting (memlock filled minus empty, per live binding) says {k:.0} \
+                 bytes (elements and list nodes, before kmalloc's rounding)."
             );
         }
         None => {
-            let _ = writeln!(md, "; bpftool's memlock figure was not available.");
+            let _ = writeln!(
+                md,
+                "; the kernel's accounting did not grow with the entries (it counts live entries only \
+                 since Linux 6.4)."
+            );
         }
     }
+    let _ = writeln!(
+        md,
+        "- Idle: **{:.0} bytes per configured binding** (bucket arrays of both binding maps and of the \
+         session map, which has room for {} entries per binding).\n\
+         - A default attach on this machine (`--max-bindings` {}: conntrack's default for its RAM, at most {}) \
+         holds **{}** in all its maps before the first packet by the kernel's accounting ({} computed).",
+        m.idle_per_configured_binding(),
+        nat_common::maps::SESSIONS_PER_BINDING,
+        thousands(m.idle.max_bindings),
+        thousands(nat_common::table_size::MAX_DEFAULT_MAX_BINDINGS),
+        mib(m.idle.memlock),
+        mib(m.idle.computed)
+    );
     md.push('\n');
 }
 
@@ -870,8 +900,13 @@ pub fn json(run: &Run) -> Value {
     let memory = run.memory.as_ref().map(|m| {
         json!({
             "per_live_binding": m.per_live_binding(),
-            "per_configured_binding": m.per_configured_binding(),
-            "memlock_per_configured_binding": m.memlock_per_configured_binding(),
+            "memlock_per_live_binding": m.memlock_per_live_binding(),
+            "idle_per_configured_binding": m.idle_per_configured_binding(),
+            "idle_default_attach": {
+                "max_bindings": m.idle.max_bindings,
+                "memlock_bytes": m.idle.memlock,
+                "computed_bytes": m.idle.computed,
+            },
         })
     });
     json!({

@@ -12,7 +12,7 @@ use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use nat_common::{
     config::CONFIG_FLAG_READY,
-    maps::{binding_map_capacity, names, session_map_capacity},
+    maps::{binding_map_capacity, names, session_map_capacity, session_usage_capacity},
     NatConfig,
 };
 
@@ -60,6 +60,11 @@ impl TestInstance {
             .map_max_entries(names::BINDINGS_OUT, bindings)
             .map_max_entries(names::BINDINGS_IN, bindings)
             .map_max_entries(names::SESSIONS, session_map_capacity(max_bindings))
+            .map_max_entries(names::SESSION_USAGE_CREATED, session_usage_capacity(max_bindings))
+            .map_max_entries(
+                names::SESSION_USAGE_RELEASED,
+                session_usage_capacity(max_bindings),
+            )
             .load_file(&path)
             .with_context(|| format!("cannot load {}", path.display()))?;
         objects::xdp(&mut ebpf, INGRESS)?;
