@@ -182,6 +182,15 @@ pub const MAX_FRAGMENTS: u32 = 8_192;
 
 /// `BindingValue::flags` / `ExternalValue::flags`: a static forward; never expires.
 pub const BINDING_FLAG_STATIC: u8 = 1 << 0;
+/// `BindingValue::flags` / `ExternalValue::flags`, always with `BINDING_FLAG_STATIC`: a port
+/// mapping a host asked for with PCP (RFC 6887). The data path treats it as a static forward
+/// (it tests only `BINDING_FLAG_STATIC`); the controller's port-mapping server removes it when
+/// its lifetime ends.
+pub const BINDING_FLAG_PCP: u8 = 1 << 1;
+/// As `BINDING_FLAG_PCP`, for a mapping asked for with NAT-PMP (RFC 6886).
+pub const BINDING_FLAG_NATPMP: u8 = 1 << 2;
+/// Either port-mapping flag.
+pub const BINDING_FLAGS_PORT_MAPPING: u8 = BINDING_FLAG_PCP | BINDING_FLAG_NATPMP;
 
 /// Lookup key for outbound packets: the internal endpoint, plus the remote endpoint when the
 /// mode maps per remote (symmetric). Remote fields are zero otherwise.

@@ -197,6 +197,10 @@ pub struct AttachArgs {
     /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
     #[arg(long)]
     pub debug: bool,
+    /// Serve port-mapping requests on UDP 5351 of the internal interfaces: `pcp` (RFC 6887),
+    /// `nat-pmp` (RFC 6886), both (`pcp,nat-pmp`) or `off` (default).
+    #[arg(long, value_name = "PROTOCOLS", value_parser = |s: &str| crate::port_mapping::Protocols::parse(s).map_err(|e| e.to_string()))]
+    pub port_mapping: Option<crate::port_mapping::Protocols>,
 }
 
 /// `nat-ctl check`.

@@ -32,7 +32,7 @@ fn open(query: &QueryArgs) -> Result<(Instance, PinnedMaps)> {
 
 /// `nat-ctl mappings`.
 pub fn mappings(args: &MappingsArgs) -> Result<()> {
-    let (_, maps) = open(&args.query)?;
+    let (instance, maps) = open(&args.query)?;
     let config = maps.read_config()?;
     let mut rows = table::build(
         monotonic_ns(),
@@ -40,6 +40,7 @@ pub fn mappings(args: &MappingsArgs) -> Result<()> {
         &maps.sessions()?,
         &Timeouts(config.timeouts_secs),
     );
+    crate::port_mapping::annotate(&instance, &mut rows, monotonic_ns());
     if let Some(proto) = &args.proto {
         rows.retain(|r| r.proto == proto);
     }

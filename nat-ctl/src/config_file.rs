@@ -36,6 +36,7 @@ struct RawConfig {
     datapath_log: Option<bool>,
     xdp_mode: Option<Spanned<String>>,
     timeouts: Option<RawTimeouts>,
+    port_mapping: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     forwards: Vec<Spanned<RawForward>>,
 }
@@ -115,6 +116,8 @@ pub struct FileConfig {
     pub timeouts: [Option<u32>; nat_common::config::TIMEOUT_COUNT],
     /// Static forwards.
     pub forwards: Vec<ForwardSpec>,
+    /// Port-mapping protocols served.
+    pub port_mapping: Option<crate::port_mapping::Protocols>,
 }
 
 /// Line number (1-based) of byte offset `at` in `text`.
@@ -246,6 +249,10 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig> {
             }
         }
     }
+    if let Some(list) = raw.port_mapping {
+        let parsed = crate::port_mapping::Protocols::from_words(list.get_ref().iter().map(String::as_str));
+        config.port_mapping = Some(parsed.map_err(|e| at(list.span(), "port_mapping", e))?);
+    }
     for forward in &raw.forwards {
         let f = forward.get_ref();
         let proto = parse_proto(f.proto.get_ref()).map_err(|e| at(f.proto.span(), "forwards.proto", e))?;
@@ -298,6 +305,9 @@ impl FileConfig {
     pub fn apply(&self, settings: &mut Settings) {
         if let Some(mode) = self.mode {
             settings.mode = mode;
+        }
+        if let Some(protocols) = self.port_mapping {
+            settings.port_mapping = protocols;
         }
         if let Some(addrs) = &self.external_addrs {
             settings.external_addrs = addrs.clone();

@@ -81,6 +81,7 @@ fn flag_overrides(args: &AttachArgs) -> Result<FileConfig> {
         refusal_icmp: args.refusal_icmp,
         timeouts,
         forwards: Vec::new(),
+        port_mapping: args.port_mapping,
     })
 }
 
@@ -259,6 +260,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
                 }
             });
         }
+        crate::port_mapping::spawn(settings.port_mapping, &attached.internal_ifaces, &instance)?;
         let reinjector = Reinjector::open(&instance.pin_dir())?;
         let notifier = Notifier::open(&instance.pin_dir(), settings.refusal_icmp)?;
         let timeouts = &settings.timeouts;

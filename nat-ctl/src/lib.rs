@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod mountns;
 pub mod notices;
 pub mod pinned;
+pub mod port_mapping;
 pub mod raw;
 pub mod reinject;
 pub mod privileges;

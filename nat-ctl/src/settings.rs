@@ -113,6 +113,8 @@ pub struct Settings {
     pub datapath_log: bool,
     /// How the XDP programs attach: native, generic, or native with a generic fallback.
     pub xdp_mode: XdpModeChoice,
+    /// Port-mapping protocols served on the internal interfaces (off by default).
+    pub port_mapping: crate::port_mapping::Protocols,
 }
 
 impl Settings {
@@ -136,6 +138,7 @@ impl Settings {
             refusal_icmp: RefusalIcmp::Off,
             datapath_log: false,
             xdp_mode: XdpModeChoice::Auto,
+            port_mapping: crate::port_mapping::Protocols::default(),
         }
     }
 

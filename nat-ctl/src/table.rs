@@ -31,9 +31,10 @@ pub struct Row {
     /// Remote endpoint the binding talked to, if any.
     pub remote: Option<String>,
     /// TCP state, "active" for UDP/ICMP sessions, "idle" for a binding without sessions,
-    /// "static" for a static forward.
+    /// "static" for a static forward, "pcp" or "nat-pmp" for a host's port mapping.
     pub state: String,
-    /// Seconds until expiry; `None` for static forwards.
+    /// Seconds until expiry; `None` for static forwards (a port mapping's remaining lifetime
+    /// is filled in from the server's record, `port_mapping::annotate`).
     pub expires_in: Option<u64>,
 }
 
@@ -94,13 +95,28 @@ pub fn build(
                 internal,
                 external,
                 remote: None,
-                state: if is_static { "static" } else { "idle" }.to_string(),
+                state: static_state(value.flags).unwrap_or("idle").to_string(),
                 expires_in: (!is_static).then(|| remaining_secs(now_ns, value.last_seen_ns, timeout)),
             });
         }
     }
     rows.sort_by(|a, b| (a.proto, &a.internal, &a.remote).cmp(&(b.proto, &b.internal, &b.remote)));
     rows
+}
+
+/// The state a static binding shows: `static` for an operator's forward, `pcp` or `nat-pmp`
+/// for a host's port mapping; `None` for a dynamic binding.
+fn static_state(flags: u8) -> Option<&'static str> {
+    use nat_common::maps::{BINDING_FLAG_NATPMP, BINDING_FLAG_PCP};
+    if flags & BINDING_FLAG_STATIC == 0 {
+        None
+    } else if flags & BINDING_FLAG_PCP != 0 {
+        Some("pcp")
+    } else if flags & BINDING_FLAG_NATPMP != 0 {
+        Some("nat-pmp")
+    } else {
+        Some("static")
+    }
 }
 
 /// Renders rows as an aligned text table.

@@ -42,6 +42,10 @@ const LAB_PACKAGES: &[&str] = &[
     "curl",
     // `systemd-analyze verify` of the packaged unit.
     "systemd",
+    // Port mapping: a real NAT-PMP client, and the PCP dissector that checks our packets
+    // (DEBIAN_FRONTEND=noninteractive answers tshark's non-root capture question with no).
+    "natpmpc",
+    "tshark",
 ];
 
 /// Debian packages the VM tests use: qemu (TCG), a static busybox and cpio for the initramfs,

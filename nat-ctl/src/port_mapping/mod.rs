@@ -1,0 +1,364 @@
+//! Port mapping served by the NAT: PCP (RFC 6887) and NAT-PMP (RFC 6886) on UDP port 5351 of
+//! the internal interfaces only, off unless enabled (`--port-mapping pcp,nat-pmp`, config key
+//! `port_mapping`). A mapping is a binding flagged static (so the data path forwards inbound
+//! traffic to the host in every mode, as for `nat-ctl forward`) and marked with its protocol;
+//! this task removes it when its lifetime ends and records the mappings in a state file so a
+//! `--persist` restart keeps them with the lifetime they had left.
+
+pub mod kernel;
+pub mod mappings;
+pub mod natpmp;
+pub mod pcp;
+pub mod server;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{FromRawFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use tokio::{net::UdpSocket, sync::mpsc};
+
+use self::{
+    kernel::Kernel,
+    mappings::{Mapping, Mappings, Via},
+    server::Server,
+};
+use crate::{clock::monotonic_ns, instance::Instance, pinned::PinnedMaps};
+
+/// Which port-mapping protocols are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protocols {
+    /// PCP (RFC 6887).
+    pub pcp: bool,
+    /// NAT-PMP (RFC 6886).
+    pub nat_pmp: bool,
+}
+
+impl Protocols {
+    /// Any protocol on.
+    pub fn any(self) -> bool {
+        self.pcp || self.nat_pmp
+    }
+
+    /// Parses `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off` (also as a list of words).
+    pub fn parse(text: &str) -> Result<Self> {
+        Self::from_words(text.split(',').map(str::trim))
+    }
+
+    /// Parses a list of protocol names (the config file's array).
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        let mut p = Protocols::default();
+        for word in words {
+            match word {
+                "pcp" => p.pcp = true,
+                "nat-pmp" | "natpmp" => p.nat_pmp = true,
+                "off" | "none" | "" => {}
+                other => bail!("{other:?} is not a port-mapping protocol (expected pcp, nat-pmp or off)"),
+            }
+        }
+        Ok(p)
+    }
+
+    /// `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off`.
+    pub fn name(self) -> &'static str {
+        match (self.pcp, self.nat_pmp) {
+            (true, true) => "pcp,nat-pmp",
+            (true, false) => "pcp",
+            (false, true) => "nat-pmp",
+            (false, false) => "off",
+        }
+    }
+}
+
+/// How often the server looks at the external address (for NAT-PMP's announcement, RFC 6886
+/// §3.2.1) when no mapping expires sooner.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The all-hosts group and client port announcements go to (RFC 6886 §3.2.1, RFC 6887 §14.1.3).
+const ANNOUNCE_TO: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 1), pcp::CLIENT_PORT);
+/// Largest datagram read: PCP's limit (RFC 6887 §7) plus one, so a longer one is seen as such.
+const RECV_BUFFER: usize = pcp::MAX_MESSAGE_LEN + 4;
+/// Requests queued between the sockets and the server.
+const QUEUE: usize = 256;
+
+/// Name of the state file (`Instance::state_file`) holding the mappings.
+pub const STATE_KIND: &str = "port-mappings";
+
+/// The mappings recorded for `instance` (for `nat-ctl mappings`).
+pub fn load_state(instance: &Instance) -> Vec<Mapping> {
+    std::fs::read_to_string(instance.state_file(STATE_KIND))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
+/// Fills in the remaining lifetime of the port-mapping rows of `nat-ctl mappings`.
+pub fn annotate(instance: &Instance, rows: &mut [crate::table::Row], now_ns: u64) {
+    let recorded = load_state(instance);
+    for row in rows.iter_mut().filter(|r| r.remote.is_none()) {
+        let found = recorded.iter().find(|m| {
+            m.via.name() == row.state
+                && nat_common::proto::name(m.proto) == row.proto
+                && m.internal.to_string() == row.internal
+        });
+        if let Some(m) = found {
+            row.expires_in = Some(u64::from(Mappings::remaining_secs(m, now_ns)));
+        }
+    }
+}
+
+fn save_state(path: &PathBuf, list: &[Mapping]) {
+    let text = serde_json::to_string(list).unwrap_or_default();
+    if let Err(e) = std::fs::write(path, text) {
+        eprintln!(
+            "nat-ctl: port mapping: cannot record the mappings in {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// A UDP socket on `addr`:5351 that only `iface`'s packets reach (SO_BINDTODEVICE: with the
+/// weak host model a packet to an internal address arriving on the external interface would
+/// otherwise be accepted; RFC 6887 §18.1: requests from outside are never answered).
+fn open_socket(iface: &str, addr: Ipv4Addr) -> Result<std::net::UdpSocket> {
+    // SAFETY: plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = iface.as_bytes();
+    // SAFETY: the option value is the interface name's bytes, with its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_BINDTODEVICE {iface}: {}", std::io::Error::last_os_error());
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: an int option.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: pcp::SERVER_PORT.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a sockaddr_in with its length.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "binding {addr}:{} on {iface}: {}",
+            pcp::SERVER_PORT,
+            std::io::Error::last_os_error()
+        );
+    }
+    let socket = std::net::UdpSocket::from(owned);
+    Ok(socket)
+}
+
+/// Opens the server's sockets on the internal interfaces and spawns it on the current tokio
+/// runtime. Nothing is spawned when `protocols` is off.
+pub fn spawn(protocols: Protocols, internal_ifaces: &[String], instance: &Instance) -> Result<()> {
+    if !protocols.any() {
+        return Ok(());
+    }
+    if internal_ifaces.is_empty() {
+        bail!("--port-mapping needs internal interfaces (the server listens only there): name them with --internal-iface");
+    }
+    let mut sockets = Vec::new();
+    for iface in internal_ifaces {
+        for addr in crate::iface::ipv4_addrs(iface)? {
+            let socket = open_socket(iface, addr)?;
+            sockets.push(Arc::new(UdpSocket::from_std(socket)?));
+        }
+    }
+    if sockets.is_empty() {
+        bail!(
+            "--port-mapping: the internal interfaces ({}) have no IPv4 address to listen on",
+            internal_ifaces.join(", ")
+        );
+    }
+    let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let state_path = instance.state_file(STATE_KIND);
+    let list = restore(&mut maps, load_state(instance), monotonic_ns());
+    save_state(&state_path, &list);
+    let server = Server {
+        protocols,
+        epoch_start_ns: monotonic_ns(),
+        mappings: Mappings::with(list, std::process::id().wrapping_mul(2_654_435_761)),
+        allow_third_party: false,
+    };
+    let (tx, rx) = mpsc::channel(QUEUE);
+    for (i, socket) in sockets.iter().enumerate() {
+        let socket = socket.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; RECV_BUFFER];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                if let SocketAddr::V4(from) = from {
+                    if tx.send((i, buf[..n].to_vec(), from)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    tokio::spawn(serve(server, maps, sockets, rx, state_path));
+    Ok(())
+}
+
+/// Keeps the recorded mappings whose binding is still there and whose lifetime is not over;
+/// removes marked bindings nobody recorded or that expired while no daemon ran.
+fn restore(maps: &mut PinnedMaps, recorded: Vec<Mapping>, now_ns: u64) -> Vec<Mapping> {
+    let marked = kernel::marked(maps);
+    let mut kept = Vec::new();
+    let mut dp = Kernel { maps };
+    for (proto, internal, external_port, flags) in marked {
+        let record = recorded
+            .iter()
+            .find(|m| m.proto == proto && m.internal == internal);
+        match record {
+            Some(m) if m.expires_ns > now_ns => kept.push(Mapping {
+                external_port,
+                ..m.clone()
+            }),
+            _ => {
+                let stale = Mapping {
+                    proto,
+                    internal,
+                    external_port,
+                    expires_ns: 0,
+                    nonce: None,
+                    via: if flags & Via::Pcp.flag() != 0 {
+                        Via::Pcp
+                    } else {
+                        Via::NatPmp
+                    },
+                    adopted: record.is_some_and(|m| m.adopted),
+                };
+                let _ = mappings::Dataplane::remove(&mut dp, &stale);
+            }
+        }
+    }
+    kept
+}
+
+/// Sends the start-of-epoch announcements (RFC 6887 §14.1.3: unsolicited ANNOUNCE; RFC 6886
+/// §3.2.1: the public address) to the all-hosts group on every internal interface.
+async fn announce(server: &Server, dp: &mut Kernel<'_>, sockets: &[Arc<UdpSocket>]) {
+    let epoch = server.epoch(monotonic_ns());
+    let mut messages = Vec::new();
+    if server.protocols.pcp {
+        messages.push(pcp::announce_response(epoch));
+    }
+    if server.protocols.nat_pmp {
+        if let Some(addr) = mappings::Dataplane::external_addr(dp) {
+            messages.push(natpmp::public_address_response(
+                natpmp::ResultCode::Success,
+                epoch,
+                addr,
+            ));
+        }
+    }
+    for socket in sockets {
+        for message in &messages {
+            let _ = socket.send_to(message, ANNOUNCE_TO).await;
+        }
+    }
+}
+
+async fn serve(
+    mut server: Server,
+    mut maps: PinnedMaps,
+    sockets: Vec<Arc<UdpSocket>>,
+    mut rx: mpsc::Receiver<(usize, Vec<u8>, SocketAddrV4)>,
+    state_path: PathBuf,
+) {
+    let mut dp = Kernel { maps: &mut maps };
+    announce(&server, &mut dp, &sockets).await;
+    let mut address = mappings::Dataplane::external_addr(&mut dp);
+    loop {
+        let wait = server.mappings.next_expiry().map_or(IDLE_TICK, |at| {
+            Duration::from_nanos(at.saturating_sub(monotonic_ns())).min(IDLE_TICK)
+        });
+        tokio::select! {
+            message = rx.recv() => {
+                let Some((i, datagram, from)) = message else { return };
+                let before = server.mappings.list().to_vec();
+                match server.handle(&mut dp, &datagram, from, monotonic_ns()) {
+                    Ok(Some(answer)) => {
+                        let _ = sockets[i].send_to(&answer, from).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => eprintln!("nat-ctl: port mapping: request from {from}: {e:#}"),
+                }
+                if server.mappings.list() != before.as_slice() {
+                    save_state(&state_path, server.mappings.list());
+                }
+            }
+            _ = tokio::time::sleep(wait) => {
+                if !server.mappings.expire(&mut dp, monotonic_ns()).is_empty() {
+                    save_state(&state_path, server.mappings.list());
+                }
+                let now = mappings::Dataplane::external_addr(&mut dp);
+                if now != address {
+                    // RFC 6886 §3.2.1: hosts are told when the external address changes.
+                    address = now;
+                    announce(&server, &mut dp, &sockets).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_parse() {
+        assert_eq!(
+            Protocols::parse("pcp,nat-pmp").unwrap(),
+            Protocols {
+                pcp: true,
+                nat_pmp: true
+            }
+        );
+        assert_eq!(Protocols::parse("nat-pmp").unwrap().name(), "nat-pmp");
+        assert!(!Protocols::parse("off").unwrap().any());
+        assert!(Protocols::parse("upnp").is_err());
+    }
+}
