@@ -347,6 +347,19 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
+impl FragmentKey {
+    /// The key of the datagram `ip` belongs to.
+    pub const fn of(ip: &crate::packet::Ipv4Header) -> Self {
+        FragmentKey {
+            src_addr: ip.saddr,
+            dst_addr: ip.daddr,
+            id: ip.id,
+            proto: ip.proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// How to translate the non-first fragments of a datagram, learnt from its first fragment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

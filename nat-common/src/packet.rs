@@ -64,6 +64,16 @@ pub mod icmp_type {
     }
 }
 
+/// Codes of the ICMP "destination unreachable" errors the NAT sends (RFC 792, RFC 1812 §5.2.7.1).
+pub mod unreach_code {
+    /// Host unreachable.
+    pub const HOST_UNREACHABLE: u8 = 1;
+    /// Port unreachable.
+    pub const PORT_UNREACHABLE: u8 = 3;
+    /// Communication administratively prohibited.
+    pub const ADMIN_PROHIBITED: u8 = 13;
+}
+
 /// The fixed part of an IPv4 header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -88,6 +98,73 @@ pub struct Ipv4Header {
     pub saddr: u32,
     /// Destination address (network order).
     pub daddr: u32,
+}
+
+/// The IP version this NAT translates.
+pub const IPV4_VERSION: u8 = 4;
+/// Offset of the TTL (and, after it, the protocol: the two form one checksummed word).
+pub const IPV4_TTL_OFF: usize = 8;
+
+impl Ipv4Header {
+    /// Header length in bytes, from the IHL field.
+    pub const fn header_len(&self) -> usize {
+        (self.version_ihl & 0x0f) as usize * 4
+    }
+
+    /// The fixed header at the start of `bytes` (a packet in a user-space buffer), fields in
+    /// network order as the data path sees them. None when shorter than a header or not IPv4.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; IPV4_MIN_HLEN] = bytes.get(..IPV4_MIN_HLEN)?.try_into().ok()?;
+        let header = Ipv4Header {
+            version_ihl: b[0],
+            tos: b[1],
+            tot_len: u16::from_ne_bytes([b[2], b[3]]),
+            id: u16::from_ne_bytes([b[4], b[5]]),
+            frag_off: u16::from_ne_bytes([b[6], b[7]]),
+            ttl: b[IPV4_TTL_OFF],
+            proto: b[IPV4_TTL_OFF + 1],
+            check: u16::from_ne_bytes([b[IPV4_CHECK_OFF], b[IPV4_CHECK_OFF + 1]]),
+            saddr: u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            daddr: u32::from_ne_bytes([b[16], b[17], b[18], b[19]]),
+        };
+        (header.version_ihl >> 4 == IPV4_VERSION).then_some(header)
+    }
+
+    /// Writes the fixed header into the first `IPV4_MIN_HLEN` bytes of `out` (which must hold
+    /// them), fields as they are (network order).
+    pub fn write(&self, out: &mut [u8]) {
+        let out = &mut out[..IPV4_MIN_HLEN];
+        out[0] = self.version_ihl;
+        out[1] = self.tos;
+        out[2..4].copy_from_slice(&self.tot_len.to_ne_bytes());
+        out[4..6].copy_from_slice(&self.id.to_ne_bytes());
+        out[6..8].copy_from_slice(&self.frag_off.to_ne_bytes());
+        out[IPV4_TTL_OFF] = self.ttl;
+        out[IPV4_TTL_OFF + 1] = self.proto;
+        out[IPV4_CHECK_OFF..IPV4_CHECK_OFF + 2].copy_from_slice(&self.check.to_ne_bytes());
+        out[IPV4_SRC_OFF..IPV4_SRC_OFF + 4].copy_from_slice(&self.saddr.to_ne_bytes());
+        out[IPV4_DST_OFF..IPV4_DST_OFF + 4].copy_from_slice(&self.daddr.to_ne_bytes());
+    }
+
+    /// What forwarding does to the header: one off the TTL, the checksum updated incrementally
+    /// (RFC 1624). False, and nothing changed, when the TTL would reach zero (RFC 1812 §5.3.1:
+    /// the packet must not be forwarded).
+    pub fn decrement_ttl(&mut self) -> bool {
+        if self.ttl <= 1 {
+            return false;
+        }
+        let old = u16::from_ne_bytes([self.ttl, self.proto]);
+        self.ttl -= 1;
+        self.check =
+            crate::checksum::replace_u16(self.check, old, u16::from_ne_bytes([self.ttl, self.proto]));
+        true
+    }
+
+    /// Sets the destination address (network order), updating the checksum incrementally.
+    pub fn set_daddr(&mut self, daddr: u32) {
+        self.check = crate::checksum::replace_u32(self.check, self.daddr, daddr);
+        self.daddr = daddr;
+    }
 }
 
 /// The first eight bytes of a UDP or TCP header, or of an ICMP header (where the
@@ -294,5 +371,47 @@ mod tests {
         assert!(icmp_type::is_error(11));
         assert!(!icmp_type::is_error(8));
         assert!(!icmp_type::is_error(0));
+    }
+
+    /// A UDP header 198.51.100.1 -> 198.51.100.254, TTL 64, with a valid checksum.
+    fn header_bytes() -> [u8; IPV4_MIN_HLEN] {
+        let mut b = [
+            0x45, 0, 0, 28, 0x12, 0x34, 0, 0, 64, 17, 0, 0, 198, 51, 100, 1, 198, 51, 100, 254,
+        ];
+        let sum = crate::checksum::checksum(&b);
+        b[IPV4_CHECK_OFF..IPV4_CHECK_OFF + 2].copy_from_slice(&sum.to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn a_header_read_from_bytes_writes_back_the_same_bytes() {
+        let bytes = header_bytes();
+        let ip = Ipv4Header::read(&bytes).unwrap();
+        assert_eq!(ip.header_len(), IPV4_MIN_HLEN);
+        assert_eq!(ip.saddr.to_ne_bytes(), [198, 51, 100, 1]);
+        assert_eq!(u16::from_be(ip.tot_len), 28);
+        let mut out = [0u8; IPV4_MIN_HLEN];
+        ip.write(&mut out);
+        assert_eq!(out, bytes);
+        assert!(Ipv4Header::read(&bytes[..19]).is_none(), "too short");
+        let mut v6 = bytes;
+        v6[0] = 0x65;
+        assert!(Ipv4Header::read(&v6).is_none(), "not IPv4");
+    }
+
+    #[test]
+    fn ttl_and_destination_changes_keep_the_checksum_valid() {
+        let mut ip = Ipv4Header::read(&header_bytes()).unwrap();
+        assert!(ip.decrement_ttl());
+        ip.set_daddr(u32::from_ne_bytes([10, 0, 0, 2]));
+        let mut out = [0u8; IPV4_MIN_HLEN];
+        ip.write(&mut out);
+        assert_eq!(out[IPV4_TTL_OFF], 63);
+        assert_eq!(&out[IPV4_DST_OFF..IPV4_DST_OFF + 4], &[10, 0, 0, 2]);
+        assert_eq!(crate::checksum::checksum(&out), 0, "checksum still valid");
+        ip.ttl = 1;
+        let before = ip.check;
+        assert!(!ip.decrement_ttl(), "a TTL of 1 is not forwarded");
+        assert_eq!((ip.ttl, ip.check), (1, before), "and nothing changed");
     }
 }

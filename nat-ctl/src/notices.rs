@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
 use nat_common::{
     maps::{names, Notice, NOTICE_REFUSED, NOTICE_UNSOLICITED_SYN, SESSION_KIND_ENDPOINT},
+    packet::{icmp_type, unreach_code, Ipv4Header, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
     proto, SessionKey,
 };
 
@@ -58,21 +59,26 @@ impl RefusalIcmp {
     fn code(self) -> Option<u8> {
         match self {
             RefusalIcmp::Off => None,
-            RefusalIcmp::AdminProhibited => Some(raw::CODE_ADMIN_PROHIBITED),
-            RefusalIcmp::HostUnreachable => Some(raw::CODE_HOST_UNREACHABLE),
+            RefusalIcmp::AdminProhibited => Some(unreach_code::ADMIN_PROHIBITED),
+            RefusalIcmp::HostUnreachable => Some(unreach_code::HOST_UNREACHABLE),
         }
     }
 }
 
 /// The session key an outbound SYN of the same connection would have created.
 pub fn session_of_syn(packet: &[u8]) -> Option<SessionKey> {
-    let header_len = ((*packet.first()? & 0x0f) as usize) * 4;
-    let ports = packet.get(header_len..header_len + 4)?;
+    let ip = Ipv4Header::read(packet)?;
+    let l4 = ip.header_len();
+    let port = |off: usize| {
+        packet
+            .get(l4 + off..l4 + off + 2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+    };
     Some(SessionKey {
-        external_addr: u32::from_ne_bytes(packet.get(16..20)?.try_into().ok()?),
-        remote_addr: u32::from_ne_bytes(packet.get(12..16)?.try_into().ok()?),
-        external_port: u16::from_ne_bytes([ports[2], ports[3]]),
-        remote_port: u16::from_ne_bytes([ports[0], ports[1]]),
+        external_addr: ip.daddr,
+        remote_addr: ip.saddr,
+        external_port: port(L4_DST_PORT_OFF)?,
+        remote_port: port(L4_SRC_PORT_OFF)?,
         proto: proto::TCP,
         kind: SESSION_KIND_ENDPOINT,
         _pad: [0; 2],
@@ -112,7 +118,7 @@ impl Notifier {
             return;
         }
         self.sent_this_second += 1;
-        let packet = raw::icmp_error(src, dst, raw::ICMP_DEST_UNREACH, code, quoted);
+        let packet = raw::icmp_error(src, dst, icmp_type::DEST_UNREACH, code, quoted);
         self.socket.send(&packet, dst);
     }
 
@@ -160,7 +166,7 @@ impl Notifier {
                 now,
                 key.external_addr,
                 key.remote_addr,
-                raw::CODE_PORT_UNREACHABLE,
+                unreach_code::PORT_UNREACHABLE,
                 &packet,
             );
         }

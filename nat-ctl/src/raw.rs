@@ -5,18 +5,16 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{bail, Result};
-use nat_common::checksum::checksum;
+use nat_common::{
+    checksum::checksum,
+    packet::{Ipv4Header, ICMP_CHECK_OFF, ICMP_HLEN, IPV4_MIN_HLEN},
+    proto,
+};
 
 /// TTL of the ICMP errors the controller sends.
 const ICMP_ERROR_TTL: u8 = 64;
-/// ICMP destination unreachable.
-pub const ICMP_DEST_UNREACH: u8 = 3;
-/// Code: port unreachable (RFC 5382 REQ-4).
-pub const CODE_PORT_UNREACHABLE: u8 = 3;
-/// Code: host unreachable (RFC 6888 REQ-11 for a refused flow).
-pub const CODE_HOST_UNREACHABLE: u8 = 1;
-/// Code: communication administratively prohibited (RFC 5508 REQ-8 for a refused flow).
-pub const CODE_ADMIN_PROHIBITED: u8 = 13;
+/// Version 4, header length 5 words: a header without options.
+const VERSION_IHL_NO_OPTIONS: u8 = 0x45;
 
 /// A raw IPv4 socket.
 pub struct RawSocket(OwnedFd);
@@ -60,24 +58,27 @@ impl RawSocket {
 /// the kernel choose) quoting `quoted` (the offending packet's IP header and first 8 transport
 /// bytes). The outer TOS copies the offending packet's (RFC 5508 §7.7).
 pub fn icmp_error(src: u32, dst: u32, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
-    const IP_HLEN: usize = 20;
-    const ICMP_HLEN: usize = 8;
-    let total = IP_HLEN + ICMP_HLEN + quoted.len();
+    let total = IPV4_MIN_HLEN + ICMP_HLEN + quoted.len();
     let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[1] = quoted.get(1).copied().unwrap_or(0);
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = ICMP_ERROR_TTL;
-    p[9] = nat_common::proto::ICMP;
-    p[12..16].copy_from_slice(&src.to_ne_bytes());
-    p[16..20].copy_from_slice(&dst.to_ne_bytes());
-    let header = checksum(&p[..IP_HLEN]);
-    p[10..12].copy_from_slice(&header.to_ne_bytes());
-    p[IP_HLEN] = icmp_type;
-    p[IP_HLEN + 1] = code;
-    p[IP_HLEN + ICMP_HLEN..].copy_from_slice(quoted);
-    let icmp = checksum(&p[IP_HLEN..]);
-    p[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&icmp.to_ne_bytes());
+    let mut ip = Ipv4Header {
+        version_ihl: VERSION_IHL_NO_OPTIONS,
+        tos: Ipv4Header::read(quoted).map_or(0, |offending| offending.tos),
+        tot_len: (total as u16).to_be(),
+        ttl: ICMP_ERROR_TTL,
+        proto: proto::ICMP,
+        saddr: src,
+        daddr: dst,
+        ..Ipv4Header::default()
+    };
+    ip.write(&mut p);
+    ip.check = checksum(&p[..IPV4_MIN_HLEN]);
+    ip.write(&mut p);
+    let icmp = &mut p[IPV4_MIN_HLEN..];
+    icmp[0] = icmp_type;
+    icmp[1] = code;
+    icmp[ICMP_HLEN..].copy_from_slice(quoted);
+    let sum = checksum(icmp);
+    icmp[ICMP_CHECK_OFF..ICMP_CHECK_OFF + 2].copy_from_slice(&sum.to_ne_bytes());
     p
 }
 
@@ -93,7 +94,13 @@ mod tests {
         ];
         let src = u32::from_ne_bytes([198, 51, 100, 254]);
         let dst = u32::from_ne_bytes([198, 51, 100, 1]);
-        let p = icmp_error(src, dst, ICMP_DEST_UNREACH, CODE_PORT_UNREACHABLE, &quoted);
+        let p = icmp_error(
+            src,
+            dst,
+            nat_common::packet::icmp_type::DEST_UNREACH,
+            nat_common::packet::unreach_code::PORT_UNREACHABLE,
+            &quoted,
+        );
         assert_eq!(p.len(), 20 + 8 + quoted.len());
         assert_eq!(checksum(&p[..20]), 0, "IP header checksum valid");
         assert_eq!(checksum(&p[20..]), 0, "ICMP checksum valid");

@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuValues, RingBuf};
 use nat_common::{
-    checksum::{replace_u16, replace_u32},
     maps::{names, ParkedFragment},
+    packet::Ipv4Header,
     Counter, FragmentKey, FragmentValue,
 };
 
@@ -25,37 +25,23 @@ pub const MAX_PARKED: usize = 1024;
 /// reassembly queue.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
-const IPV4_MIN_HLEN: usize = 20;
-
 /// The fragment key (source, destination, IP ID, protocol) of an IPv4 packet.
 pub fn fragment_key(packet: &[u8]) -> Option<FragmentKey> {
-    if packet.len() < IPV4_MIN_HLEN || packet[0] >> 4 != 4 {
-        return None;
-    }
-    Some(FragmentKey {
-        src_addr: u32::from_ne_bytes(packet[12..16].try_into().ok()?),
-        dst_addr: u32::from_ne_bytes(packet[16..20].try_into().ok()?),
-        id: u16::from_ne_bytes([packet[4], packet[5]]),
-        proto: packet[9],
-        _pad: 0,
-    })
+    Ipv4Header::read(packet).map(|ip| FragmentKey::of(&ip))
 }
 
 /// Rewrites the destination of `packet` to `new_dst` (raw, network order) and takes one off the
 /// TTL, as forwarding would, fixing the header checksum incrementally. False if the packet is
 /// too short or its TTL would expire.
 pub fn translate(packet: &mut [u8], new_dst: u32) -> bool {
-    if packet.len() < IPV4_MIN_HLEN || packet[8] <= 1 {
+    let Some(mut ip) = Ipv4Header::read(packet) else {
+        return false;
+    };
+    if !ip.decrement_ttl() {
         return false;
     }
-    let mut check = u16::from_ne_bytes([packet[10], packet[11]]);
-    let old_dst = u32::from_ne_bytes(packet[16..20].try_into().expect("length checked"));
-    check = replace_u32(check, old_dst, new_dst);
-    let old_ttl_word = u16::from_ne_bytes([packet[8], packet[9]]);
-    packet[8] -= 1;
-    check = replace_u16(check, old_ttl_word, u16::from_ne_bytes([packet[8], packet[9]]));
-    packet[16..20].copy_from_slice(&new_dst.to_ne_bytes());
-    packet[10..12].copy_from_slice(&check.to_ne_bytes());
+    ip.set_daddr(new_dst);
+    ip.write(packet);
     true
 }
 

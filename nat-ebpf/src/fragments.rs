@@ -13,24 +13,12 @@ use nat_common::{
 
 use crate::maps::{NAT_FRAGMENTS, NAT_PARKED_FRAGMENTS};
 
-/// The key of the datagram `ip` belongs to, as received.
-#[inline(always)]
-pub fn key_of(ip: &Ipv4Header) -> FragmentKey {
-    FragmentKey {
-        src_addr: ip.saddr,
-        dst_addr: ip.daddr,
-        id: ip.id,
-        proto: ip.proto,
-        _pad: 0,
-    }
-}
-
 /// Remembers the address the first fragment of `ip`'s datagram was translated to. Best effort:
 /// the map is LRU, so this never fails for lack of room.
 #[inline(always)]
 pub fn remember(ip: &Ipv4Header, translated_addr: u32) {
     let _ = NAT_FRAGMENTS.insert(
-        key_of(ip),
+        &FragmentKey::of(ip),
         FragmentValue {
             translated_addr,
             _pad: 0,
@@ -43,7 +31,7 @@ pub fn remember(ip: &Ipv4Header, translated_addr: u32) {
 #[inline(always)]
 pub fn translated_addr(ip: &Ipv4Header) -> Option<u32> {
     // SAFETY: the value is plain data copied out at once.
-    unsafe { NAT_FRAGMENTS.get(key_of(ip)) }.map(|v| v.translated_addr)
+    unsafe { NAT_FRAGMENTS.get(&FragmentKey::of(ip)) }.map(|v| v.translated_addr)
 }
 
 /// Hands an inbound non-first fragment whose first fragment has not been seen (`len` bytes
