@@ -196,6 +196,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             e
         }
     })?;
+    report_internal(&settings.iface, &internal, &attached);
     // Mistakes that would leave the NAT attached but useless, said once here.
     let forwarding = sysctl::IpForwarding::enable(&instance, resolved.persist)?;
     if let Some(was) = &forwarding.was {
@@ -219,7 +220,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         FastPathDevices::new(fast_path_candidates(&settings.iface, &attached.internal_ifaces)?)?;
     fast_path.refresh(&mut maps)?;
     install_forwards(&mut maps, &config, &resolved.forwards)?;
-    report_internal(&instance, &settings.iface, &internal, &attached)?;
+    record_internal(&instance, &internal, &attached)?;
     lock.write_info(&attached.description)?;
 
     let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
@@ -308,31 +309,33 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     result
 }
 
-/// Says which internal interfaces the NAT took when it chose them itself (one line), and
-/// records the choice for `status`. An adopted instance keeps the ones it runs with.
-fn report_internal(
-    instance: &Instance,
-    external: &str,
-    internal: &Resolution,
-    attached: &Attached,
-) -> Result<()> {
-    if attached.adopted {
-        // Detection found nothing meaningful here (the running programs hold the interfaces):
-        // only a choice the user made and adoption cannot honour is worth a line.
-        let source = internal_ifaces::load(instance).map_or(internal_ifaces::Source::Named, |(s, _)| s);
-        if internal.source != internal_ifaces::Source::Auto && attached.internal_ifaces != internal.names {
-            let kept = match attached.internal_ifaces.as_slice() {
-                [] => "none".to_string(),
-                names => names.join(", "),
-            };
-            eprintln!("nat-ctl: internal interfaces: {kept} (kept from the running instance; detach first to change them)");
+/// Says which internal interfaces the NAT took when it chose them itself (one line, before the
+/// fast path's lines about them). An adopted instance keeps the ones it runs with: detection
+/// found nothing meaningful there (the running programs hold the interfaces), so only a choice
+/// the user made that adoption cannot honour is worth a line.
+fn report_internal(external: &str, internal: &Resolution, attached: &Attached) {
+    if !attached.adopted {
+        if let Some(line) = internal_ifaces::notice(external, internal) {
+            eprintln!("{line}");
         }
-        return internal_ifaces::save(instance, source, &attached.internal_ifaces);
+    } else if internal.source != internal_ifaces::Source::Auto && attached.internal_ifaces != internal.names {
+        let kept = match attached.internal_ifaces.as_slice() {
+            [] => "none".to_string(),
+            names => names.join(", "),
+        };
+        eprintln!("nat-ctl: internal interfaces: {kept} (kept from the running instance; detach first to change them)");
     }
-    if let Some(line) = internal_ifaces::notice(external, internal) {
-        eprintln!("{line}");
-    }
-    internal_ifaces::save(instance, internal.source, &attached.internal_ifaces)
+}
+
+/// Records how the internal interfaces were chosen, for `status` (an adopted instance keeps
+/// the record of the attach that chose them).
+fn record_internal(instance: &Instance, internal: &Resolution, attached: &Attached) -> Result<()> {
+    let source = if attached.adopted {
+        internal_ifaces::load(instance).map_or(internal_ifaces::Source::Named, |(s, _)| s)
+    } else {
+        internal.source
+    };
+    internal_ifaces::save(instance, source, &attached.internal_ifaces)
 }
 
 /// Warns about each given external address that is not on the interface: legitimate for a

@@ -108,6 +108,13 @@ pub const VM_TESTS: &[VmTest] = &[
         "hairpin",
         "traffic_to_and_from_the_internet_still_flows_with_internal_iface",
     ),
+    // The one-line attach finds the internal interfaces and hairpins in every cone mode (no
+    // fast path before 6.3: the test then checks the hairpin only); `none` turns them off.
+    t(
+        "hairpin",
+        "the_one_line_attach_hairpins_and_takes_the_fast_path_in_every_cone_mode",
+    ),
+    t("hairpin", "internal_iface_none_attaches_no_internal_program"),
     // Its source check (no LAN host sends as the gateway), and the host's forward rules with it
     // as with masquerade (40 s each in the guest).
     t("fastpath_policy", "a_lan_host_cannot_send_as_the_gateway"),
