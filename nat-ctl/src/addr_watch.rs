@@ -620,7 +620,7 @@ fn remove_stale(maps: &mut PinnedMaps, keep: &[Ipv4Addr]) -> Result<usize> {
             removed += 1;
         }
     }
-    let inbound: Vec<(ExternalKey, ExternalValue)> = maps.bindings_in.iter().filter_map(|r| r.ok()).collect();
+    let inbound: Vec<(ExternalKey, ExternalValue)> = crate::pinned::read_all(&maps.bindings_in)?;
     for key in stale_inbound(&inbound, &keep_be) {
         let _ = maps.bindings_in.remove(&key);
     }

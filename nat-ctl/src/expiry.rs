@@ -101,76 +101,131 @@ pub struct SweepPlan {
     pub bindings: Vec<(BindingKey, ExternalKey)>,
 }
 
-/// What the session map says, built entry by entry as it is read (so the sweep never holds a
-/// copy of the whole map): the expired address-and-port sessions, and which bindings and
-/// (binding, remote address) pairs still have a live one.
+/// The sweep's decisions, built entry by entry as the maps are read (bindings first, then
+/// sessions), so the sweep never holds a copy of a whole map and does hash-set work only for
+/// the few bindings that are idle: a binding used within its timeout stays whatever its
+/// sessions say, so only idle ones ask whether a session is live.
 #[derive(Debug, Default)]
-pub struct SessionScan {
-    live_bindings: HashSet<BindingId>,
-    live_remotes: HashSet<(BindingId, u32)>,
+pub struct Decisions {
+    /// Idle dynamic bindings, by both keys, in the order seen.
+    candidates: Vec<(BindingKey, ExternalKey)>,
+    /// Index into `candidates` by the binding's identity in session keys.
+    candidate_ids: HashMap<BindingId, usize>,
+    /// Whether a live session keeps `candidates[i]`.
+    kept: Vec<bool>,
+    /// A per-remote binding (symmetric mode's) that is not idle was seen.
+    per_remote_live: bool,
     /// Expired address-and-port sessions, with their values (for the usage accounting).
     pub expired: Vec<(SessionKey, SessionValue)>,
-    /// The address-only sessions idle past their timeout, decided once all address-and-port
-    /// sessions are seen.
-    address: Vec<SessionKey>,
+    /// Live address-and-port sessions, as (binding, remote address): what keeps an idle
+    /// address-only session.
+    live_remotes: Vec<(BindingId, u32)>,
+    /// Address-only sessions idle past their timeout.
+    idle_address: Vec<SessionKey>,
 }
 
-impl SessionScan {
+impl Decisions {
+    /// Takes in one outbound binding entry.
+    pub fn observe_binding(
+        &mut self,
+        now_ns: u64,
+        key: &BindingKey,
+        value: &BindingValue,
+        timeouts: &Timeouts,
+    ) {
+        let idle = value.flags & BINDING_FLAG_STATIC == 0
+            && expired(
+                now_ns,
+                value.last_seen_ns,
+                binding_timeout_secs(key.proto, timeouts),
+            );
+        if !idle {
+            self.per_remote_live |= key.remote_addr != 0;
+            return;
+        }
+        self.candidate_ids.insert(
+            (key.proto, value.external_addr, value.external_port),
+            self.candidates.len(),
+        );
+        self.candidates.push((*key, external_key(key, value)));
+        self.kept.push(false);
+    }
+
     /// Takes in one session entry.
-    pub fn observe(&mut self, now_ns: u64, key: &SessionKey, value: &SessionValue, timeouts: &Timeouts) {
+    pub fn observe_session(
+        &mut self,
+        now_ns: u64,
+        key: &SessionKey,
+        value: &SessionValue,
+        timeouts: &Timeouts,
+    ) {
         let idle = expired(
             now_ns,
             value.last_seen_ns,
             session_timeout_secs(key.proto, value.tcp_state, timeouts),
         );
         if key.kind == SESSION_KIND_ADDRESS {
-            // One created within its timeout stays whatever else the walk saw: the data path
+            // One written within its timeout stays whatever else the walk saw: the data path
             // inserts it right after its address-and-port session, and a walk over the hash
             // map (bucket by bucket, not a snapshot) can see the second and miss the first.
             // Deleted, it would not come back while that session lives (only a new session
             // inserts it), and ADF would drop the remote's packets.
             if idle {
-                self.address.push(*key);
+                self.idle_address.push(*key);
             }
             return;
         }
         if idle {
             self.expired.push((*key, *value));
-        } else {
-            let id = (key.proto, key.external_addr, key.external_port);
-            self.live_bindings.insert(id);
-            self.live_remotes.insert((id, key.remote_addr));
+            return;
         }
+        let id = (key.proto, key.external_addr, key.external_port);
+        if let Some(&i) = self.candidate_ids.get(&id) {
+            self.kept[i] = true;
+        }
+        self.live_remotes.push((id, key.remote_addr));
     }
 
-    /// The address-only sessions that go: no address-and-port session with their remote on
-    /// their binding is live (RFC 4787 ADF state lives as long as the APDF state behind it).
-    pub fn expired_address_sessions(&self) -> impl Iterator<Item = &SessionKey> + '_ {
-        self.address.iter().filter(|key| {
-            !self
-                .live_remotes
-                .contains(&((key.proto, key.external_addr, key.external_port), key.remote_addr))
-        })
+    /// The address-only sessions that go: idle, and no address-and-port session with their
+    /// remote on their binding is live (RFC 4787 ADF state lives as long as the APDF state
+    /// behind it).
+    pub fn expired_address_sessions(&self) -> Vec<SessionKey> {
+        if self.idle_address.is_empty() {
+            return Vec::new();
+        }
+        let mut idle: HashSet<(BindingId, u32)> = self
+            .idle_address
+            .iter()
+            .map(|k| ((k.proto, k.external_addr, k.external_port), k.remote_addr))
+            .collect();
+        for pair in &self.live_remotes {
+            idle.remove(pair);
+        }
+        self.idle_address
+            .iter()
+            .filter(|k| idle.contains(&((k.proto, k.external_addr, k.external_port), k.remote_addr)))
+            .copied()
+            .collect()
     }
 
-    /// Whether the binding `key` -> `value` expires at `now_ns`: not a static forward, no live
-    /// session, and itself idle past its protocol's timeout.
-    pub fn binding_expires(
-        &self,
-        now_ns: u64,
-        key: &BindingKey,
-        value: &BindingValue,
-        timeouts: &Timeouts,
-    ) -> bool {
-        value.flags & BINDING_FLAG_STATIC == 0
-            && !self
-                .live_bindings
-                .contains(&(key.proto, value.external_addr, value.external_port))
-            && expired(
-                now_ns,
-                value.last_seen_ns,
-                binding_timeout_secs(key.proto, timeouts),
-            )
+    /// The bindings that go, by both keys: idle, dynamic, and no live session.
+    pub fn expired_bindings(&self) -> Vec<(BindingKey, ExternalKey)> {
+        self.candidates
+            .iter()
+            .zip(&self.kept)
+            .filter(|(_, kept)| !**kept)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Whether a per-remote binding outlives this sweep (counting only what was decided here).
+    pub fn per_remote_left(&self) -> bool {
+        self.per_remote_live
+            || self
+                .candidates
+                .iter()
+                .zip(&self.kept)
+                .any(|((k, _), kept)| *kept && k.remote_addr != 0)
     }
 }
 
@@ -181,18 +236,17 @@ pub fn plan(
     sessions: &[(SessionKey, SessionValue)],
     timeouts: &Timeouts,
 ) -> SweepPlan {
-    let mut scan = SessionScan::default();
+    let mut d = Decisions::default();
+    for (key, value) in bindings {
+        d.observe_binding(now_ns, key, value, timeouts);
+    }
     for (key, value) in sessions {
-        scan.observe(now_ns, key, value, timeouts);
+        d.observe_session(now_ns, key, value, timeouts);
     }
     let mut plan = SweepPlan::default();
-    plan.sessions.extend(scan.expired.iter().map(|(k, _)| *k));
-    plan.sessions.extend(scan.expired_address_sessions().copied());
-    for (key, value) in bindings {
-        if scan.binding_expires(now_ns, key, value, timeouts) {
-            plan.bindings.push((*key, external_key(key, value)));
-        }
-    }
+    plan.sessions.extend(d.expired.iter().map(|(k, _)| *k));
+    plan.sessions.extend(d.expired_address_sessions());
+    plan.bindings = d.expired_bindings();
     plan
 }
 
@@ -225,9 +279,9 @@ fn stopping(stop: &AtomicBool) -> bool {
 
 /// Runs one sweep over the live maps, `batch::CHUNK` entries per map operation, and returns
 /// early when `stop` is set (looked at between chunks, so within milliseconds at any table
-/// size). Order as the data path needs it: the whole session map is read first (a binding
-/// with a live session stays), expired sessions are deleted before any binding, and a binding
-/// goes by its outbound entry first, so no new packet finds it while its port is freed.
+/// size). Order as the data path needs it: both maps are read whole first (a binding with a
+/// live session stays), expired sessions are deleted before any binding, and a binding goes
+/// by its outbound entry first, so no new packet finds it while its port is freed.
 pub fn sweep(
     maps: &mut PinnedMaps,
     now_ns: u64,
@@ -235,32 +289,41 @@ pub fn sweep(
     stop: &AtomicBool,
 ) -> Result<SweepReport> {
     let mut report = SweepReport::default();
-    let mut per_remote_left = false;
+    let per_remote_left;
     {
         let maps: &PinnedMaps = maps;
-        let Some(scan) = scan_sessions(maps, now_ns, timeouts, stop)? else {
+        let Some(decisions) = decide(maps, now_ns, timeouts, stop)? else {
             report.interrupted = true;
             return Ok(report);
         };
-        if !remove_expired_sessions(maps, &scan, stop, &mut report)? {
+        if !remove_expired_sessions(maps, &decisions, stop, &mut report)? {
             report.interrupted = true;
             return Ok(report);
         }
-        let mut released_hosts: HashMap<u32, u64> = HashMap::new();
-        let mut reader = BatchReader::new(&maps.bindings_out);
-        let result = (|| -> Result<()> {
-            while let Some((keys, values)) = reader.next_chunk()? {
-                let mut out_keys = Vec::new();
-                let mut in_keys = Vec::new();
-                for (key, value) in keys.iter().zip(values) {
-                    if scan.binding_expires(now_ns, key, value, timeouts) {
-                        out_keys.push(*key);
-                        in_keys.push(external_key(key, value));
-                    } else if key.remote_addr != 0 {
-                        per_remote_left = true;
-                    }
+        let expiring = decisions.expired_bindings();
+        // A packet may have refreshed a binding since it was read: read them again (its new
+        // stamp is then later than `now_ns`, so it is not idle).
+        let out_keys: Vec<BindingKey> = expiring.iter().map(|(k, _)| *k).collect();
+        let current = batch::lookup_many(&maps.bindings_out, &out_keys)?;
+        let mut refreshed_per_remote = false;
+        let still: Vec<(BindingKey, ExternalKey)> = expiring
+            .into_iter()
+            .filter(|(k, _)| match current.get(k) {
+                Some(v) if expired(now_ns, v.last_seen_ns, binding_timeout_secs(k.proto, timeouts)) => true,
+                Some(_) => {
+                    refreshed_per_remote |= k.remote_addr != 0;
+                    false
                 }
-                report.bindings += remove_bindings(maps, &out_keys, &in_keys, &mut released_hosts)?;
+                None => false,
+            })
+            .collect();
+        per_remote_left = decisions.per_remote_left() || refreshed_per_remote;
+        let mut released_hosts: HashMap<u32, u64> = HashMap::new();
+        let result = (|| -> Result<()> {
+            for chunk in still.chunks(batch::CHUNK) {
+                let out: Vec<BindingKey> = chunk.iter().map(|(k, _)| *k).collect();
+                let inb: Vec<ExternalKey> = chunk.iter().map(|(_, k)| *k).collect();
+                report.bindings += remove_bindings(maps, &out, &inb, &mut released_hosts)?;
                 if stopping(stop) {
                     report.interrupted = true;
                     break;
@@ -278,35 +341,44 @@ pub fn sweep(
     Ok(report)
 }
 
-/// Reads the whole session map into a `SessionScan`; `None` when stopped part way.
-fn scan_sessions(
+/// Reads both maps into `Decisions`; `None` when stopped part way.
+fn decide(
     maps: &PinnedMaps,
     now_ns: u64,
     timeouts: &Timeouts,
     stop: &AtomicBool,
-) -> Result<Option<SessionScan>> {
-    let mut scan = SessionScan::default();
-    let mut reader = BatchReader::new(&maps.sessions);
-    while let Some((keys, values)) = reader.next_chunk()? {
+) -> Result<Option<Decisions>> {
+    let mut d = Decisions::default();
+    let mut bindings = BatchReader::new(&maps.bindings_out);
+    while let Some((keys, values)) = bindings.next_chunk()? {
         for (key, value) in keys.iter().zip(values) {
-            scan.observe(now_ns, key, value, timeouts);
+            d.observe_binding(now_ns, key, value, timeouts);
         }
         if stopping(stop) {
             return Ok(None);
         }
     }
-    Ok(Some(scan))
+    let mut sessions = BatchReader::new(&maps.sessions);
+    while let Some((keys, values)) = sessions.next_chunk()? {
+        for (key, value) in keys.iter().zip(values) {
+            d.observe_session(now_ns, key, value, timeouts);
+        }
+        if stopping(stop) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(d))
 }
 
-/// Deletes the expired sessions of `scan`, chunk by chunk, recording each chunk's releases
-/// (RFC 6888 REQ-5 counts) as it goes. Returns false when stopped part way.
+/// Deletes the expired sessions, chunk by chunk, recording each chunk's releases (RFC 6888
+/// REQ-5 counts) as it goes. Returns false when stopped part way.
 fn remove_expired_sessions(
     maps: &PinnedMaps,
-    scan: &SessionScan,
+    decisions: &Decisions,
     stop: &AtomicBool,
     report: &mut SweepReport,
 ) -> Result<bool> {
-    for chunk in scan.expired.chunks(batch::CHUNK) {
+    for chunk in decisions.expired.chunks(batch::CHUNK) {
         let keys: Vec<SessionKey> = chunk.iter().map(|(k, _)| *k).collect();
         let missing = batch::delete(&maps.sessions, &keys)?;
         let mut releases = session_usage::Releases::default();
@@ -321,8 +393,7 @@ fn remove_expired_sessions(
             return Ok(false);
         }
     }
-    let address: Vec<SessionKey> = scan.expired_address_sessions().copied().collect();
-    for chunk in address.chunks(batch::CHUNK) {
+    for chunk in decisions.expired_address_sessions().chunks(batch::CHUNK) {
         let missing = batch::delete(&maps.sessions, chunk)?;
         report.sessions += chunk.len() - missing.len();
         if stopping(stop) {

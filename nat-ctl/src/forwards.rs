@@ -225,10 +225,10 @@ pub fn move_to(maps: &mut PinnedMaps, f: &Forward, to: Ipv4Addr) -> Result<Forwa
 
 /// Every installed forward, sorted by protocol and external port.
 pub fn list(maps: &PinnedMaps) -> Vec<Forward> {
-    let mut forwards: Vec<Forward> = maps
-        .bindings_in
-        .iter()
-        .filter_map(|entry| entry.ok())
+    // Read in batches: the table may hold a million dynamic bindings beside the forwards.
+    let mut forwards: Vec<Forward> = crate::pinned::read_all(&maps.bindings_in)
+        .unwrap_or_default()
+        .into_iter()
         .filter(|(_, v)| v.flags & BINDING_FLAG_STATIC != 0)
         .map(|(k, v)| Forward {
             proto: k.proto,

@@ -9,6 +9,8 @@
 //!   driven by an in-kernel generator (see `forwarding`, `generator`);
 //! - `scale`: both again with 1 to 1 000 000 live bindings, the new-binding rate and the memory
 //!   per binding (see `scale`, `memory`);
+//! - `controller`: nat-ctl with the largest scale's live bindings: one expiry sweep's CPU time,
+//!   SIGTERM to exit, attach and adoption times (see `controller`);
 //! - `pktgen`, only when named: the forwarding comparison driven by the kernel's pktgen, for
 //!   Debian 12's 6.1 kernel in a VM (see `vm_forwarding`). Its results form one section of the
 //!   report (see `vm_report`): `--section-out FILE` writes just that section, and
@@ -20,6 +22,7 @@
 //! every path briefly (the test suite's `bench_smoke`).
 
 mod contender;
+mod controller;
 mod cost;
 mod cpu;
 mod forwarding;
@@ -140,9 +143,9 @@ struct Options {
 }
 
 const USAGE: &str = "usage: bench [--smoke] [--out BENCHMARKS.md] [--json FILE] [--command TEXT] \
-[--only cost|forwarding|scale|pktgen]... [--section-out FILE] | bench --merge-section FILE --out BENCHMARKS.md";
+[--only cost|forwarding|scale|controller|pktgen]... [--section-out FILE] | bench --merge-section FILE --out BENCHMARKS.md";
 /// The phases run when `--only` names none.
-const HOST_PHASES: [&str; 3] = ["cost", "forwarding", "scale"];
+const HOST_PHASES: [&str; 4] = ["cost", "forwarding", "scale", "controller"];
 /// The phase that needs pktgen (a VM): run only when named.
 const PKTGEN_PHASE: &str = "pktgen";
 
@@ -338,6 +341,15 @@ fn run(o: &Options) -> Result<Run> {
             Ok(())
         })?);
         run.memory = mem;
+    }
+    if phase("controller") {
+        // The controller at the largest scale: sweep, SIGTERM, attach, adoption.
+        if let Some(&n) = plan.scale.scales.iter().max() {
+            log(&format!(
+                "controller: sweep, SIGTERM, attach and adoption with {n} live bindings"
+            ));
+            run.scale_controller = Some(vec![controller::measure(n, &mut log)]);
+        }
     }
     drop(gen);
     if phase(PKTGEN_PHASE) {

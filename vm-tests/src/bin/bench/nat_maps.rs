@@ -196,14 +196,41 @@ impl NatMaps {
         (0..n).map(|i| self.remove(&layout.binding(i))).sum()
     }
 
-    /// Inserts bindings `0..n` of `layout`; returns how long it took.
+    /// Inserts bindings `0..n` of `layout`, used just now; returns how long it took.
     pub fn fill(&mut self, layout: &ScaleLayout, n: u32) -> Result<Duration> {
         let start = Instant::now();
-        let now = monotonic_ns();
-        for i in 0..n {
-            self.insert(&layout.binding(i), now)?;
-        }
+        self.fill_range(layout, 0..n, monotonic_ns())?;
         Ok(start.elapsed())
+    }
+
+    /// Inserts bindings `range` of `layout` as last used at `last_seen_ns`, in batches
+    /// (`BPF_MAP_UPDATE_BATCH`, thousands of entries per call: a million bindings are four
+    /// million entries). Unlike `insert`, an entry already there is overwritten.
+    pub fn fill_range(
+        &mut self,
+        layout: &ScaleLayout,
+        range: std::ops::Range<u32>,
+        last_seen_ns: u64,
+    ) -> Result<()> {
+        let indexes: Vec<u32> = range.collect();
+        for chunk in indexes.chunks(nat_ctl::batch::CHUNK) {
+            let entries: Vec<Entries> = chunk
+                .iter()
+                .map(|&i| Entries::of(&layout.binding(i), last_seen_ns))
+                .collect();
+            let inbound: Vec<_> = entries.iter().map(|e| (e.in_key, e.in_value)).collect();
+            let outbound: Vec<_> = entries.iter().map(|e| (e.out_key, e.out_value)).collect();
+            let sessions: Vec<_> = entries
+                .iter()
+                .flat_map(|e| e.session_keys.map(|k| (k, e.session)))
+                .collect();
+            nat_ctl::batch::update(&self.bindings_in, &inbound)
+                .context("cannot fill the inbound bindings")?;
+            nat_ctl::batch::update(&self.bindings_out, &outbound)
+                .context("cannot fill the outbound bindings")?;
+            nat_ctl::batch::update(&self.sessions, &sessions).context("cannot fill the sessions")?;
+        }
+        Ok(())
     }
 }
 

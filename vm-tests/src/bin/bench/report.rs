@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::contender::Contender;
+use crate::controller::ControllerPoint;
 use crate::cost::Cost;
 use crate::forwarding::{self, Direction, Measurement};
 use crate::machine::Machine;
@@ -47,6 +48,8 @@ pub struct Run {
     pub scale_costs: Option<Vec<CostPoint>>,
     /// Memory per binding.
     pub memory: Option<Memory>,
+    /// The controller at scale (sweep, SIGTERM, attach, adoption).
+    pub scale_controller: Option<Vec<ControllerPoint>>,
     /// Remarks about the scale runs.
     pub scale_notes: Vec<String>,
     /// Anything of this run still present at the end (should be empty).
@@ -69,6 +72,7 @@ impl Run {
             scale_forwarding: None,
             scale_costs: None,
             memory: None,
+            scale_controller: None,
             scale_notes: Vec::new(),
             leftovers: Vec::new(),
             duration: Duration::ZERO,
@@ -826,6 +830,9 @@ pub fn markdown(run: &Run, plots: &(String, String)) -> String {
     forwarding_section(run, &plots.0, &mut md);
     cost_section(run, &mut md);
     scale_section(run, &plots.1, &mut md);
+    if let Some(points) = &run.scale_controller {
+        controller_section(points, &mut md);
+    }
     md.push_str(METHOD);
     let _ = writeln!(md, "\nSettings of this run: `{}`", run.plan);
     md
@@ -864,6 +871,66 @@ fn forwarding_json(f: &forwarding::Results) -> Value {
         })
         .collect();
     json!({ "points": points, "ceiling_pps": f.ceiling_pps })
+}
+
+/// The controller section: every figure of every measured table size.
+fn controller_section(points: &[ControllerPoint], md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## The controller with live bindings\n\n\
+         Each binding is four map entries (two binding entries, two sessions). The sweep is \
+         nat-ctl's `expiry::sweep` (batched map reads and deletes, 4096 entries per call) run by the \
+         benchmark on the daemon's pinned maps while the daemon is paused, timed with the thread's \
+         CPU clock (user + system): the steady pass finds every binding live (median of \
+         {} passes); the expire-all pass runs with its clock an hour ahead and deletes the whole table. \
+         SIGTERM to exit: a `--persist` daemon sweeping back to back (`--sweep-interval-ms 10`), \
+         signalled mid-sweep; the time until its process has exited (polled every 20 ms). Attach: \
+         `nat-ctl attach` to its `attached` line on a fresh instance; adoption: a second `attach` \
+         taking over the running table.\n",
+        crate::controller::STEADY_REPS
+    );
+    let _ = writeln!(
+        md,
+        "| live bindings | sweep CPU | sweep wall | expire-all CPU | expire-all wall | SIGTERM to exit | attach | adoption |\n|---|---|---|---|---|---|---|---|"
+    );
+    for p in points {
+        if let Some(why) = &p.unavailable {
+            let _ = writeln!(
+                md,
+                "| {} | unavailable: {why} | | | | | | |",
+                thousands(p.bindings)
+            );
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2} s | {:.2} s |",
+            thousands(p.bindings),
+            p.steady_cpu().unwrap_or_default().as_secs_f64(),
+            p.steady_wall().unwrap_or_default().as_secs_f64(),
+            p.expire_all_cpu.as_secs_f64(),
+            p.expire_all_wall.as_secs_f64(),
+            p.sigterm.as_secs_f64(),
+            p.attach.as_secs_f64(),
+            p.adoption.as_secs_f64()
+        );
+    }
+    md.push('\n');
+}
+
+fn controller_json(p: &ControllerPoint) -> Value {
+    let secs = |d: Duration| d.as_secs_f64();
+    json!({
+        "bindings": p.bindings,
+        "sweep_cpu_s": p.steady_cpu.iter().copied().map(secs).collect::<Vec<_>>(),
+        "sweep_wall_s": p.steady_wall.iter().copied().map(secs).collect::<Vec<_>>(),
+        "expire_all_cpu_s": secs(p.expire_all_cpu),
+        "expire_all_wall_s": secs(p.expire_all_wall),
+        "sigterm_to_exit_s": secs(p.sigterm),
+        "attach_s": secs(p.attach),
+        "adoption_s": secs(p.adoption),
+        "unavailable": p.unavailable,
+    })
 }
 
 /// Machine-readable results (used by the smoke test).
@@ -924,6 +991,7 @@ pub fn json(run: &Run) -> Value {
         "pktgen": run.pktgen.as_ref().map(forwarding_json),
         "scale_forwarding": scale_forwarding,
         "scale_costs": scale_costs,
+        "controller": run.scale_controller.as_ref().map(|ps| ps.iter().map(controller_json).collect::<Vec<_>>()),
         "memory": memory,
         "leftovers": run.leftovers,
         "seconds": run.duration.as_secs_f64(),
