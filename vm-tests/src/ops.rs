@@ -201,7 +201,9 @@ pub fn whoami_via(
 
 /// A file of this repository, by its path from the repository's root.
 pub fn repo_file(rel: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 /// A scratch directory under /tmp for config files, removed on drop.
@@ -493,14 +495,14 @@ pub fn http_get(ns: &Netns, url: &str) -> Result<HttpResponse> {
     })
 }
 
-/// One metric family of a Prometheus text exposition.
+/// One sample of a Prometheus text exposition, with its family's HELP and TYPE.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metric {
     /// `counter`, `gauge`, ...
     pub kind: String,
     /// The `# HELP` text.
     pub help: String,
-    /// The sample's value (these metrics have no labels, so one sample each).
+    /// The sample's value.
     pub value: f64,
 }
 
@@ -510,9 +512,10 @@ fn valid_metric_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
-/// Parses the Prometheus text format (0.0.4) strictly enough for label-less metrics: every
-/// sample has a valid name and a float value and is preceded by its `# HELP` and `# TYPE`;
-/// no name appears twice. Anything else is an error naming the line.
+/// Parses the Prometheus text format (0.0.4), keyed by sample (`name` or `name{labels}`): every
+/// sample has a valid name and a float value and its family's `# HELP` and `# TYPE` come
+/// first; no sample appears twice. Anything else is an error naming the line. (promtool checks
+/// the format fully in the metrics test; this is what the test reads values with.)
 pub fn parse_prometheus(text: &str) -> Result<BTreeMap<String, Metric>> {
     let mut help: BTreeMap<String, String> = BTreeMap::new();
     let mut kind: BTreeMap<String, String> = BTreeMap::new();
@@ -539,12 +542,13 @@ pub fn parse_prometheus(text: &str) -> Result<BTreeMap<String, Metric>> {
         } else if line.starts_with('#') {
             continue;
         } else {
-            let mut w = line.split_whitespace();
-            let (Some(name), Some(value), None) = (w.next(), w.next(), w.next()) else {
+            // `name value` or `name{label="value",...} value`; label values here hold no spaces.
+            let Some((sample, value)) = line.rsplit_once(' ') else {
                 bail!("line {n}: not `name value`: {line:?}");
             };
-            if !valid_metric_name(name) {
-                bail!("line {n}: bad metric name {name:?}");
+            let name = sample.split('{').next().unwrap_or(sample);
+            if !valid_metric_name(name) || (sample != name && !sample.ends_with('}')) {
+                bail!("line {n}: bad sample {sample:?}");
             }
             let value: f64 = value
                 .parse()
@@ -560,8 +564,8 @@ pub fn parse_prometheus(text: &str) -> Result<BTreeMap<String, Metric>> {
                 help: h.clone(),
                 value,
             };
-            if out.insert(name.to_string(), m).is_some() {
-                bail!("line {n}: metric {name} appears twice");
+            if out.insert(sample.to_string(), m).is_some() {
+                bail!("line {n}: sample {sample} appears twice");
             }
         }
     }
@@ -585,6 +589,9 @@ mod tests {
             parse_prometheus(&format!("{ok}nat_x_total 4\n")).is_err(),
             "twice"
         );
+        let labelled = "# HELP nat_d_total D.\n# TYPE nat_d_total counter\nnat_d_total{reason=\"a\"} 1\nnat_d_total{reason=\"b\"} 2\n";
+        let m = parse_prometheus(labelled).unwrap();
+        assert_eq!(m["nat_d_total{reason=\"b\"}"].value, 2.0);
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! Prometheus metrics (issue 4, item 4): `attach --metrics ADDR:PORT` serves every counter
-//! and the table fill levels in the text format at `/metrics`, inside the NAT's network
-//! namespace, agreeing with `nat-ctl stats` and `status`. Scraped with curl. Root only.
+//! Prometheus metrics: `attach --metrics ADDR:PORT` serves every counter (drops, refusals and
+//! the like as one family with a label), the table fill levels, the table's entries by
+//! protocol and state, and the build, in the text format at `/metrics` (GET and HEAD), inside
+//! the NAT's network namespace, agreeing with `nat-ctl stats`, `status` and `mappings`, and
+//! accepted by `promtool check metrics`. Scraped with curl. Root only.
 
 use anyhow::{ensure, Context, Result};
+use nat_common::Counter;
+use nat_ctl::metrics::{exported, Exported};
 use vm_tests::lab::{LAN_IP, WAN_IP};
 use vm_tests::nat::Leftovers;
 use vm_tests::ops::{self, sa};
@@ -30,6 +34,50 @@ fn scrape(lab: &Lab, url: &str) -> Result<std::collections::BTreeMap<String, ops
     ops::parse_prometheus(&r.body).with_context(|| format!("body of {url}:\n{}", r.body))
 }
 
+/// The sample a data-path counter is exported as (its own counter, or its family's label).
+fn counter_sample(stats_name: &str) -> Result<String> {
+    let counter = Counter::ALL
+        .iter()
+        .find(|c| c.name() == stats_name)
+        .with_context(|| format!("no counter named {stats_name}"))?;
+    Ok(match exported(*counter) {
+        Exported::Own(name) => format!("{name}_total"),
+        Exported::Labelled(family, label, value) => format!("{family}_total{{{label}=\"{value}\"}}"),
+    })
+}
+
+/// `promtool check metrics` (Debian's, unpacked by setup under target/tools) finds no problem
+/// in a scrape: the exposition is valid and follows Prometheus' naming conventions.
+fn promtool_accepts(lab: &Lab, url: &str) -> Result<()> {
+    let promtool = ops::repo_file("target/tools/prometheus/usr/bin/promtool");
+    ensure!(
+        promtool.is_file(),
+        "{} is missing (cargo xtask setup unpacks it)",
+        promtool.display()
+    );
+    let body = ops::http_get(&lab.nat, url)?.body;
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run promtool")?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("promtool stdin")?,
+        body.as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 fn value(m: &std::collections::BTreeMap<String, ops::Metric>, name: &str) -> Result<f64> {
     Ok(m.get(name)
         .with_context(|| format!("no metric {name}; have {:?}", m.keys().collect::<Vec<_>>()))?
@@ -45,7 +93,7 @@ fn metrics_serve_every_counter_and_table_fill_in_prometheus_format() -> Result<(
     let m0 = scrape(&lab, url)?;
     let stats = nat.stats()?;
     for (name, v) in &stats.0 {
-        let metric = format!("nat_{name}_total");
+        let metric = counter_sample(name)?;
         let got = m0
             .get(&metric)
             .with_context(|| format!("counter {name} is not exported as {metric}"))?;
@@ -57,6 +105,16 @@ fn metrics_serve_every_counter_and_table_fill_in_prometheus_format() -> Result<(
             got.value
         );
     }
+    let build = m0
+        .keys()
+        .find(|k| k.starts_with("nat_build_info{"))
+        .context("no nat_build_info")?;
+    ensure!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build.contains("revision=\""),
+        "nat_build_info without version and revision: {build}"
+    );
+    promtool_accepts(&lab, url)?;
     for g in GAUGES {
         let got = m0.get(g).with_context(|| format!("gauge {g} is missing"))?;
         ensure!(got.kind == "gauge", "{g} has TYPE {}", got.kind);
@@ -109,19 +167,50 @@ fn metrics_serve_every_counter_and_table_fill_in_prometheus_format() -> Result<(
         value(&m1, "nat_binding_capacity")? >= 777.0,
         "binding capacity below --max-bindings"
     );
+    let created = counter_sample("new_binding")?;
     ensure!(
-        value(&m1, "nat_new_binding_total")? == stats.get("new_binding")? as f64
-            && stats.get("new_binding")? == 2,
-        "nat_new_binding_total {} / stats new_binding {}",
-        value(&m1, "nat_new_binding_total")?,
+        value(&m1, &created)? == stats.get("new_binding")? as f64 && stats.get("new_binding")? == 2,
+        "{created} {} / stats new_binding {}",
+        value(&m1, &created)?,
         stats.get("new_binding")?
     );
+    let out = counter_sample("translated_out")?;
     ensure!(
-        value(&m1, "nat_translated_out_total")? > value(&m0, "nat_translated_out_total")?,
-        "nat_translated_out_total did not grow with traffic"
+        value(&m1, &out)? > value(&m0, &out)?,
+        "{out} did not grow with traffic"
     );
+    // The table's entries by protocol and state agree with `nat-ctl mappings`.
+    let mut rows: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for row in nat.mappings()? {
+        let key = format!(
+            "nat_table_entries{{proto=\"{}\",state=\"{}\"}}",
+            row.proto, row.state
+        );
+        *rows.entry(key).or_default() += 1.0;
+    }
+    ensure!(!rows.is_empty(), "no mappings after two flows and a forward");
+    for (key, count) in &rows {
+        ensure!(
+            value(&m1, key)? == *count,
+            "{key} = {}, nat-ctl mappings has {count}",
+            value(&m1, key)?
+        );
+    }
+    promtool_accepts(&lab, url)?;
 
-    // Only /metrics is served.
+    // HEAD gets GET's headers and no body; only /metrics is served.
+    let head = lab.nat.run(
+        "curl",
+        &["-s", "-S", "-I", "--max-time", "5", url],
+        std::time::Duration::from_secs(15),
+    )?;
+    ensure!(
+        head.stdout.starts_with("HTTP/1.1 200")
+            && head.stdout.to_ascii_lowercase().contains("content-length:"),
+        "HEAD {url}: {}{}",
+        head.stdout,
+        head.stderr
+    );
     let other = ops::http_get(&lab.nat, "http://127.0.0.1:9183/")?;
     ensure!(other.code == 404, "GET / answered {}", other.code);
 

@@ -78,6 +78,9 @@ pub enum Piece {
     Bpffs,
     /// qemu, busybox and Debian 12's 6.1 kernel unpacked under target/vm (`cargo xtask vm-run`).
     VmKernel,
+    /// `promtool` (checks the metrics format), unpacked from Debian's prometheus package under
+    /// target/tools without installing it: installing would start a Prometheus server.
+    Promtool,
 }
 
 /// Everything: what `cargo xtask setup`, `test` and `demo` need.
@@ -89,6 +92,7 @@ pub const ALL: &[Piece] = &[
     Piece::PypiPackages,
     Piece::Bpffs,
     Piece::VmKernel,
+    Piece::Promtool,
 ];
 
 /// What booting the 6.1 VM needs (`cargo xtask vm-run`).
@@ -125,8 +129,58 @@ pub fn ensure(pieces: &[Piece]) -> Result<()> {
     if pieces.contains(&Piece::VmKernel) {
         vm::kernel::ensure()?;
     }
+    if pieces.contains(&Piece::Promtool) {
+        unpacked_package(PROMTOOL_PACKAGE)?;
+    }
     println!("setup: ok");
     Ok(())
+}
+
+/// The Debian package that holds promtool.
+const PROMTOOL_PACKAGE: &str = "prometheus";
+/// Where packages used as tools but not installed are unpacked (`target/tools/PACKAGE`).
+const TOOLS_DIR: &str = "tools";
+/// Written into an unpacked package's directory once it is complete.
+const UNPACKED_MARKER: &str = ".unpacked";
+
+/// Downloads Debian's `package` and unpacks it under target/tools/PACKAGE (once), without
+/// installing it: no maintainer script runs, no service starts.
+fn unpacked_package(package: &str) -> Result<PathBuf> {
+    let dir = target_dir().join(TOOLS_DIR).join(package);
+    if dir.join(UNPACKED_MARKER).is_file() {
+        return Ok(dir);
+    }
+    apt_update_once(&format!("download the Debian package {package}"))?;
+    let downloads = target_dir().join(TOOLS_DIR).join("downloads");
+    std::fs::create_dir_all(&downloads)?;
+    let log = log_file(&format!("download-{package}.log"));
+    let downloaded = Cmd::new("apt-get")
+        .args(["-q", "download", package])
+        .current_dir(&downloads)
+        .run_logged(&log)?;
+    let Some(deb) = vm::kernel::find_deb(&downloads, package).filter(|_| downloaded) else {
+        bail!(
+            "could not download {package}: apt-get download failed (see {})",
+            log.display()
+        );
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = log_file(&format!("unpack-{package}.log"));
+    if !Cmd::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&dir)
+        .run_logged(&log)?
+    {
+        bail!(
+            "could not unpack {}: dpkg-deb failed (see {})",
+            deb.display(),
+            log.display()
+        );
+    }
+    std::fs::File::create(dir.join(UNPACKED_MARKER))?;
+    let _ = std::fs::remove_file(&deb);
+    Ok(dir)
 }
 
 /// A log file in `target/xtask-logs/`.

@@ -201,7 +201,7 @@ pub fn ensure() -> Result<Kernel> {
 }
 
 /// The `.deb` that `apt-get download PACKAGE` left in `dir` (`PACKAGE_VERSION_ARCH.deb`).
-fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+pub(crate) fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
     let prefix = format!("{package}_");
     fs::read_dir(dir)
         .ok()?
