@@ -111,6 +111,24 @@ fn every_benchmark_path_produces_numbers_and_cleans_up() -> Result<()> {
         all_positive(&v["forwarding"]["ceiling_pps"]),
         "no generator ceiling"
     );
+    let two_cores = v["two_cores"].as_array().context("no two-core runs")?;
+    ensure!(!two_cores.is_empty(), "no two-core runs");
+    for p in two_cores {
+        // A one-CPU machine cannot run them, and the report says so.
+        let one_cpu = p["unavailable"]
+            .as_str()
+            .is_some_and(|why| why.contains("need 2 CPUs"));
+        ensure!(
+            one_cpu
+                || (p["unavailable"].is_null() && all_positive(&p["one_pps"]) && all_positive(&p["two_pps"])),
+            "no packets in the two-core run of {}: {p}",
+            p["contender"]
+        );
+    }
+    ensure!(
+        costs.iter().any(|c| c["program"] == "nat_internal"),
+        "no internal-side cost"
+    );
 
     let scale = v["scale_forwarding"].as_array().context("no scale runs")?;
     ensure!(!scale.is_empty(), "no scale runs");

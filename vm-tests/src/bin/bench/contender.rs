@@ -29,9 +29,12 @@ pub enum Contender {
     /// nftables masquerade plus a software flowtable on both router interfaces: nftables' own
     /// fast path, which forwards a flow's later packets from the ingress hook.
     NftFlowtable,
-    /// Our NAT, port-restricted, XDP ingress + TC egress on the external interface.
+    /// Our NAT as a user attaches it: `nat-ctl attach IFACE --mode port-restricted`, no other
+    /// flag. It finds the internal interface itself (issue 10), so it hairpins and takes the
+    /// fast path wherever the kernel allows, as the explicit contender below.
     Nat,
-    /// Our NAT with the internal-side XDP fast path (`--internal-iface`).
+    /// Our NAT with the internal interface named (`--internal-iface`): the fast path on
+    /// purpose.
     NatFastPath,
     /// `bench_xdp_forward` on both router interfaces: route lookup + MAC rewrite + redirect,
     /// no NAT. The limit of any XDP data path on this path.
@@ -96,7 +99,7 @@ impl Contender {
             Contender::Kernel => "kernel forwarding (no NAT)",
             Contender::Nftables => "nftables masquerade",
             Contender::NftFlowtable => "nftables masquerade + flowtable",
-            Contender::Nat => "our NAT (port-restricted)",
+            Contender::Nat => "our NAT (default attach)",
             Contender::NatFastPath => "our NAT + internal XDP fast path",
             Contender::XdpForward => "bare XDP forwarder (no NAT)",
         }

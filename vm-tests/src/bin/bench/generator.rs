@@ -160,6 +160,19 @@ impl Generator {
         frame: &[u8; FRAME_LEN],
         budget: Budget,
     ) -> Result<GenRun> {
+        self.run_on(cpu::generator_cpu(), ns, iface, frame, budget)
+    }
+
+    /// `run` on CPU `cpu`. Two generators (two loaded copies: each times its own calls) may run
+    /// at once on two CPUs.
+    pub fn run_on(
+        &mut self,
+        cpu: usize,
+        ns: &Netns,
+        iface: &str,
+        frame: &[u8; FRAME_LEN],
+        budget: Budget,
+    ) -> Result<GenRun> {
         let Generator { ebpf, seq, clock, .. } = self;
         let prog: &Xdp = ebpf
             .program(PROGRAM)
@@ -169,7 +182,7 @@ impl Generator {
         let sent_before = total(seq)?;
         let ncpus = cpus()?;
         let mut run = ns.enter(|| {
-            cpu::pin_thread(cpu::generator_cpu())?;
+            cpu::pin_thread(cpu)?;
             let name = std::ffi::CString::new(iface.clone())?;
             // SAFETY: valid NUL-terminated string.
             let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -1,12 +1,14 @@
-//! `bench`: the NAT gateway's benchmark (issue 5). Root only; `cargo xtask bench` builds
+//! `bench`: the NAT gateway's benchmark (issues 5 and 10). Root only; `cargo xtask bench` builds
 //! everything and runs it with `--out BENCHMARKS.md`.
 //!
 //! Phases, each optional with `--only`:
 //! - `cost`: per-packet cost of each program path from `BPF_PROG_TEST_RUN`, against an empty
-//!   program (see `cost`);
+//!   program, and of the internal side's fast path on the live path from the kernel's run-time
+//!   statistics (see `cost`);
 //! - `forwarding`: packets per second through a router namespace for kernel forwarding,
-//!   nftables masquerade, our NAT and our NAT with its internal-side fast path, alternated,
-//!   driven by an in-kernel generator (see `forwarding`, `generator`);
+//!   nftables masquerade (alone and with a flowtable), our NAT, our NAT with its internal-side
+//!   fast path and a bare XDP forwarder, alternated, driven by an in-kernel generator (see
+//!   `forwarding`, `generator`);
 //! - `scale`: both again with 1 to 1 000 000 live bindings, the new-binding rate and the memory
 //!   per binding (see `scale`, `memory`);
 //! - `controller`: nat-ctl with the largest scale's live bindings: one expiry sweep's CPU time,
@@ -40,6 +42,7 @@ mod sink;
 mod stats;
 mod test_instance;
 mod topology;
+mod two_cores;
 mod vm_forwarding;
 mod vm_report;
 
@@ -65,6 +68,8 @@ const TOOLS: [&str; 6] = ["ip", "nft", "ethtool", "bpftool", "nsenter", "sysctl"
 #[derive(Clone, Debug)]
 struct Plan {
     forwarding: forwarding::Settings,
+    /// Rounds of the two-core runs (each: both contenders, one and two cores).
+    two_core_rounds: usize,
     cost: cost::Settings,
     scale: scale::Settings,
 }
@@ -96,6 +101,7 @@ impl Plan {
                 rounds: 5,
                 new_flows: 49_984,
             },
+            two_core_rounds: 3,
             cost: cost::Settings {
                 repeat: 1_000_000,
                 runs: 5,
@@ -117,6 +123,7 @@ impl Plan {
                 rounds: 1,
                 new_flows: 1_984,
             },
+            two_core_rounds: 1,
             cost: cost::Settings {
                 repeat: 10_000,
                 runs: 2,
@@ -303,13 +310,41 @@ fn run(o: &Options) -> Result<Run> {
     let mut run = Run::new(machine::Machine::now(), o.command.clone(), o.smoke);
     run.plan = format!("{plan:?}");
 
-    if phase("cost") {
-        run.costs = Some(cost_phase(&plan.cost)?);
-    }
     let mut gen = None;
-    if phase("forwarding") {
+    if phase("cost") {
+        let mut costs = cost_phase(&plan.cost)?;
         let g = gen.get_or_insert(Generator::load()?);
+        log("per-packet cost of the internal side on the live path (run-time statistics)");
+        match cost::live_internal(g, plan.forwarding.point) {
+            Ok(live) => {
+                for c in &live {
+                    log(&format!("  {:<16} {:<36} {:>8.1} ns", c.program, c.path, c.ns));
+                }
+                costs.extend(live);
+            }
+            Err(e) if topology::is_build_failure(&e) => return Err(e),
+            // The targets table then says the internal side was not measured.
+            Err(e) => log(&format!("  live internal-side cost unavailable: {e:#}")),
+        }
+        run.costs = Some(costs);
+    }
+    if phase("forwarding") {
+        let g = match gen.as_mut() {
+            Some(g) => g,
+            None => gen.insert(Generator::load()?),
+        };
         run.forwarding = Some(forwarding::run(g, &plan.forwarding, &mut log)?);
+        log("two cores against one");
+        run.two_cores = Some(
+            match two_cores::run(plan.two_core_rounds, plan.forwarding.point, &mut log) {
+                Ok(s) => s,
+                Err(e) if topology::is_build_failure(&e) => return Err(e),
+                Err(e) => {
+                    log(&format!("  two-core runs unavailable: {e:#}"));
+                    two_cores::unavailable(&format!("{e:#}"))
+                }
+            },
+        );
     }
     if phase("scale") {
         let g = match gen.as_mut() {

@@ -34,8 +34,13 @@ impl Sink {
 
     /// UDP packets received so far (all CPUs).
     pub fn count(&self) -> Result<u64> {
+        Ok(self.count_per_cpu()?.iter().sum())
+    }
+
+    /// UDP packets received so far on each CPU (the CPU whose NAPI delivered them).
+    pub fn count_per_cpu(&self) -> Result<Vec<u64>> {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("BENCH_SINK").context("BENCH_SINK missing")?)?;
-        Ok(map.get(&0, 0)?.iter().sum())
+        Ok(map.get(&0, 0)?.to_vec())
     }
 }

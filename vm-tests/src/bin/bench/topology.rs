@@ -80,11 +80,16 @@ pub struct Topology {
     pub dst_mac: Mac,
 }
 
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
+    let q = queues.to_string();
     let args = [
         "link",
         "add",
         a_if,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
         "netns",
         a.name(),
         "type",
@@ -92,6 +97,10 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         "peer",
         "name",
         b_if,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
         "netns",
         b.name(),
     ];
@@ -120,10 +129,17 @@ fn mac(ns: &Netns, dev: &str) -> Result<Mac> {
 impl Topology {
     /// Builds the topology; on error everything made so far is removed.
     pub fn build() -> Result<Topology> {
-        Topology::try_build().context(BuildFailed)
+        Topology::try_build(1).context(BuildFailed)
     }
 
-    fn try_build() -> Result<Topology> {
+    /// The same with `queues` queues per veth: a veth hands a frame sent from CPU `c` to its
+    /// peer's receive queue `c % queues`, whose NAPI then runs on `c`, so with one queue per
+    /// CPU generators on several CPUs drive separate paths (as RSS does on a NIC).
+    pub fn build_multiqueue(queues: u32) -> Result<Topology> {
+        Topology::try_build(queues).context(BuildFailed)
+    }
+
+    fn try_build(queues: u32) -> Result<Topology> {
         let names = Names::new(TAG);
         let src = Netns::create(&names.ns("src"))?;
         let rtr = Netns::create(&names.ns("rtr"))?;
@@ -135,8 +151,8 @@ impl Topology {
         // Reverse-path filtering would drop the generator's many source addresses.
         sysctl(&rtr, "net.ipv4.conf.all.rp_filter", "0")?;
         sysctl(&rtr, "net.ipv4.conf.default.rp_filter", "0")?;
-        veth(&src, HOST_IF, &rtr, &int_if)?;
-        veth(&rtr, &ext_if, &dst, HOST_IF)?;
+        veth(&src, HOST_IF, &rtr, &int_if, queues)?;
+        veth(&rtr, &ext_if, &dst, HOST_IF, queues)?;
         up(&src, HOST_IF, SRC_IP)?;
         up(&rtr, &int_if, RTR_INT_IP)?;
         up(&rtr, &ext_if, RTR_EXT_IP)?;

@@ -376,7 +376,7 @@ mod tests {
         let s = section(&run, "Settings { rounds: 3 }");
         // 1/30k − 1/60k s = 16.7 µs for nftables, 1/36k − 1/60k = 11.1 µs for ours.
         assert!(
-            s.contains("| our NAT (port-restricted) | 11.1 (0.67× nft) |"),
+            s.contains("| our NAT (default attach) | 11.1 (0.67× nft) |"),
             "{s}"
         );
         assert!(s.contains("| nftables masquerade | 16.7 (1.00× nft) |"), "{s}");
