@@ -15,6 +15,7 @@ pub mod netns;
 pub mod ops;
 pub mod p2p;
 pub mod packet;
+pub mod port_mapping;
 pub mod proc;
 pub mod tools;
 

@@ -338,17 +338,27 @@ fn header(opcode: u8, result: ResultCode, lifetime: u32, epoch: u32) -> Vec<u8> 
     out
 }
 
-/// An error response to `datagram` (RFC 6887 §7.2, §8.3): the header with the error's
-/// lifetime, then the request's opcode data and options copied back (up to 1100 octets, whole
-/// 4-byte words) so the client can match it; UNSUPP_VERSION is the header alone (§9).
+/// An error response to `datagram` (RFC 6887 §7.2, §8.3): error responses have the layout
+/// of success responses, with the fields of the request copied back (so the client matches
+/// them by nonce) and the server's own fields zero: the header with the error's lifetime, then
+/// the request's opcode data and options (up to 1100 octets, whole 4-byte words), zero-filled
+/// to the opcode's length when the request was cut short. UNSUPP_VERSION too: its header says
+/// the version the server speaks (§9), and the rest keeps the response in that version's
+/// layout for the opcode.
 pub fn error_response(datagram: &[u8], result: ResultCode, epoch: u32) -> Vec<u8> {
     let opcode = datagram.get(1).copied().unwrap_or(0) & !RESPONSE_BIT;
     let mut out = header(opcode, result, result.error_lifetime(), epoch);
-    if result != ResultCode::UnsuppVersion && datagram.len() > HEADER_LEN {
-        let end = datagram.len().min(MAX_MESSAGE_LEN) / 4 * 4;
-        if end > HEADER_LEN {
-            out.extend_from_slice(&datagram[HEADER_LEN..end]);
-        }
+    let end = datagram.len().min(MAX_MESSAGE_LEN) / 4 * 4;
+    if end > HEADER_LEN {
+        out.extend_from_slice(&datagram[HEADER_LEN..end]);
+    }
+    let data_len = match opcode {
+        OP_MAP => MAP_DATA_LEN,
+        OP_PEER => PEER_DATA_LEN,
+        _ => 0,
+    };
+    if out.len() < HEADER_LEN + data_len {
+        out.resize(HEADER_LEN + data_len, 0);
     }
     out
 }
@@ -597,10 +607,13 @@ mod tests {
         assert_eq!(&out[..4], &[2, 0x89, 0, 4]);
         assert_eq!(&out[4..8], &LONG_ERROR_LIFETIME.to_be_bytes());
         assert_eq!(&out[HEADER_LEN..], &good[HEADER_LEN..]);
-        assert_eq!(
-            error_response(&v3, ResultCode::UnsuppVersion, 5).len(),
-            HEADER_LEN
-        );
+        let out = error_response(&v3, ResultCode::UnsuppVersion, 5);
+        assert_eq!((out[0], out[3], out.len()), (VERSION, 1, good.len()));
+        // A truncated MAP is answered in MAP's layout: what arrived, zero-filled.
+        let out = error_response(&good[..40], ResultCode::MalformedRequest, 5);
+        assert_eq!(out.len(), HEADER_LEN + MAP_DATA_LEN);
+        assert_eq!(&out[HEADER_LEN..40], &good[HEADER_LEN..40]);
+        assert!(out[40..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -302,3 +302,134 @@ fn nat_pmp_request(proto: u8, internal: SocketAddrV4, suggested_port: u16, lifet
         via: Via::NatPmp,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port_mapping::mappings::{Holder, Mapping};
+
+    const EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    /// Every port free, nothing bound.
+    struct Empty;
+
+    impl Dataplane for Empty {
+        fn external_addr(&mut self) -> Option<Ipv4Addr> {
+            Some(EXT)
+        }
+        fn port_range(&mut self) -> (u16, u16) {
+            (1024, 65_535)
+        }
+        fn holder(&mut self, _: u8, _: SocketAddrV4) -> Holder {
+            Holder::Free
+        }
+        fn install(&mut self, _: u8, _: u16, _: SocketAddrV4, _: Via) -> Result<bool> {
+            Ok(true)
+        }
+        fn adopt(&mut self, _: u8, _: SocketAddrV4, _: Via) -> Result<()> {
+            Ok(())
+        }
+        fn remove(&mut self, _: &Mapping) -> Result<()> {
+            Ok(())
+        }
+        fn flow_port(&mut self, _: u8, _: SocketAddrV4, _: SocketAddrV4) -> Option<u16> {
+            None
+        }
+    }
+
+    fn server(pcp: bool, nat_pmp: bool) -> Server {
+        Server {
+            protocols: Protocols { pcp, nat_pmp },
+            epoch_start_ns: 0,
+            mappings: Mappings::default(),
+            allow_third_party: false,
+        }
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn natpmp_answers_with_the_epoch_and_maps() {
+        let mut s = server(true, true);
+        let src = SocketAddrV4::new(HOST, 5350);
+        let out = s.handle(&mut Empty, &[0, 0], src, 7 * SECOND).unwrap().unwrap();
+        assert_eq!(out, [0, 128, 0, 0, 0, 0, 0, 7, 198, 51, 100, 1]);
+        let map = [0, 2, 0, 0, 0x1f, 0x90, 0x1f, 0x90, 0, 0, 0, 60];
+        let out = s.handle(&mut Empty, &map, src, 7 * SECOND).unwrap().unwrap();
+        assert_eq!(
+            out,
+            [0, 130, 0, 0, 0, 0, 0, 7, 0x1f, 0x90, 0x1f, 0x90, 0, 0, 0, 60]
+        );
+        assert_eq!(s.mappings.list()[0].internal, SocketAddrV4::new(HOST, 8080));
+    }
+
+    #[test]
+    fn each_protocol_off_says_unsupported_version() {
+        let src = SocketAddrV4::new(HOST, 5350);
+        let out = server(true, false)
+            .handle(&mut Empty, &[0, 0], src, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..4], &[0, 0, 0, 1]);
+        let request = pcp::announce_request(HOST);
+        let out = server(false, true)
+            .handle(&mut Empty, &request, src, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..4], &[0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn pcp_security_checks() {
+        let mut s = server(true, false);
+        let src = SocketAddrV4::new(HOST, 5350);
+        let data = pcp::MapData {
+            nonce: [1; 12],
+            protocol: proto::UDP,
+            internal_port: 4000,
+            suggested_port: 0,
+            suggested_addr: [0; 16],
+        };
+        // Another host's address in the client field.
+        let other = pcp::map_request(Ipv4Addr::new(10, 0, 0, 3), 60, &data, &pcp::Options::default());
+        let out = s.handle(&mut Empty, &other, src, 0).unwrap().unwrap();
+        assert_eq!(out[3], pcp::ResultCode::AddressMismatch as u8);
+        // THIRD_PARTY refused unless allowed.
+        let third = pcp::Options {
+            third_party: Some(pcp::mapped(Ipv4Addr::new(10, 0, 0, 3))),
+            ..Default::default()
+        };
+        let out = s
+            .handle(&mut Empty, &pcp::map_request(HOST, 60, &data, &third), src, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out[3], pcp::ResultCode::NotAuthorized as u8);
+        assert!(s.mappings.list().is_empty());
+        // A PEER for a flow that has not sent yet.
+        let peer = pcp::Peer {
+            remote_port: 1,
+            remote_addr: pcp::mapped(EXT),
+        };
+        let out = s
+            .handle(&mut Empty, &pcp::peer_request(HOST, 60, &data, &peer), src, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out[3], pcp::ResultCode::NoResources as u8);
+        // A good MAP.
+        let out = s
+            .handle(
+                &mut Empty,
+                &pcp::map_request(HOST, 60, &data, &pcp::Options::default()),
+                src,
+                0,
+            )
+            .unwrap()
+            .unwrap();
+        let response = pcp::parse_response(&out).unwrap();
+        assert_eq!(
+            (response.result, response.lifetime, response.nonce),
+            (0, 60, Some([1; 12]))
+        );
+    }
+}

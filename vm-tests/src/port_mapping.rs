@@ -1,0 +1,315 @@
+//! Port-mapping clients for the tests: a small PCP (RFC 6887) client written here, from the
+//! RFC's layouts and independently of nat-ctl's codec, Debian's `natpmpc` for NAT-PMP
+//! (RFC 6886), and the check of captured packets with `tshark`'s PCP dissector.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+use crate::proc::{self, Proc};
+use crate::tools::udp_recv;
+
+/// PCP and NAT-PMP server port (RFC 6887 §19.1).
+pub const SERVER_PORT: u16 = 5351;
+/// PCP MAP opcode.
+pub const OP_MAP: u8 = 1;
+/// PCP PEER opcode.
+pub const OP_PEER: u8 = 2;
+/// PCP ANNOUNCE opcode.
+pub const OP_ANNOUNCE: u8 = 0;
+/// How long a request waits for its answer (one try: the lab loses nothing).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on every tool run here.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An IPv4-mapped IPv6 address field (RFC 6887 §5).
+pub fn mapped(addr: Ipv4Addr) -> [u8; 16] {
+    let mut field = [0u8; 16];
+    field[10] = 0xff;
+    field[11] = 0xff;
+    field[12..].copy_from_slice(&addr.octets());
+    field
+}
+
+/// A PCP request built byte by byte (RFC 6887 §7.1, §11.1, §12.1, §7.3).
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Version byte (2; anything else to test UNSUPP_VERSION).
+    pub version: u8,
+    /// Opcode.
+    pub opcode: u8,
+    /// Requested lifetime.
+    pub lifetime: u32,
+    /// The client address field.
+    pub client: Ipv4Addr,
+    /// MAP/PEER: nonce.
+    pub nonce: [u8; 12],
+    /// MAP/PEER: protocol.
+    pub protocol: u8,
+    /// MAP/PEER: internal port.
+    pub internal_port: u16,
+    /// MAP/PEER: suggested external port.
+    pub suggested_port: u16,
+    /// PEER: remote peer.
+    pub peer: Option<SocketAddrV4>,
+    /// Options, each (code, data); data is padded here.
+    pub options: Vec<(u8, Vec<u8>)>,
+}
+
+impl Request {
+    /// A MAP request.
+    pub fn map(
+        client: Ipv4Addr,
+        nonce: u8,
+        protocol: u8,
+        internal_port: u16,
+        suggested_port: u16,
+        lifetime: u32,
+    ) -> Self {
+        Request {
+            version: 2,
+            opcode: OP_MAP,
+            lifetime,
+            client,
+            nonce: [nonce; 12],
+            protocol,
+            internal_port,
+            suggested_port,
+            peer: None,
+            options: Vec::new(),
+        }
+    }
+
+    /// A PEER request for the flow `internal_port` -> `peer`.
+    pub fn peer(
+        client: Ipv4Addr,
+        nonce: u8,
+        protocol: u8,
+        internal_port: u16,
+        peer: SocketAddrV4,
+        lifetime: u32,
+    ) -> Self {
+        Request {
+            opcode: OP_PEER,
+            peer: Some(peer),
+            ..Request::map(client, nonce, protocol, internal_port, 0, lifetime)
+        }
+    }
+
+    /// An ANNOUNCE request.
+    pub fn announce(client: Ipv4Addr) -> Self {
+        Request {
+            opcode: OP_ANNOUNCE,
+            ..Request::map(client, 0, 0, 0, 0, 0)
+        }
+    }
+
+    /// With an option.
+    pub fn with_option(mut self, code: u8, data: &[u8]) -> Self {
+        self.options.push((code, data.to_vec()));
+        self
+    }
+
+    /// The wire bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = vec![self.version, self.opcode, 0, 0];
+        out.extend_from_slice(&self.lifetime.to_be_bytes());
+        out.extend_from_slice(&mapped(self.client));
+        if self.opcode == OP_MAP || self.opcode == OP_PEER {
+            out.extend_from_slice(&self.nonce);
+            out.extend_from_slice(&[self.protocol, 0, 0, 0]);
+            out.extend_from_slice(&self.internal_port.to_be_bytes());
+            out.extend_from_slice(&self.suggested_port.to_be_bytes());
+            out.extend_from_slice(&[0; 16]);
+        }
+        if let Some(peer) = self.peer {
+            out.extend_from_slice(&peer.port().to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&mapped(*peer.ip()));
+        }
+        for (code, data) in &self.options {
+            out.extend_from_slice(&[*code, 0]);
+            out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(4) * 4, 0);
+        }
+        out
+    }
+}
+
+/// A PCP response, as the client reads it (RFC 6887 §7.2, §11.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Opcode without the R bit.
+    pub opcode: u8,
+    /// Result code.
+    pub result: u8,
+    /// Lifetime.
+    pub lifetime: u32,
+    /// Epoch time.
+    pub epoch: u32,
+    /// MAP/PEER: nonce.
+    pub nonce: Option<[u8; 12]>,
+    /// MAP/PEER: assigned external endpoint.
+    pub external: Option<SocketAddrV4>,
+    /// Length on the wire.
+    pub len: usize,
+}
+
+/// Parses a PCP response; `None` unless it is a version-2 response.
+pub fn parse_response(data: &[u8]) -> Option<Response> {
+    if data.len() < 24 || data[0] != 2 || data[1] & 0x80 == 0 {
+        return None;
+    }
+    let opcode = data[1] & 0x7f;
+    let body = data.get(24..60).filter(|_| opcode == OP_MAP || opcode == OP_PEER);
+    Some(Response {
+        opcode,
+        result: data[3],
+        lifetime: u32::from_be_bytes(data[4..8].try_into().ok()?),
+        epoch: u32::from_be_bytes(data[8..12].try_into().ok()?),
+        nonce: body.map(|b| b[..12].try_into().unwrap_or_default()),
+        external: body.and_then(|b| {
+            (b[20..30] == [0; 10] && b[30..32] == [0xff, 0xff]).then(|| {
+                SocketAddrV4::new(
+                    Ipv4Addr::new(b[32], b[33], b[34], b[35]),
+                    u16::from_be_bytes([b[18], b[19]]),
+                )
+            })
+        }),
+        len: data.len(),
+    })
+}
+
+/// Sends `payload` from `sock` to `server` and returns the first datagram `server` sends
+/// back within the timeout, if any.
+pub fn exchange(sock: &UdpSocket, server: SocketAddrV4, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+    sock.send_to(payload, server)
+        .with_context(|| format!("send to {server}"))?;
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    while let Some((data, from)) = udp_recv(sock, deadline.saturating_duration_since(Instant::now()))? {
+        if from == SocketAddr::V4(server) {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// Sends a PCP request and parses its answer; fails if none or not a PCP response.
+pub fn pcp(sock: &UdpSocket, server: SocketAddrV4, request: &Request) -> Result<Response> {
+    let Some(data) = exchange(sock, server, &request.bytes())? else {
+        bail!("no PCP answer from {server} to {request:?}")
+    };
+    parse_response(&data).with_context(|| format!("answer {data:02x?} to {request:?} is not a PCP response"))
+}
+
+/// Runs `natpmpc -g GATEWAY args...` in `ns`; returns its stdout (it must exit 0).
+pub fn natpmpc(ns: &Netns, gateway: Ipv4Addr, args: &[&str]) -> Result<String> {
+    let gw = gateway.to_string();
+    let mut full = vec!["-g", gw.as_str()];
+    full.extend_from_slice(args);
+    let out = ns.run("natpmpc", &full, TOOL_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "natpmpc {} failed ({}): {} {}",
+            full.join(" "),
+            out.status,
+            out.stdout.trim(),
+            out.stderr.trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// The public address `natpmpc` printed ("Public IP address : A").
+pub fn natpmpc_public_address(stdout: &str) -> Option<Ipv4Addr> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Public IP address : "))
+        .and_then(|a| a.trim().parse().ok())
+}
+
+/// The mapping `natpmpc -a` printed ("Mapped public port P protocol UDP to local port L
+/// liftime T"): (public port, local port, lifetime).
+pub fn natpmpc_mapped(stdout: &str) -> Option<(u16, u16, u32)> {
+    let line = stdout.lines().find(|l| l.starts_with("Mapped public port "))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    // Mapped public port P protocol X to local port L liftime T
+    Some((
+        words.get(3)?.parse().ok()?,
+        words.get(9)?.parse().ok()?,
+        words.get(11)?.parse().ok()?,
+    ))
+}
+
+/// A packet capture (tcpdump) on `dev` in `ns` of UDP port 5351, written to `file`.
+pub struct Capture {
+    proc: Proc,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Starts it and waits (bounded) until tcpdump listens.
+    pub fn start(ns: &Netns, dev: &str, file: &std::path::Path) -> Result<Capture> {
+        let path = file.to_string_lossy().to_string();
+        let args = ["-i", dev, "-U", "-n", "-w", path.as_str(), "udp", "port", "5351"];
+        let proc = Proc::spawn("tcpdump", ns.cmd("tcpdump", &args))?;
+        let listening = proc::poll(Duration::from_secs(10), Duration::from_millis(50), || {
+            proc.stderr().contains("listening on").then_some(())
+        });
+        if listening.is_none() {
+            bail!("tcpdump on {dev} did not start: {}", proc.stderr().trim());
+        }
+        Ok(Capture {
+            proc,
+            file: file.to_path_buf(),
+        })
+    }
+
+    /// Stops the capture (packets are flushed per packet, -U) and returns the file.
+    pub fn finish(mut self) -> Result<std::path::PathBuf> {
+        // Let the last packets be written before tcpdump is told to stop.
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.terminate(Duration::from_secs(5))?;
+        Ok(self.file.clone())
+    }
+}
+
+/// `tshark -V` of `file` with UDP 5351 decoded as PCP (`portcontrol`), limited to `filter` (display filter).
+pub fn tshark_pcp(file: &std::path::Path, filter: &str) -> Result<String> {
+    let path = file.to_string_lossy().to_string();
+    let args = [
+        "-n",
+        "-r",
+        path.as_str(),
+        "-d",
+        "udp.port==5351,portcontrol",
+        "-V",
+        "-Y",
+        filter,
+    ];
+    let out = proc::run("tshark", proc::command("tshark", &args), TOOL_TIMEOUT)?;
+    if !out.status.success() {
+        bail!("tshark -r {path} failed ({}): {}", out.status, out.stderr.trim());
+    }
+    Ok(out.stdout)
+}
+
+/// The lines of a `tshark -V` dump that report a malformed or otherwise flawed packet: a
+/// "[Malformed Packet" mark, or an expert error or warning. The one warning the tests expect is
+/// the dissector's "Unknown opcode" on the answer to a request with an unknown opcode (RFC 6887
+/// §8.3 has the server copy the opcode back); result code names such as "Malformed Request"
+/// are not flaws.
+pub fn dissector_warnings(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("[malformed packet")
+                || l.contains("expert info (error")
+                || (l.contains("expert info (warning") && !l.contains("unknown opcode"))
+        })
+        .map(|l| l.trim().to_string())
+        .collect()
+}

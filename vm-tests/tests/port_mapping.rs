@@ -1,0 +1,515 @@
+//! Port mapping served by the NAT (issue 13): NAT-PMP with Debian's `natpmpc` (public address,
+//! UDP and TCP mappings that a remote then reaches, in port-restricted and symmetric mode,
+//! deletion, nothing answered from the WAN side), PCP with a client written here and every
+//! request and response checked by `tshark`'s PCP dissector (MAP create/renew/delete/expiry,
+//! PEER, ANNOUNCE, the result codes of refused requests), and the P2P case: two peers behind
+//! symmetric NATs fail to hole-punch until one maps its port with PCP. Root only.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use vm_tests::lab::{LAN_GW, LAN_IP, NAT_EXT, WAN_IP};
+use vm_tests::p2p::{udp_punch, udp_rendezvous, Punch, Rendezvous, TwoSites, GW_IP, HOST_IP, NAT_A_EXT};
+use vm_tests::port_mapping::{
+    self as pm, dissector_warnings, mapped, natpmpc, natpmpc_mapped, natpmpc_public_address, pcp, Capture,
+    Request,
+};
+use vm_tests::proc::poll;
+use vm_tests::tools::{self, tcp_whoami_query, udp_bind, udp_recv, udp_whoami, whoami};
+use vm_tests::{Lab, NatProcess};
+
+const UDP: u8 = 17;
+const TCP: u8 = 6;
+/// PCP result codes (RFC 6887 §7.4).
+const SUCCESS: u8 = 0;
+const UNSUPP_VERSION: u8 = 1;
+const NOT_AUTHORIZED: u8 = 2;
+const MALFORMED_REQUEST: u8 = 3;
+const UNSUPP_OPCODE: u8 = 4;
+const UNSUPP_OPTION: u8 = 5;
+const MALFORMED_OPTION: u8 = 6;
+const UNSUPP_PROTOCOL: u8 = 9;
+const CANNOT_PROVIDE_EXTERNAL: u8 = 11;
+const ADDRESS_MISMATCH: u8 = 12;
+/// Bound on waiting for a mapping to disappear after its lifetime (a bound, not a figure).
+const EXPIRY_BOUND: Duration = Duration::from_secs(20);
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn attach(lab: &Lab, mode: &str, protocols: &str) -> Result<NatProcess> {
+    NatProcess::attach(
+        lab,
+        &[
+            "--mode",
+            mode,
+            "--port-mapping",
+            protocols,
+            "--internal-iface",
+            &lab.lan_if,
+        ],
+    )
+}
+
+/// The row of `nat-ctl mappings` for `internal` that has no remote (a mapping's own row).
+fn mapping_row(nat: &NatProcess, proto: &str, internal: SocketAddrV4) -> Result<Option<vm_tests::Mapping>> {
+    Ok(nat
+        .mappings()?
+        .into_iter()
+        .find(|m| m.proto == proto && m.internal == internal && m.remote.is_none()))
+}
+
+#[test]
+fn port_mapping_natpmpc_maps_udp_and_tcp_ports_that_remotes_reach_in_port_restricted_and_symmetric_mode(
+) -> Result<()> {
+    let lab = Lab::new("pmnatpmp")?;
+    let _udp_srv = udp_whoami(&lab.lan, LAN_IP, 4000)?;
+    let _tcp_srv = tools::tcp_whoami(&lab.lan, LAN_IP, 8000)?;
+    for (i, mode) in ["port-restricted", "symmetric"].iter().enumerate() {
+        let nat = attach(&lab, mode, "pcp,nat-pmp")?;
+        let out = natpmpc(&lab.lan, LAN_GW, &[])?;
+        ensure!(
+            natpmpc_public_address(&out) == Some(NAT_EXT),
+            "{mode}: natpmpc's public address: {out}"
+        );
+        let suggested = 20_000 + i as u16 * 10;
+        let out = natpmpc(
+            &lab.lan,
+            LAN_GW,
+            &["-a", &suggested.to_string(), "4000", "udp", "60"],
+        )?;
+        let (udp_port, local, lifetime) =
+            natpmpc_mapped(&out).with_context(|| format!("{mode}: natpmpc -a udp printed {out}"))?;
+        ensure!(
+            (udp_port, local, lifetime) == (suggested, 4000, 60),
+            "{mode}: UDP mapping {udp_port} -> {local} for {lifetime} s, asked {suggested} -> 4000 for 60 s"
+        );
+        let out = natpmpc(
+            &lab.lan,
+            LAN_GW,
+            &["-a", &(suggested + 1).to_string(), "8000", "tcp", "60"],
+        )?;
+        let (tcp_port, _, _) =
+            natpmpc_mapped(&out).with_context(|| format!("{mode}: natpmpc -a tcp printed {out}"))?;
+        ensure!(
+            tcp_port == suggested + 1,
+            "{mode}: TCP mapping on {tcp_port}, asked {}",
+            suggested + 1
+        );
+
+        // The table shows them with their protocol as state and their remaining lifetime.
+        let row = mapping_row(&nat, "udp", sa(LAN_IP, 4000))?
+            .with_context(|| format!("{mode}: no udp mapping row"))?;
+        ensure!(
+            row.state == "nat-pmp"
+                && row.external == sa(NAT_EXT, udp_port)
+                && matches!(row.expires_in, Some(1..=60)),
+            "{mode}: mapping row {row:?}"
+        );
+
+        // A remote that lan never talked to reaches the host through each mapped port.
+        let sock = udp_bind(&lab.wan, sa(WAN_IP, 7100 + i as u16))?;
+        let seen = whoami(&sock, sa(NAT_EXT, udp_port))
+            .with_context(|| format!("{mode}: UDP through the mapping"))?;
+        ensure!(seen == sa(WAN_IP, 7100 + i as u16), "{mode}: the host saw {seen}");
+        let (seen, local) = tcp_whoami_query(&lab.wan, sa(NAT_EXT, tcp_port))
+            .with_context(|| format!("{mode}: TCP through the mapping"))?;
+        ensure!(
+            std::net::SocketAddr::V4(seen) == local,
+            "{mode}: the TCP server saw {seen}, the client is {local}"
+        );
+
+        // Deletion (lifetime 0): gone from the table and from the data path.
+        natpmpc(
+            &lab.lan,
+            LAN_GW,
+            &["-a", &udp_port.to_string(), "4000", "udp", "0"],
+        )?;
+        ensure!(
+            mapping_row(&nat, "udp", sa(LAN_IP, 4000))?.is_none(),
+            "{mode}: the deleted mapping is still listed"
+        );
+        let sock = udp_bind(&lab.wan, sa(WAN_IP, 7200 + i as u16))?;
+        ensure!(
+            whoami(&sock, sa(NAT_EXT, udp_port)).is_err(),
+            "{mode}: a remote still reaches the host through the deleted mapping"
+        );
+        nat.stop()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn port_mapping_requests_from_the_wan_side_are_not_answered() -> Result<()> {
+    let lab = Lab::new("pmwan")?;
+    let nat = attach(&lab, "port-restricted", "pcp,nat-pmp")?;
+    // The remote routes the internal subnet through the NAT, so it can address the server's
+    // internal address too (the weak host model would accept it on the external interface).
+    lab.wan
+        .ip(&["route", "add", "10.0.0.0/24", "via", &NAT_EXT.to_string()])?;
+    let sock = udp_bind(&lab.wan, sa(WAN_IP, 7300))?;
+    for server in [sa(NAT_EXT, pm::SERVER_PORT), sa(LAN_GW, pm::SERVER_PORT)] {
+        let natpmp = pm::exchange(&sock, server, &[0, 0])?;
+        ensure!(
+            natpmp.is_none(),
+            "a NAT-PMP request from the WAN to {server} was answered: {natpmp:02x?}"
+        );
+        let map = Request::map(WAN_IP, 1, UDP, 7300, 0, 60);
+        let answer = pm::exchange(&sock, server, &map.bytes())?;
+        ensure!(
+            answer.is_none(),
+            "a PCP MAP from the WAN to {server} was answered: {answer:02x?}"
+        );
+    }
+    // The same requests from the LAN are answered (the server runs).
+    let lan = udp_bind(&lab.lan, sa(LAN_IP, 7300))?;
+    ensure!(
+        pm::exchange(&lan, sa(LAN_GW, pm::SERVER_PORT), &[0, 0])?.is_some(),
+        "no answer on the LAN side"
+    );
+    ensure!(
+        nat.mappings()?
+            .iter()
+            .all(|m| m.state != "pcp" && m.state != "nat-pmp"),
+        "a mapping appeared"
+    );
+    nat.stop()
+}
+
+#[test]
+fn port_mapping_pcp_map_peer_announce_and_refusals_are_well_formed_for_tsharks_dissector() -> Result<()> {
+    let lab = Lab::new("pmpcp")?;
+    let nat = attach(&lab, "port-restricted", "pcp")?;
+    let _srv = udp_whoami(&lab.lan, LAN_IP, 5000)?;
+    let dir = std::env::temp_dir().join(format!("pm-pcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let capture = Capture::start(&lab.nat, &lab.lan_if, &dir.join("pcp.pcap"))?;
+    let server = sa(LAN_GW, pm::SERVER_PORT);
+    // Well-formed requests from one port, deliberately bad ones from another, so the dissector
+    // check can hold every well-formed message to "no warning".
+    let good = udp_bind(&lab.lan, sa(LAN_IP, 6001))?;
+    let bad = udp_bind(&lab.lan, sa(LAN_IP, 6002))?;
+    let mut failures = Vec::new();
+    let mut expect = |what: &str, r: &pm::Response, result: u8| {
+        if r.result != result {
+            failures.push(format!("{what}: result {} (expected {result}): {r:?}", r.result));
+        }
+    };
+
+    let announce = pcp(&good, server, &Request::announce(LAN_IP))?;
+    expect("ANNOUNCE", &announce, SUCCESS);
+
+    // MAP: the suggested port when free; the remote reaches the host through it.
+    let create = pcp(&good, server, &Request::map(LAN_IP, 1, UDP, 5000, 30_000, 60))?;
+    expect("MAP create", &create, SUCCESS);
+    ensure!(
+        create.external == Some(sa(NAT_EXT, 30_000))
+            && create.lifetime == 60
+            && create.nonce == Some([1; 12]),
+        "MAP create: {create:?}"
+    );
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 7400))?;
+    ensure!(
+        whoami(&remote, sa(NAT_EXT, 30_000))? == sa(WAN_IP, 7400),
+        "the host saw another remote"
+    );
+    let row = mapping_row(&nat, "udp", sa(LAN_IP, 5000))?.context("no pcp row")?;
+    ensure!(
+        row.state == "pcp" && matches!(row.expires_in, Some(1..=60)),
+        "row {row:?}"
+    );
+
+    // Renewal (same nonce) keeps the port and grants the new lifetime; another nonce is refused.
+    let renew = pcp(&good, server, &Request::map(LAN_IP, 1, UDP, 5000, 0, 120))?;
+    expect("MAP renew", &renew, SUCCESS);
+    ensure!(
+        renew.external == create.external && renew.lifetime == 120,
+        "renewal: {renew:?}"
+    );
+    expect(
+        "MAP, other nonce",
+        &pcp(&good, server, &Request::map(LAN_IP, 2, UDP, 5000, 0, 60))?,
+        NOT_AUTHORIZED,
+    );
+    // PREFER_FAILURE on a taken port; THIRD_PARTY; unsupported protocol.
+    let prefer = Request::map(LAN_IP, 3, UDP, 5001, 30_000, 60).with_option(2, &[]);
+    expect(
+        "MAP PREFER_FAILURE on a taken port",
+        &pcp(&good, server, &prefer)?,
+        CANNOT_PROVIDE_EXTERNAL,
+    );
+    let third = Request::map(LAN_IP, 4, UDP, 5001, 0, 60).with_option(1, &mapped(Ipv4Addr::new(10, 0, 0, 9)));
+    expect("MAP THIRD_PARTY", &pcp(&good, server, &third)?, NOT_AUTHORIZED);
+    expect(
+        "MAP ICMP",
+        &pcp(&good, server, &Request::map(LAN_IP, 5, 1, 5001, 0, 60))?,
+        UNSUPP_PROTOCOL,
+    );
+    // A FILTER that admits everything is accepted (TCP, so nothing clashes with the above).
+    let mut filter = vec![0, 0, 0, 0];
+    filter.extend_from_slice(&[0; 16]);
+    let open = Request::map(LAN_IP, 6, TCP, 5002, 0, 60).with_option(3, &filter);
+    expect("MAP FILTER prefix 0", &pcp(&good, server, &open)?, SUCCESS);
+
+    // PEER for a flow the host opened: the binding the remote saw.
+    let flow = udp_bind(&lab.lan, sa(LAN_IP, 5003))?;
+    let _reflector = udp_whoami(&lab.wan, WAN_IP, 7401)?;
+    let seen = whoami(&flow, sa(WAN_IP, 7401))?;
+    let peer = pcp(
+        &good,
+        server,
+        &Request::peer(LAN_IP, 7, UDP, 5003, sa(WAN_IP, 7401), 60),
+    )?;
+    expect("PEER", &peer, SUCCESS);
+    ensure!(
+        peer.external == Some(seen),
+        "PEER says {:?}, the remote saw {seen}",
+        peer.external
+    );
+
+    // Refusals, from the other port (RFC 6887 §8.3, §7.3).
+    let mut v3 = Request::map(LAN_IP, 8, UDP, 5004, 0, 60);
+    v3.version = 3;
+    expect("version 3", &pcp(&bad, server, &v3)?, UNSUPP_VERSION);
+    let mut opcode = Request::map(LAN_IP, 8, UDP, 5004, 0, 60);
+    opcode.opcode = 5;
+    expect("opcode 5", &pcp(&bad, server, &opcode)?, UNSUPP_OPCODE);
+    let short = Request::map(LAN_IP, 8, UDP, 5004, 0, 60).bytes();
+    let answer = pm::exchange(&bad, server, &short[..40])?.context("no answer to a truncated MAP")?;
+    expect(
+        "truncated MAP",
+        &pm::parse_response(&answer).context("not a PCP answer")?,
+        MALFORMED_REQUEST,
+    );
+    let unknown = Request::map(LAN_IP, 8, UDP, 5004, 0, 60).with_option(99, &[]);
+    expect(
+        "unknown mandatory option",
+        &pcp(&bad, server, &unknown)?,
+        UNSUPP_OPTION,
+    );
+    let mut narrow = vec![0, 64, 0, 0];
+    narrow.extend_from_slice(&mapped(Ipv4Addr::new(192, 0, 2, 0)));
+    let malformed = Request::map(LAN_IP, 8, UDP, 5004, 0, 60).with_option(3, &narrow);
+    expect(
+        "FILTER prefix 64 on an IPv4 address",
+        &pcp(&bad, server, &malformed)?,
+        MALFORMED_OPTION,
+    );
+    expect(
+        "client address not the source",
+        &pcp(
+            &bad,
+            server,
+            &Request::map(Ipv4Addr::new(10, 0, 0, 99), 8, UDP, 5004, 0, 60),
+        )?,
+        ADDRESS_MISMATCH,
+    );
+    // None of the refused requests made a mapping.
+    ensure!(
+        mapping_row(&nat, "udp", sa(LAN_IP, 5004))?.is_none(),
+        "a refused request made a mapping"
+    );
+
+    // Delete (lifetime 0): SUCCESS, lifetime 0, gone.
+    let delete = pcp(&good, server, &Request::map(LAN_IP, 1, UDP, 5000, 0, 0))?;
+    expect("MAP delete", &delete, SUCCESS);
+    ensure!(delete.lifetime == 0, "delete: {delete:?}");
+    ensure!(
+        mapping_row(&nat, "udp", sa(LAN_IP, 5000))?.is_none(),
+        "deleted mapping still listed"
+    );
+
+    // Expiry: a 2-second mapping goes by itself.
+    let short_lived = pcp(&good, server, &Request::map(LAN_IP, 9, UDP, 5005, 0, 2))?;
+    expect("MAP 2 s", &short_lived, SUCCESS);
+    let gone = poll(EXPIRY_BOUND, Duration::from_millis(200), || {
+        matches!(mapping_row(&nat, "udp", sa(LAN_IP, 5005)), Ok(None)).then_some(())
+    });
+    ensure!(
+        gone.is_some(),
+        "a 2 s mapping was still there after {EXPIRY_BOUND:?}"
+    );
+    ensure!(failures.is_empty(), "PCP results:\n{}", failures.join("\n"));
+
+    let file = capture.finish()?;
+    // Every response, and every well-formed request, decodes as PCP without a warning.
+    let responses = pm::tshark_pcp(&file, "udp.srcport == 5351")?;
+    let requests = pm::tshark_pcp(&file, "udp.srcport == 6001")?;
+    let count = |dump: &str| dump.matches("Port Control Protocol").count();
+    ensure!(
+        count(&responses) >= 17,
+        "tshark decoded {} PCP responses:\n{responses}",
+        count(&responses)
+    );
+    ensure!(
+        count(&requests) >= 11,
+        "tshark decoded {} PCP requests:\n{requests}",
+        count(&requests)
+    );
+    for (what, dump) in [("responses", &responses), ("requests", &requests)] {
+        let warnings = dissector_warnings(dump);
+        ensure!(
+            warnings.is_empty(),
+            "tshark flags the {what}: {warnings:?}\n{dump}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    nat.stop()
+}
+
+/// How long a peer punches.
+const PUNCH_WINDOW: Duration = Duration::from_secs(3);
+/// Bound on the rendezvous.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[test]
+fn port_mapping_peers_behind_two_symmetric_nats_connect_once_one_maps_its_port_with_pcp() -> Result<()> {
+    let lab = TwoSites::new("pmp2p")?;
+    let _rv = Rendezvous::start(&lab.rv)?;
+    let attach = |site: &vm_tests::p2p::Site| {
+        NatProcess::attach_in(
+            &site.nat,
+            &site.wan_if,
+            &[
+                "--mode",
+                "symmetric",
+                "--port-mapping",
+                "pcp",
+                "--internal-iface",
+                &site.lan_if,
+            ],
+        )
+    };
+    let nat_a = attach(&lab.a)?;
+    let nat_b = attach(&lab.b)?;
+    let session = |tag: &str| format!("{}-{tag}", std::process::id());
+
+    // Without a mapping: hole punching fails (as in p2p.rs).
+    let sa_ = udp_bind(&lab.a.host, sa(HOST_IP, 43000))?;
+    let sb_ = udp_bind(&lab.b.host, sa(HOST_IP, 43005))?;
+    let plain = session("plain");
+    let side = |sock: &std::net::UdpSocket, me: &str| -> Result<Punch> {
+        let peer = udp_rendezvous(sock, &plain, me, RENDEZVOUS_TIMEOUT)?;
+        udp_punch(sock, me, peer, PUNCH_WINDOW)
+    };
+    let (pa, pb) = thread::scope(|s| -> Result<(Punch, Punch)> {
+        let a = s.spawn(|| side(&sa_, "a"));
+        let b = s.spawn(|| side(&sb_, "b"));
+        Ok((a.join().expect("peer a")?, b.join().expect("peer b")?))
+    })?;
+    ensure!(
+        pa.received == 0 && pb.received == 0,
+        "without a mapping a datagram crossed two symmetric NATs: A {pa:?} B {pb:?}"
+    );
+
+    // A maps its port with PCP first; the rendezvous then sees the mapped endpoint, and B's
+    // datagrams to it reach A, which answers whoever wrote (B's NAT maps B per remote).
+    let a_sock = udp_bind(&lab.a.host, sa(HOST_IP, 43100))?;
+    let mapping = pcp(
+        &a_sock,
+        sa(GW_IP, pm::SERVER_PORT),
+        &Request::map(HOST_IP, 1, UDP, 43100, 0, 120),
+    )?;
+    ensure!(mapping.result == SUCCESS, "A's MAP: {mapping:?}");
+    let a_external = mapping.external.context("MAP without an external endpoint")?;
+    ensure!(*a_external.ip() == NAT_A_EXT, "A mapped {a_external}");
+    let b_sock = udp_bind(&lab.b.host, sa(HOST_IP, 43105))?;
+    let mapped_session = session("mapped");
+    let (pa, pb, a_seen_by_b) = thread::scope(|s| -> Result<(Punch, Punch, SocketAddrV4)> {
+        let a = s.spawn(|| -> Result<Punch> {
+            udp_rendezvous(&a_sock, &mapped_session, "a", RENDEZVOUS_TIMEOUT)?;
+            // Learn B's endpoint towards A from B's first datagram, then talk back to it.
+            let (_, from) = udp_recv(&a_sock, RENDEZVOUS_TIMEOUT)?.context("A heard nothing from B")?;
+            let std::net::SocketAddr::V4(from) = from else {
+                anyhow::bail!("IPv6 source {from}")
+            };
+            udp_punch(&a_sock, "a", from, PUNCH_WINDOW)
+        });
+        let b = s.spawn(|| -> Result<(Punch, SocketAddrV4)> {
+            let peer = udp_rendezvous(&b_sock, &mapped_session, "b", RENDEZVOUS_TIMEOUT)?;
+            Ok((udp_punch(&b_sock, "b", peer, PUNCH_WINDOW)?, peer))
+        });
+        let a = a.join().expect("peer a")?;
+        let (b, peer) = b.join().expect("peer b")?;
+        Ok((a, b, peer))
+    })?;
+    ensure!(
+        a_seen_by_b == a_external,
+        "the rendezvous saw A at {a_seen_by_b}, its mapping is {a_external}"
+    );
+    ensure!(
+        pa.success() && pb.success() && pb.strays.is_empty(),
+        "with A's PCP mapping the peers did not connect: A {pa:?} B {pb:?}"
+    );
+    nat_a.stop()?;
+    nat_b.stop()
+}
+
+#[test]
+fn port_mapping_survives_a_persist_restart_with_the_lifetime_it_had_left() -> Result<()> {
+    let lab = Lab::new("pmpersist")?;
+    let _guard = vm_tests::ops::PersistGuard::new(&lab.nat, &lab.wan_if);
+    let _srv = udp_whoami(&lab.lan, LAN_IP, 5100)?;
+    let lan_if = lab.lan_if.clone();
+    let args = [
+        "--persist",
+        "--port-mapping",
+        "pcp",
+        "--internal-iface",
+        lan_if.as_str(),
+    ];
+    let mut first = NatProcess::attach(&lab, &args)?;
+    let client = udp_bind(&lab.lan, sa(LAN_IP, 6100))?;
+    let server = sa(LAN_GW, pm::SERVER_PORT);
+    let made = pcp(&client, server, &Request::map(LAN_IP, 1, UDP, 5100, 31_000, 60))?;
+    ensure!(
+        made.result == SUCCESS && made.external == Some(sa(NAT_EXT, 31_000)),
+        "MAP: {made:?}"
+    );
+    let st = first.terminate()?;
+    ensure!(
+        st.success(),
+        "the --persist daemon exited {st}: {}",
+        first.stderr()
+    );
+
+    // No daemon: the data path still forwards the mapped port.
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 7500))?;
+    ensure!(
+        whoami(&remote, sa(NAT_EXT, 31_000))? == sa(WAN_IP, 7500),
+        "no forwarding while no daemon ran"
+    );
+
+    // The next daemon adopts the NAT and the mapping, with the lifetime it had left.
+    let second = NatProcess::attach(&lab, &args)?;
+    ensure!(
+        second.attached_line().contains("adopted"),
+        "no adoption: {}",
+        second.attached_line()
+    );
+    let row =
+        mapping_row(&second, "udp", sa(LAN_IP, 5100))?.context("the mapping is gone after the restart")?;
+    ensure!(
+        row.state == "pcp" && row.external == sa(NAT_EXT, 31_000) && matches!(row.expires_in, Some(1..=60)),
+        "after the restart: {row:?}"
+    );
+    // The epoch started again (RFC 6887 §8.5), and the client renews with its nonce.
+    let announce = pcp(&client, server, &Request::announce(LAN_IP))?;
+    ensure!(announce.epoch < 60, "epoch {} after a restart", announce.epoch);
+    let renew = pcp(&client, server, &Request::map(LAN_IP, 1, UDP, 5100, 0, 60))?;
+    ensure!(
+        renew.result == SUCCESS && renew.external == Some(sa(NAT_EXT, 31_000)),
+        "renewal after the restart: {renew:?}"
+    );
+    ensure!(
+        whoami(&remote, sa(NAT_EXT, 31_000))? == sa(WAN_IP, 7500),
+        "no forwarding after the restart"
+    );
+    second.stop()?;
+    let out = vm_tests::ops::ctl(&lab.nat, &["detach", &lab.wan_if])?;
+    ensure!(out.status.success(), "detach: {}", out.stderr);
+    Ok(())
+}
