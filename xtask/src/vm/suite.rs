@@ -89,6 +89,11 @@ pub const VM_TESTS: &[VmTest] = &[
         "restart",
         "a_killed_daemon_leaves_the_nat_translating_and_the_next_attach_adopts_it",
     ),
+    // Batched map reads and deletes (BPF_MAP_*_BATCH) in the expiry sweep, on 6.1's hash maps.
+    t(
+        "expiry_scale",
+        "expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones",
+    ),
     // Hostile traffic: blind RST/FIN/SYN, one host flooding the session table.
     t("tcp_hostile", "blind_rst_fin_syn_change_nothing_port_restricted"),
     t(
@@ -98,6 +103,11 @@ pub const VM_TESTS: &[VmTest] = &[
     t(
         "session_limits",
         "by_default_one_host_is_held_to_a_quarter_of_the_session_table",
+    ),
+    // Maps not preallocated, the default table size from the RAM (6.1 reports no live memory).
+    t(
+        "memory",
+        "an_idle_default_attach_fits_16_mib_and_memory_follows_the_live_bindings",
     ),
     // The internal-side program: hairpinning and --internal-iface traffic.
     t(
