@@ -1306,4 +1306,75 @@ mod tests {
             "met for a; **missed** for b"
         );
     }
+
+    fn cost(program: &'static str, path: &'static str, ns: f64, live: bool) -> Cost {
+        Cost {
+            program,
+            path,
+            ns,
+            single_runs: false,
+            live,
+        }
+    }
+
+    fn machine() -> Machine {
+        Machine {
+            cpus: 2,
+            kernel: "k".into(),
+            cpu_model: "c".into(),
+            memory_mib: 1024,
+            date: "d".into(),
+            revision: "r".into(),
+        }
+    }
+
+    #[test]
+    fn each_hit_is_held_to_its_floor_timed_the_same_way_and_unmeasured_targets_say_so() {
+        let mut run = Run::new(machine(), "bench".into(), false);
+        run.costs = Some(vec![
+            cost("bench_empty_xdp", "empty XDP program (floor)", 40.0, false),
+            cost("bench_empty_tc", "empty TC program", 50.0, false),
+            cost("nat_ingress", "established hit (UDP)", 90.0, false),
+            cost("nat_egress", "established hit (UDP)", 200.0, false),
+            cost(
+                "bench_empty_xdp",
+                "empty XDP program on the path (live)",
+                100.0,
+                true,
+            ),
+            cost("nat_internal", "established hit, fast path (live)", 200.0, true),
+        ]);
+        let mut md = String::new();
+        targets(&run, &mut md);
+        let row = |start: &str| md.lines().find(|l| l.starts_with(start)).unwrap().to_string();
+        // 90 / 40 = 2.25: met; the live internal hit against the live floor: 2.00, met.
+        assert!(row("| ingress").contains("= 2.25×") && row("| ingress").ends_with("| met |"));
+        assert!(
+            row("| internal-side").contains("= 2.00×"),
+            "{}",
+            row("| internal-side")
+        );
+        // 200 / 50 = 4 > 3.
+        assert!(row("| TC egress").ends_with("| **missed** |"));
+        assert!(row("| whole path").ends_with(&format!("| {NOT_MEASURED} |")));
+        assert!(row("| two cores").ends_with(&format!("| {NOT_MEASURED} |")));
+    }
+
+    #[test]
+    fn two_core_scaling_is_the_ratio_of_the_medians() {
+        let s = Scaling {
+            contender: Contender::NatFastPath,
+            one: vec![1e6, 1.2e6, 0.8e6],
+            two: vec![1.8e6],
+            unavailable: None,
+        };
+        assert_eq!(s.factor(), Some(1.8));
+        assert!(scaling_text(&s).contains("= 1.80×"));
+        let gone = Scaling {
+            unavailable: Some("need 2 CPUs".into()),
+            ..s
+        };
+        assert_eq!(gone.factor(), None);
+        assert!(scaling_text(&gone).contains("unavailable (need 2 CPUs)"));
+    }
 }
