@@ -315,7 +315,7 @@ fn forward_del(args: &ForwardDelArgs) -> Result<()> {
 
 fn forward_list(query: &QueryArgs) -> Result<()> {
     let (_, maps) = open(query)?;
-    let rows: Vec<ForwardRow> = forwards::list(&maps).iter().map(ForwardRow::from).collect();
+    let rows: Vec<ForwardRow> = forwards::list_operator(&maps).iter().map(ForwardRow::from).collect();
     if query.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {

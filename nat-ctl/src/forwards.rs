@@ -7,7 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, Result};
 use nat_common::{
-    maps::BINDING_FLAG_STATIC, proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig,
+    maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
+    proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig,
 };
 use serde::Serialize;
 
@@ -173,6 +174,10 @@ pub fn remove(maps: &mut PinnedMaps, proto: u8, external: SocketAddrV4) -> Resul
     };
     let name = proto::name(proto);
     match maps.bindings_in.get(&key, 0) {
+        Ok(value) if value.flags & BINDING_FLAGS_PORT_MAPPING != 0 => {
+            let host = endpoint(value.internal_addr, value.internal_port);
+            bail!("{name} {external} is a port mapping of {host}, not a forward: it ends with its lifetime or when the host deletes it")
+        }
         Ok(value) if value.flags & BINDING_FLAG_STATIC != 0 => {
             let forward = Forward {
                 proto,
@@ -223,7 +228,21 @@ pub fn move_to(maps: &mut PinnedMaps, f: &Forward, to: Ipv4Addr) -> Result<Forwa
     Ok(moved)
 }
 
-/// Every installed forward, sorted by protocol and external port.
+/// The forwards an operator made (`forward list`): every static binding but the hosts' port
+/// mappings.
+pub fn list_operator(maps: &PinnedMaps) -> Vec<Forward> {
+    let mappings: Vec<(u8, SocketAddrV4)> = crate::port_mapping::kernel::marked(maps)
+        .into_iter()
+        .map(|(proto, internal, _, _)| (proto, internal))
+        .collect();
+    list(maps)
+        .into_iter()
+        .filter(|f| !mappings.contains(&(f.proto, f.internal)))
+        .collect()
+}
+
+/// Every static binding, forwards and port mappings alike (both follow the external address
+/// when it changes), sorted by protocol and external port.
 pub fn list(maps: &PinnedMaps) -> Vec<Forward> {
     // Read in batches: the table may hold a million dynamic bindings beside the forwards.
     let mut forwards: Vec<Forward> = crate::pinned::read_all(&maps.bindings_in)

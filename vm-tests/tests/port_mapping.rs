@@ -222,6 +222,23 @@ fn port_mapping_pcp_map_peer_announce_and_refusals_are_well_formed_for_tsharks_d
         "row {row:?}"
     );
 
+    // It is not an operator's forward: not listed as one, and `forward del` leaves it alone.
+    let forwards = vm_tests::ops::forwards_in(&lab.nat, &lab.wan_if)?;
+    ensure!(
+        forwards.is_empty(),
+        "forward list shows the mapping: {forwards:?}"
+    );
+    let del = vm_tests::ops::ctl(&lab.nat, &["forward", "del", "-i", &lab.wan_if, "udp", "30000"])?;
+    ensure!(
+        !del.status.success(),
+        "forward del removed a port mapping: {}",
+        del.stdout
+    );
+    ensure!(
+        mapping_row(&nat, "udp", sa(LAN_IP, 5000))?.is_some(),
+        "forward del removed a port mapping"
+    );
+
     // Renewal (same nonce) keeps the port and grants the new lifetime; another nonce is refused.
     let renew = pcp(&good, server, &Request::map(LAN_IP, 1, UDP, 5000, 0, 120))?;
     expect("MAP renew", &renew, SUCCESS);
