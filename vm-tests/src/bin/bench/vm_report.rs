@@ -274,6 +274,10 @@ const METHOD: &str = "
 How (differences from the host comparison's Method; everything else is the same: topology, \
 sinks, contenders, flows, fresh topology per contender and round, rotated order):
 
+- **Contenders**: all of the host comparison's but the bare XDP forwarder (its limit is what our \
+fast path is held to, and the fast path stays off on 6.1). nftables with a flowtable is measured \
+here in any case: Debian's 6.1 has flowtables.
+
 - **Generator**: the kernel's `pktgen` (`modprobe pktgen`; the host's kernel has none), the kernel \
 thread of the last vCPU, on the end host's veth in `src` (outbound) or `dst` (inbound). It sends \
 60-byte UDP packets (64-byte frames, no UDP checksum) through the veth's transmit function, a fresh \
