@@ -74,8 +74,8 @@ struct Plan {
     scale: scale::Settings,
 }
 
-/// The pktgen phase's run lengths (full: about 8 minutes in the VM under TCG, most of it
-/// setting up topologies and contenders; smoke: about 2 minutes).
+/// The pktgen phase's run lengths (full, five contenders: about 10 minutes in the VM under TCG,
+/// most of it setting up topologies and contenders; smoke: about 2 minutes).
 fn pktgen_settings(smoke: bool) -> vm_forwarding::Settings {
     if smoke {
         vm_forwarding::Settings {
@@ -93,7 +93,8 @@ fn pktgen_settings(smoke: bool) -> vm_forwarding::Settings {
 }
 
 impl Plan {
-    /// The full benchmark (about 8 minutes on 2 cores).
+    /// The full benchmark (on 2 cores: about 12 minutes, an estimate since six contenders, the
+    /// two-core runs and the controller at a million bindings joined).
     fn full() -> Plan {
         Plan {
             forwarding: forwarding::Settings {
