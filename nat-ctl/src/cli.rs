@@ -7,6 +7,7 @@ use nat_common::{alloc::PortRange, Mode};
 
 use crate::{
     settings::{parse_ipv4, parse_mode, parse_port_range, parse_unsolicited_syn, RefusalIcmp},
+    table_filter::{EndpointFilter, RowFilter},
     xdp_mode::XdpModeChoice,
 };
 
@@ -42,6 +43,10 @@ pub enum Command {
     Check(CheckArgs),
     /// Remove a NAT left running by `attach --persist` (programs, pins, everything).
     Detach(DetachArgs),
+    /// Delete the bindings (with their sessions) that match the filters, as `conntrack -D`.
+    Delete(DeleteArgs),
+    /// Delete every dynamic binding, as `conntrack -F`; forwards and port mappings stay.
+    Flush(FlushArgs),
     /// Write the manual pages and shell completions into a directory (for packagers).
     #[command(hide = true)]
     Generate(GenerateArgs),
@@ -235,10 +240,68 @@ pub struct MappingsArgs {
     /// Which NAT, and the output format.
     #[command(flatten)]
     pub query: QueryArgs,
+    /// Which entries.
+    #[command(flatten)]
+    pub filter: TableFilterArgs,
+    /// Print only how many entries match.
+    #[arg(long)]
+    pub count: bool,
+}
+
+/// Selects entries of the NAT table; every given filter must match.
+#[derive(Debug, Args)]
+pub struct TableFilterArgs {
     /// Only this protocol (udp, tcp, icmp).
     #[arg(long, value_parser = ["udp", "tcp", "icmp"])]
     pub proto: Option<String>,
-    /// Only this internal address.
-    #[arg(long, value_parser = |s: &str| parse_ipv4(s).map_err(|e| e.to_string()))]
-    pub internal: Option<Ipv4Addr>,
+    /// Internal endpoint: ADDR, ADDR:PORT or :PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_endpoint_filter)]
+    pub internal: Option<EndpointFilter>,
+    /// External endpoint: ADDR, ADDR:PORT or :PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_endpoint_filter)]
+    pub external: Option<EndpointFilter>,
+    /// Remote endpoint: ADDR, ADDR:PORT or :PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_endpoint_filter)]
+    pub remote: Option<EndpointFilter>,
+}
+
+impl TableFilterArgs {
+    /// The filters as the table applies them.
+    pub fn to_filter(&self) -> RowFilter {
+        RowFilter {
+            proto: self.proto.clone(),
+            internal: self.internal,
+            external: self.external,
+            remote: self.remote,
+        }
+    }
+}
+
+fn parse_endpoint_filter(text: &str) -> Result<EndpointFilter, String> {
+    EndpointFilter::parse(text).map_err(|e| format!("{e:#}"))
+}
+
+/// `nat-ctl delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// Which bindings: those with an entry that matches (at least one filter is required).
+    #[command(flatten)]
+    pub filter: TableFilterArgs,
+    /// Also delete the static forwards that match (port mappings of PCP and NAT-PMP stay).
+    #[arg(long)]
+    pub forwards: bool,
+}
+
+/// `nat-ctl flush`.
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// Also delete every static forward (port mappings of PCP and NAT-PMP stay).
+    #[arg(long)]
+    pub forwards: bool,
 }

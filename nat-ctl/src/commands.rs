@@ -1,9 +1,10 @@
-//! The read-only subcommands: `mappings`, `stats`, `status`. They open the running NAT's
-//! pinned maps directly, so they work from any shell in the same network namespace.
+//! The subcommands on a running NAT's table and state: `mappings`, `delete`, `flush`, `stats`,
+//! `status`, `mode`, `forward`. They open the running NAT's pinned maps directly, so they work
+//! from any shell in the same network namespace.
 
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use nat_common::{
     config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
     maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS},
@@ -11,14 +12,18 @@ use nat_common::{
 };
 
 use crate::{
-    cli::{ForwardAddArgs, ForwardCommand, ForwardDelArgs, MappingsArgs, ModeArgs, QueryArgs},
+    cli::{
+        DeleteArgs, FlushArgs, ForwardAddArgs, ForwardCommand, ForwardDelArgs, MappingsArgs, ModeArgs,
+        QueryArgs,
+    },
     clock::monotonic_ns,
     forwards::{self, Forward, ForwardRow},
     instance::{read_info, Daemon, Instance},
     pinned::PinnedMaps,
     session_usage,
     settings::Timeouts,
-    table,
+    table, table_delete,
+    table_filter::RowFilter,
 };
 
 /// Hosts named on the `by host:` line of `status` (most sessions first; `--json` lists all).
@@ -41,18 +46,49 @@ pub fn mappings(args: &MappingsArgs) -> Result<()> {
         &Timeouts(config.timeouts_secs),
     );
     crate::port_mapping::annotate(&instance, &mut rows, monotonic_ns());
-    if let Some(proto) = &args.proto {
-        rows.retain(|r| r.proto == proto);
-    }
-    if let Some(internal) = args.internal {
-        let prefix = format!("{internal}:");
-        rows.retain(|r| r.internal.starts_with(&prefix));
-    }
-    if args.query.json {
+    let filter = args.filter.to_filter();
+    rows.retain(|r| filter.matches(r));
+    if args.count {
+        if args.query.json {
+            println!("{}", serde_json::json!({ "count": rows.len() }));
+        } else {
+            println!("{}", rows.len());
+        }
+    } else if args.query.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", table::render(&rows));
     }
+    Ok(())
+}
+
+/// `nat-ctl delete`: the bindings that match, with their sessions.
+pub fn delete(args: &DeleteArgs) -> Result<()> {
+    let filter = args.filter.to_filter();
+    if filter.is_empty() {
+        bail!("delete needs a filter (--proto, --internal, --external, --remote); `nat-ctl flush` deletes every dynamic binding");
+    }
+    remove(args.iface.as_deref(), &filter, args.forwards)
+}
+
+/// `nat-ctl flush`: every dynamic binding.
+pub fn flush(args: &FlushArgs) -> Result<()> {
+    remove(args.iface.as_deref(), &RowFilter::default(), args.forwards)
+}
+
+fn remove(iface: Option<&str>, filter: &RowFilter, with_forwards: bool) -> Result<()> {
+    let instance = Instance::find(iface)?;
+    let mut maps = PinnedMaps::open(&instance.pin_dir())?;
+    let config = maps.read_config()?;
+    let deleted = table_delete::delete(&mut maps, filter, &Timeouts(config.timeouts_secs), with_forwards)?;
+    print!(
+        "deleted {} binding(s) with {} session(s)",
+        deleted.bindings, deleted.sessions
+    );
+    if with_forwards {
+        print!(" and {} forward(s)", deleted.forwards);
+    }
+    println!();
     Ok(())
 }
 
@@ -315,7 +351,10 @@ fn forward_del(args: &ForwardDelArgs) -> Result<()> {
 
 fn forward_list(query: &QueryArgs) -> Result<()> {
     let (_, maps) = open(query)?;
-    let rows: Vec<ForwardRow> = forwards::list_operator(&maps).iter().map(ForwardRow::from).collect();
+    let rows: Vec<ForwardRow> = forwards::list_operator(&maps)
+        .iter()
+        .map(ForwardRow::from)
+        .collect();
     if query.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {

