@@ -552,6 +552,36 @@ mod tests {
     }
 
     #[test]
+    fn only_idle_bindings_ask_about_sessions_and_per_remote_ones_are_tracked() {
+        let timeouts = timeouts();
+        let mut d = Decisions::default();
+        // A busy binding without any session: it stays (its own stamp is fresh).
+        let (busy, busy_v) = binding(proto::UDP, 4000, 50 * S);
+        // An idle per-remote binding kept by a live session, and an idle one without.
+        let (mut kept, kept_v) = binding(proto::UDP, 4001, 0);
+        kept.remote_addr = 7;
+        let (gone, gone_v) = binding(proto::UDP, 4002, 0);
+        for (k, v) in [(busy, busy_v), (kept, kept_v), (gone, gone_v)] {
+            d.observe_binding(55 * S, &k, &v, &timeouts);
+        }
+        let (s, sv) = session(proto::UDP, 4001, 7, SESSION_KIND_ENDPOINT, 50 * S, TcpState::None);
+        d.observe_session(55 * S, &s, &sv, &timeouts);
+        let expired: Vec<u16> = d
+            .expired_bindings()
+            .iter()
+            .map(|(k, _)| k.internal_port)
+            .collect();
+        assert_eq!(expired, [4002]);
+        assert!(
+            d.per_remote_left(),
+            "the kept per-remote binding outlives the sweep"
+        );
+        let mut alone = Decisions::default();
+        alone.observe_binding(55 * S, &kept, &kept_v, &timeouts);
+        assert!(!alone.per_remote_left(), "without its session it goes too");
+    }
+
+    #[test]
     fn tcp_timeout_follows_state() {
         let b = [binding(proto::TCP, 5000, 0)];
         let est = [session(

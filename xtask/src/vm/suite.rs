@@ -94,6 +94,11 @@ pub const VM_TESTS: &[VmTest] = &[
         "expiry_scale",
         "expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones",
     ),
+    // Batched map reads and deletes (BPF_MAP_*_BATCH) in the expiry sweep, on 6.1's hash maps.
+    t(
+        "expiry_scale",
+        "expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones",
+    ),
     // Hostile traffic: blind RST/FIN/SYN, one host flooding the session table.
     t("tcp_hostile", "blind_rst_fin_syn_change_nothing_port_restricted"),
     t(
