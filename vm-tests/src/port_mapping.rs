@@ -13,6 +13,8 @@ use crate::tools::udp_recv;
 
 /// PCP and NAT-PMP server port (RFC 6887 §19.1).
 pub const SERVER_PORT: u16 = 5351;
+/// Port clients hear the all-hosts announcements on (RFC 6887 §19.1, RFC 6886 §3.2.1).
+pub const CLIENT_PORT: u16 = 5350;
 /// PCP MAP opcode.
 pub const OP_MAP: u8 = 1;
 /// PCP PEER opcode.

@@ -530,3 +530,73 @@ fn port_mapping_survives_a_persist_restart_with_the_lifetime_it_had_left() -> Re
     ensure!(out.status.success(), "detach: {}", out.stderr);
     Ok(())
 }
+
+/// Waits (bounded) on `sock` for an announcement to the all-hosts group that `accept` takes.
+fn announcement(
+    sock: &std::net::UdpSocket,
+    within: Duration,
+    accept: impl Fn(&[u8]) -> bool,
+) -> Result<bool> {
+    let deadline = std::time::Instant::now() + within;
+    while let Some((data, _)) = udp_recv(
+        sock,
+        deadline.saturating_duration_since(std::time::Instant::now()),
+    )? {
+        if accept(&data) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[test]
+fn port_mapping_announces_the_epoch_and_a_new_external_address_and_mappings_follow_it() -> Result<()> {
+    const NEW_EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 253);
+    let lab = Lab::new("pmannounce")?;
+    // Every host is in 224.0.0.1: a socket on port 5350 hears the announcements.
+    let listener = udp_bind(&lab.lan, sa(Ipv4Addr::UNSPECIFIED, pm::CLIENT_PORT))?;
+    let nat = attach(&lab, "port-restricted", "pcp,nat-pmp")?;
+    let pcp_announce = |d: &[u8]| d.len() >= 24 && d[..4] == [2, 0x80, 0, 0];
+    let natpmp_address = |addr: Ipv4Addr| {
+        move |d: &[u8]| d.len() == 12 && d[..4] == [0, 128, 0, 0] && d[8..12] == addr.octets()
+    };
+    ensure!(
+        announcement(&listener, Duration::from_secs(5), pcp_announce)?,
+        "no unsolicited PCP ANNOUNCE at start (RFC 6887 §14.1.3)"
+    );
+    let _srv = udp_whoami(&lab.lan, LAN_IP, 5200)?;
+    let out = natpmpc(&lab.lan, LAN_GW, &["-a", "32000", "5200", "udp", "120"])?;
+    ensure!(
+        natpmpc_mapped(&out).map(|m| m.0) == Some(32_000),
+        "natpmpc: {out}"
+    );
+
+    // Renumber the external interface as a DHCP client would.
+    lab.nat
+        .sysctl(&format!("net.ipv4.conf.{}.promote_secondaries", lab.wan_if), "1")?;
+    lab.nat
+        .ip(&["addr", "add", &format!("{NEW_EXT}/24"), "dev", &lab.wan_if])?;
+    lab.nat
+        .ip(&["addr", "del", &format!("{NAT_EXT}/24"), "dev", &lab.wan_if])?;
+    ensure!(
+        announcement(&listener, Duration::from_secs(10), natpmp_address(NEW_EXT))?,
+        "no NAT-PMP announcement of the new address {NEW_EXT} (RFC 6886 §3.2.1)"
+    );
+    // The mapping moved with the address.
+    let out = natpmpc(&lab.lan, LAN_GW, &[])?;
+    ensure!(
+        natpmpc_public_address(&out) == Some(NEW_EXT),
+        "public address after renumbering: {out}"
+    );
+    let remote = udp_bind(&lab.wan, sa(WAN_IP, 7600))?;
+    ensure!(
+        whoami(&remote, sa(NEW_EXT, 32_000))? == sa(WAN_IP, 7600),
+        "the mapping does not answer on the new address"
+    );
+    let row = mapping_row(&nat, "udp", sa(LAN_IP, 5200))?.context("mapping gone after renumbering")?;
+    ensure!(
+        row.external == sa(NEW_EXT, 32_000) && row.state == "nat-pmp",
+        "{row:?}"
+    );
+    nat.stop()
+}

@@ -276,28 +276,44 @@ fn restore(maps: &mut PinnedMaps, recorded: Vec<Mapping>, now_ns: u64) -> Vec<Ma
     kept
 }
 
-/// Sends the start-of-epoch announcements (RFC 6887 §14.1.3: unsolicited ANNOUNCE; RFC 6886
-/// §3.2.1: the public address) to the all-hosts group on every internal interface.
-async fn announce(server: &Server, dp: &mut Kernel<'_>, sockets: &[Arc<UdpSocket>]) {
-    let epoch = server.epoch(monotonic_ns());
-    let mut messages = Vec::new();
-    if server.protocols.pcp {
-        messages.push(pcp::announce_response(epoch));
-    }
-    if server.protocols.nat_pmp {
-        if let Some(addr) = mappings::Dataplane::external_addr(dp) {
-            messages.push(natpmp::public_address_response(
-                natpmp::ResultCode::Success,
-                epoch,
-                addr,
-            ));
+/// How many times an announcement is sent (RFC 6886 §3.2.1: ten times, the gap doubling from
+/// 250 ms, since a multicast datagram may be lost).
+const ANNOUNCE_REPEATS: u32 = 10;
+/// The first gap between two copies of an announcement.
+const ANNOUNCE_FIRST_GAP: Duration = Duration::from_millis(250);
+
+/// Starts announcing the start of the epoch (RFC 6887 §14.1.3: unsolicited ANNOUNCE) and the
+/// external address (RFC 6886 §3.2.1: the public address response) to the all-hosts group on
+/// every internal interface, in the background; each copy carries the epoch of its sending.
+fn announce(server: &Server, dp: &mut Kernel<'_>, sockets: &[Arc<UdpSocket>]) -> tokio::task::JoinHandle<()> {
+    let protocols = server.protocols;
+    let start_ns = server.epoch_start_ns;
+    let addr = mappings::Dataplane::external_addr(dp);
+    let sockets = sockets.to_vec();
+    tokio::spawn(async move {
+        let mut gap = ANNOUNCE_FIRST_GAP;
+        for _ in 0..ANNOUNCE_REPEATS {
+            let epoch = (monotonic_ns().saturating_sub(start_ns) / 1_000_000_000) as u32;
+            let mut messages = Vec::new();
+            if protocols.pcp {
+                messages.push(pcp::announce_response(epoch));
+            }
+            if let (true, Some(addr)) = (protocols.nat_pmp, addr) {
+                messages.push(natpmp::public_address_response(
+                    natpmp::ResultCode::Success,
+                    epoch,
+                    addr,
+                ));
+            }
+            for socket in &sockets {
+                for message in &messages {
+                    let _ = socket.send_to(message, ANNOUNCE_TO).await;
+                }
+            }
+            tokio::time::sleep(gap).await;
+            gap *= 2;
         }
-    }
-    for socket in sockets {
-        for message in &messages {
-            let _ = socket.send_to(message, ANNOUNCE_TO).await;
-        }
-    }
+    })
 }
 
 async fn serve(
@@ -308,7 +324,7 @@ async fn serve(
     state_path: PathBuf,
 ) {
     let mut dp = Kernel { maps: &mut maps };
-    announce(&server, &mut dp, &sockets).await;
+    let mut announcer = announce(&server, &mut dp, &sockets);
     let mut address = mappings::Dataplane::external_addr(&mut dp);
     loop {
         let wait = server.mappings.next_expiry().map_or(IDLE_TICK, |at| {
@@ -337,7 +353,9 @@ async fn serve(
                 if now != address {
                     // RFC 6886 §3.2.1: hosts are told when the external address changes.
                     address = now;
-                    announce(&server, &mut dp, &sockets).await;
+                    // The old address must not be announced after the new one.
+                    announcer.abort();
+                    announcer = announce(&server, &mut dp, &sockets);
                 }
             }
         }

@@ -94,11 +94,6 @@ pub const VM_TESTS: &[VmTest] = &[
         "expiry_scale",
         "expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones",
     ),
-    // Batched map reads and deletes (BPF_MAP_*_BATCH) in the expiry sweep, on 6.1's hash maps.
-    t(
-        "expiry_scale",
-        "expiry_sweep_of_a_large_table_removes_every_expired_binding_and_keeps_live_ones",
-    ),
     // Hostile traffic: blind RST/FIN/SYN, one host flooding the session table.
     t("tcp_hostile", "blind_rst_fin_syn_change_nothing_port_restricted"),
     t(
@@ -136,6 +131,16 @@ pub const VM_TESTS: &[VmTest] = &[
     t(
         "fastpath_policy",
         "forward_chain_rules_hold_with_and_without_the_fast_path_as_with_masquerade",
+    ),
+    // Port mapping: NAT-PMP mappings (static-flagged bindings) reached in port-restricted and
+    // symmetric mode; a PCP mapping across a --persist restart on clsact.
+    t(
+        "port_mapping",
+        "port_mapping_natpmpc_maps_udp_and_tcp_ports_that_remotes_reach_in_port_restricted_and_symmetric_mode",
+    ),
+    t(
+        "port_mapping",
+        "port_mapping_survives_a_persist_restart_with_the_lifetime_it_had_left",
     ),
     // Detach leaves nothing; CLI behaviour that depends on the kernel.
     t("cli", "stop_removes_programs_qdisc_and_pins"),
