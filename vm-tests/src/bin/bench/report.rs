@@ -1064,7 +1064,9 @@ forward chain: nftables' own fast path, which forwards a flow's packets from the
 conntrack has confirmed it; a kernel built without `CONFIG_NF_FLOW_TABLE` cannot run it, and the \
 row then says so); `nat-ctl attach --mode port-restricted` with no other flag (the default \
 attach, which finds the internal interface itself and so takes the fast path where it can); the \
-same with `--internal-iface` naming it (the XDP fast path on purpose); a bare XDP forwarder (`bench_xdp_forward` in nat-ebpf/src/bench.rs on both router \
+same with `--internal-iface` naming it (the XDP fast path on purpose), both with `--max-sessions-per-host 0` (the new-flow burst comes from \
+one internal host and would exceed the default per-host limit, a fairness policy nftables does \
+not have); a bare XDP forwarder (`bench_xdp_forward` in nat-ebpf/src/bench.rs on both router \
 interfaces: `bpf_fib_lookup`, TTL decrement, MAC rewrite, `bpf_redirect`, no NAT), the limit of any \
 XDP data path on this path. A result of a contender with a fast path (ours, the flowtable, the bare \
 forwarder) only counts if the router's kernel forwarded at most 10% of the delivered packets \

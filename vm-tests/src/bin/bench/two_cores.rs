@@ -139,7 +139,7 @@ struct Sample {
 /// One round of one contender: `(one core, two cores)`.
 fn round(gens: &mut [Generator], contender: Contender, point: Duration) -> Result<(Sample, Sample)> {
     let topo = Topology::build_multiqueue(CORES as u32)?;
-    let running = contender.start(&topo, &[])?;
+    let running = contender.start(&topo, &crate::forwarding::NAT_ARGS)?;
     let measured = (|| {
         for k in 0..CORES {
             let (frame, flows) = stream(&topo, k);
