@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
+use crate::p2p::{udp_punch, udp_rendezvous, Punch};
 use crate::proc::{self, Proc};
 use crate::tools::udp_recv;
 
@@ -314,4 +315,54 @@ pub fn dissector_warnings(dump: &str) -> Vec<String> {
         })
         .map(|l| l.trim().to_string())
         .collect()
+}
+
+/// How long a peer punches.
+pub const PUNCH_WINDOW: Duration = Duration::from_secs(3);
+/// Bound on the rendezvous (the other peer may take seconds to start under emulation).
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Plain UDP hole punching between host A (`a_sock`) and host B (`b_sock`) of the two-site lab:
+/// both learn the other's endpoint from the rendezvous server, then punch at once.
+pub fn punch_pair(a_sock: &UdpSocket, b_sock: &UdpSocket, session: &str) -> Result<(Punch, Punch)> {
+    let side = |sock: &UdpSocket, me: &str| -> Result<Punch> {
+        let peer = udp_rendezvous(sock, session, me, RENDEZVOUS_TIMEOUT)?;
+        udp_punch(sock, me, peer, PUNCH_WINDOW)
+    };
+    std::thread::scope(|s| {
+        let a = s.spawn(|| side(a_sock, "a"));
+        let b = s.spawn(|| side(b_sock, "b"));
+        Ok((
+            a.join().expect("peer a panicked")?,
+            b.join().expect("peer b panicked")?,
+        ))
+    })
+}
+
+/// The connection once A's port is mapped (`a_sock` bound to the mapped internal port): B
+/// learns A's endpoint from the rendezvous server (the mapped one) and punches to it; A answers
+/// whoever wrote, since B's symmetric NAT gives B another port per remote. Returns what each
+/// side saw and A's endpoint as B learnt it.
+pub fn connect_via_mapping(
+    a_sock: &UdpSocket,
+    b_sock: &UdpSocket,
+    session: &str,
+) -> Result<(Punch, Punch, SocketAddrV4)> {
+    std::thread::scope(|s| {
+        let a = s.spawn(|| -> Result<Punch> {
+            udp_rendezvous(a_sock, session, "a", RENDEZVOUS_TIMEOUT)?;
+            let (_, from) = udp_recv(a_sock, RENDEZVOUS_TIMEOUT)?.context("A heard nothing from B")?;
+            let SocketAddr::V4(from) = from else {
+                bail!("IPv6 source {from}")
+            };
+            udp_punch(a_sock, "a", from, PUNCH_WINDOW)
+        });
+        let b = s.spawn(|| -> Result<(Punch, SocketAddrV4)> {
+            let peer = udp_rendezvous(b_sock, session, "b", RENDEZVOUS_TIMEOUT)?;
+            Ok((udp_punch(b_sock, "b", peer, PUNCH_WINDOW)?, peer))
+        });
+        let a = a.join().expect("peer a panicked")?;
+        let (b, peer) = b.join().expect("peer b panicked")?;
+        Ok((a, b, peer))
+    })
 }

@@ -1,7 +1,9 @@
 //! Demo: builds a lab (lan, lan2, nat, wan), attaches the NAT in port-restricted mode with the
 //! plain one-line command (it finds the internal interfaces itself), sends some traffic through
 //! it, hairpins from lan to lan2's external endpoint, shows the status, NAT table and counters,
-//! then stops the NAT and removes the lab. Exits non-zero if any step fails. Root only.
+//! then stops the NAT and removes the lab. Then, in a two-site lab, two peers behind symmetric
+//! NATs fail to hole-punch and connect once one maps its port with PCP. Exits non-zero if any
+//! step fails. Root only.
 //!
 //! `NAT_CTL` selects the nat-ctl binary (default: `<workspace>/target/release/nat-ctl`).
 
@@ -14,6 +16,8 @@ use std::time::Duration;
 use vm_tests::lab::{LAN2_IP, LAN_IP, NAT_EXT, WAN_IP};
 use vm_tests::nat::nat_ctl_path;
 use vm_tests::ops;
+use vm_tests::p2p::{Rendezvous, TwoSites, GW_IP, HOST_IP, NAT_A_EXT, NAT_B_EXT, RV_IP};
+use vm_tests::port_mapping as pm;
 use vm_tests::tools::{self, udp_bind, udp_expect, udp_whoami, whoami};
 use vm_tests::{Lab, LabOptions, NatProcess};
 
@@ -110,6 +114,71 @@ fn run() -> Result<()> {
     section("teardown");
     drop(lab);
     println!("lab removed");
+
+    p2p_with_pcp()
+}
+
+/// The P2P story in the two-site lab: two peers behind symmetric NATs fail to hole-punch, and
+/// connect once one maps its port with PCP (`--port-mapping pcp`).
+fn p2p_with_pcp() -> Result<()> {
+    section("P2P: two peers, each behind a symmetric NAT (attach --mode symmetric --port-mapping pcp)");
+    let lab = TwoSites::new("demop2p")?;
+    let _rv = Rendezvous::start(&lab.rv)?;
+    let attach = |site: &vm_tests::p2p::Site| {
+        NatProcess::attach_in(
+            &site.nat,
+            &site.wan_if,
+            &[
+                "--mode",
+                "symmetric",
+                "--port-mapping",
+                "pcp",
+                "--internal-iface",
+                &site.lan_if,
+            ],
+        )
+    };
+    let nat_a = attach(&lab.a)?;
+    let nat_b = attach(&lab.b)?;
+    println!(
+        "site a: host {HOST_IP} behind {NAT_A_EXT}; site b: host {HOST_IP} behind {NAT_B_EXT}; rendezvous {RV_IP}"
+    );
+    let tag = std::process::id();
+    let a = udp_bind(&lab.a.host, SocketAddrV4::new(HOST_IP, 43000))?;
+    let b = udp_bind(&lab.b.host, SocketAddrV4::new(HOST_IP, 43005))?;
+    let (pa, pb) = pm::punch_pair(&a, &b, &format!("{tag}-plain"))?;
+    println!(
+        "hole punching: a sent {}, received {}; b sent {}, received {} (each NAT maps per remote)",
+        pa.sent, pa.received, pb.sent, pb.received
+    );
+    ensure!(
+        pa.received == 0 && pb.received == 0,
+        "hole punching crossed two symmetric NATs"
+    );
+    let a = udp_bind(&lab.a.host, SocketAddrV4::new(HOST_IP, 43100))?;
+    let gateway = SocketAddrV4::new(GW_IP, pm::SERVER_PORT);
+    let map = pm::pcp(&a, gateway, &pm::Request::map(HOST_IP, 1, 17, 43100, 0, 120))?;
+    let mapped = map.external.context("PCP MAP gave no external endpoint")?;
+    println!(
+        "a: PCP MAP udp {HOST_IP}:43100 -> {mapped} for {} s (result {})",
+        map.lifetime, map.result
+    );
+    let b = udp_bind(&lab.b.host, SocketAddrV4::new(HOST_IP, 43105))?;
+    let (pa, pb, learnt) = pm::connect_via_mapping(&a, &b, &format!("{tag}-mapped"))?;
+    println!(
+        "b punches to {learnt}: a received {}, b received {}; connected both ways: {}",
+        pa.received,
+        pb.received,
+        pa.success() && pb.success()
+    );
+    ensure!(
+        pa.success() && pb.success(),
+        "the peers did not connect through A's mapping"
+    );
+    nat_a.stop()?;
+    nat_b.stop()?;
+    drop(lab);
+    println!("two-site lab removed");
     Ok(())
 }
 
