@@ -77,6 +77,7 @@ pub struct ForwardAddArgs {
     #[arg(short = 'i', long = "iface")]
     pub iface: Option<String>,
     /// tcp or udp.
+    #[arg(value_parser = ["tcp", "udp"])]
     pub proto: String,
     /// External port.
     pub external_port: String,
@@ -94,6 +95,7 @@ pub struct ForwardDelArgs {
     #[arg(short = 'i', long = "iface")]
     pub iface: Option<String>,
     /// tcp or udp.
+    #[arg(value_parser = ["tcp", "udp"])]
     pub proto: String,
     /// External port.
     pub external_port: String,
@@ -109,7 +111,7 @@ pub struct ModeArgs {
     #[arg(short = 'i', long = "iface")]
     pub iface: Option<String>,
     /// The new mode: full-cone, restricted-cone, port-restricted or symmetric.
-    #[arg(value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()))]
+    #[arg(value_parser = mode_parser())]
     pub mode: Mode,
 }
 
@@ -129,7 +131,7 @@ pub struct AttachArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// NAT type: full-cone, restricted-cone, port-restricted (default) or symmetric.
-    #[arg(long, value_parser = |s: &str| parse_mode(s).map_err(|e| e.to_string()))]
+    #[arg(long, value_parser = mode_parser())]
     pub mode: Option<Mode>,
     /// External address (repeatable for a pool; stays fixed); default: the interface's primary
     /// IPv4 address, followed when it changes.
@@ -275,6 +277,13 @@ impl TableFilterArgs {
             remote: self.remote,
         }
     }
+}
+
+/// The modes by name, so clap lists them and suggests the nearest for a typo.
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Mode::ALL.map(Mode::name))
+        .map(|name| parse_mode(&name).expect("clap accepted only a mode's name"))
 }
 
 fn parse_endpoint_filter(text: &str) -> Result<EndpointFilter, String> {
