@@ -5,7 +5,7 @@
 //!
 //! The sweep is nat-ctl's own `expiry::sweep`, called by the benchmark on the daemon's pinned
 //! maps while the daemon is paused, and timed with the calling thread's CPU clock (user and
-//! system time: most of a sweep's work is the kernel copying entries). Two passes: a "steady"
+//! system time, the latter also reported alone: most of a sweep's work is the kernel's). Two passes: a "steady"
 //! one that finds nothing expired (what every sweep of a busy gateway costs), then an
 //! "expire-all" one whose clock is an hour ahead, which deletes the whole table.
 
@@ -46,6 +46,8 @@ pub struct ControllerPoint {
     pub fill: Duration,
     /// CPU time of the steady sweeps (nothing expires).
     pub steady_cpu: Vec<Duration>,
+    /// The system (kernel) part of `steady_cpu`.
+    pub steady_system: Vec<Duration>,
     /// Wall time of the same sweeps.
     pub steady_wall: Vec<Duration>,
     /// SIGTERM to exit of a daemon sweeping the table (`--persist`: it leaves the data path).
@@ -67,6 +69,10 @@ impl ControllerPoint {
     pub fn steady_cpu(&self) -> Option<Duration> {
         median_duration(&self.steady_cpu)
     }
+    /// Median system (kernel) time of a steady sweep.
+    pub fn steady_system(&self) -> Option<Duration> {
+        median_duration(&self.steady_system)
+    }
     /// Median wall time of a steady sweep.
     pub fn steady_wall(&self) -> Option<Duration> {
         median_duration(&self.steady_wall)
@@ -78,24 +84,38 @@ fn median_duration(v: &[Duration]) -> Option<Duration> {
     median(&secs).map(Duration::from_secs_f64)
 }
 
-/// CPU time (user + system) of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+/// CPU time of the calling thread: (user + system, system).
+fn thread_cpu() -> (Duration, Duration) {
+    // SAFETY: an all-zero rusage is valid, and getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    let (user, system) = (tv(usage.ru_utime), tv(usage.ru_stime));
+    (user + system, system)
 }
 
-/// Runs one library sweep at `now_ns`; returns (cpu, wall, report).
-fn timed_sweep(dir: &std::path::Path, now_ns: u64) -> Result<(Duration, Duration, expiry::SweepReport)> {
+/// One timed library sweep.
+struct Timed {
+    cpu: Duration,
+    system: Duration,
+    wall: Duration,
+    report: expiry::SweepReport,
+}
+
+/// Runs one library sweep at `now_ns`.
+fn timed_sweep(dir: &std::path::Path, now_ns: u64) -> Result<Timed> {
     let mut maps = PinnedMaps::open(dir)?;
     let never = AtomicBool::new(false);
     let (cpu0, wall0) = (thread_cpu(), Instant::now());
     let report = expiry::sweep(&mut maps, now_ns, &Timeouts(TIMEOUTS), &never)?;
-    Ok((thread_cpu() - cpu0, wall0.elapsed(), report))
+    let cpu1 = thread_cpu();
+    Ok(Timed {
+        cpu: cpu1.0 - cpu0.0,
+        system: cpu1.1 - cpu0.1,
+        wall: wall0.elapsed(),
+        report,
+    })
 }
 
 fn attach_args(max: &str) -> [&str; 5] {
@@ -142,13 +162,15 @@ fn steps(topo: &Topology, p: &mut ControllerPoint, log: &mut dyn FnMut(&str)) ->
     {
         let _paused = Paused::pause(&first)?;
         for _ in 0..STEADY_REPS {
-            let (cpu, wall, report) = timed_sweep(&dir, monotonic_ns())?;
+            let t = timed_sweep(&dir, monotonic_ns())?;
             anyhow::ensure!(
-                report.bindings == 0 && report.sessions == 0,
-                "the steady sweep removed {report:?} of a live table"
+                t.report.bindings == 0 && t.report.sessions == 0,
+                "the steady sweep removed {:?} of a live table",
+                t.report
             );
-            p.steady_cpu.push(cpu);
-            p.steady_wall.push(wall);
+            p.steady_cpu.push(t.cpu);
+            p.steady_system.push(t.system);
+            p.steady_wall.push(t.wall);
         }
     }
     std::thread::sleep(INTO_SWEEP);
@@ -162,18 +184,19 @@ fn steps(topo: &Topology, p: &mut ControllerPoint, log: &mut dyn FnMut(&str)) ->
     anyhow::ensure!(adopted, "the second attach did not adopt the running state");
     {
         let _paused = Paused::pause(&second)?;
-        let (cpu, wall, report) = timed_sweep(&dir, monotonic_ns() + EXPIRE_ALL_AHEAD_NS)?;
-        p.expire_all_cpu = cpu;
-        p.expire_all_wall = wall;
-        p.expire_all_removed = (report.sessions, report.bindings);
+        let t = timed_sweep(&dir, monotonic_ns() + EXPIRE_ALL_AHEAD_NS)?;
+        p.expire_all_cpu = t.cpu;
+        p.expire_all_wall = t.wall;
+        p.expire_all_removed = (t.report.sessions, t.report.bindings);
     }
     second.stop().context("stopping the adopting daemon")?;
     log(&format!(
-        "  {:>9} bindings: attach {:.2} s, sweep {:.3} s CPU ({:.3} s wall), SIGTERM to exit {:.3} s, \
+        "  {:>9} bindings: attach {:.2} s, sweep {:.3} s CPU ({:.3} s of it system, {:.3} s wall), SIGTERM to exit {:.3} s, \
          adoption {:.2} s, expire-all sweep {:.3} s CPU ({} sessions, {} bindings; filled in {:.1} s)",
         p.bindings,
         p.attach.as_secs_f64(),
         p.steady_cpu().unwrap_or_default().as_secs_f64(),
+        p.steady_system().unwrap_or_default().as_secs_f64(),
         p.steady_wall().unwrap_or_default().as_secs_f64(),
         p.sigterm.as_secs_f64(),
         p.adoption.as_secs_f64(),

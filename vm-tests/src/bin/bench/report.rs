@@ -697,22 +697,23 @@ fn controller_section(points: &[ControllerPoint], md: &mut String) {
     );
     let _ = writeln!(
         md,
-        "| live bindings | sweep CPU | sweep wall | expire-all CPU | expire-all wall | SIGTERM to exit | attach | adoption |\n|---|---|---|---|---|---|---|---|"
+        "| live bindings | sweep CPU | of it system | sweep wall | expire-all CPU | expire-all wall | SIGTERM to exit | attach | adoption |\n|---|---|---|---|---|---|---|---|---|"
     );
     for p in points {
         if let Some(why) = &p.unavailable {
             let _ = writeln!(
                 md,
-                "| {} | unavailable: {why} | | | | | | |",
+                "| {} | unavailable: {why} | | | | | | | |",
                 thousands(p.bindings)
             );
             continue;
         }
         let _ = writeln!(
             md,
-            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2} s | {:.2} s |",
+            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2} s | {:.2} s |",
             thousands(p.bindings),
             p.steady_cpu().unwrap_or_default().as_secs_f64(),
+            p.steady_system().unwrap_or_default().as_secs_f64(),
             p.steady_wall().unwrap_or_default().as_secs_f64(),
             p.expire_all_cpu.as_secs_f64(),
             p.expire_all_wall.as_secs_f64(),
@@ -1200,6 +1201,7 @@ fn controller_json(p: &ControllerPoint) -> Value {
     json!({
         "bindings": p.bindings,
         "sweep_cpu_s": p.steady_cpu.iter().copied().map(secs).collect::<Vec<_>>(),
+        "sweep_system_s": p.steady_system.iter().copied().map(secs).collect::<Vec<_>>(),
         "sweep_wall_s": p.steady_wall.iter().copied().map(secs).collect::<Vec<_>>(),
         "expire_all_cpu_s": secs(p.expire_all_cpu),
         "expire_all_wall_s": secs(p.expire_all_wall),
