@@ -127,6 +127,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         iface::index(internal)?;
     }
     let internal = internal_ifaces::resolve(&settings.iface, &settings.internal_ifaces)?;
+    crate::port_mapping::check(settings.port_mapping, &internal.names)?;
     let addrs = if settings.external_addrs.is_empty() {
         match iface::ipv4_addrs(&settings.iface)?.first() {
             Some(primary) => vec![*primary],

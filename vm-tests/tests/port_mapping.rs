@@ -567,3 +567,32 @@ fn port_mapping_announces_the_epoch_and_a_new_external_address_and_mappings_foll
     );
     nat.stop()
 }
+
+#[test]
+fn port_mapping_without_internal_interfaces_is_refused_in_one_line_before_attaching() -> Result<()> {
+    let lab = Lab::new("pmnoint")?;
+    let out = vm_tests::ops::ctl(
+        &lab.nat,
+        &[
+            "attach",
+            &lab.wan_if,
+            "--internal-iface",
+            "none",
+            "--port-mapping",
+            "pcp,nat-pmp",
+        ],
+    )?;
+    let line = vm_tests::ops::refused("--port-mapping with --internal-iface none", &out)?;
+    ensure!(
+        line.contains("--port-mapping") && line.contains("internal"),
+        "refusal: {line}"
+    );
+    ensure!(
+        !out.stdout.contains("attached "),
+        "it attached first: {}",
+        out.stdout
+    );
+    let left = vm_tests::nat::Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "left behind: {left:?}");
+    Ok(())
+}

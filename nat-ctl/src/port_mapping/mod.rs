@@ -189,15 +189,22 @@ fn open_socket(iface: &str, addr: Ipv4Addr) -> Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
+/// Refuses port mapping without internal interfaces (before anything is attached): the
+/// server listens only there.
+pub fn check(protocols: Protocols, internal_ifaces: &[String]) -> Result<()> {
+    if protocols.any() && internal_ifaces.is_empty() {
+        bail!("--port-mapping {} needs internal interfaces (the server listens only there): name them with --internal-iface", protocols.name());
+    }
+    Ok(())
+}
+
 /// Opens the server's sockets on the internal interfaces and spawns it on the current tokio
 /// runtime. Nothing is spawned when `protocols` is off.
 pub fn spawn(protocols: Protocols, internal_ifaces: &[String], instance: &Instance) -> Result<()> {
     if !protocols.any() {
         return Ok(());
     }
-    if internal_ifaces.is_empty() {
-        bail!("--port-mapping needs internal interfaces (the server listens only there): name them with --internal-iface");
-    }
+    check(protocols, internal_ifaces)?;
     let mut sockets = Vec::new();
     for iface in internal_ifaces {
         for addr in crate::iface::ipv4_addrs(iface)? {
