@@ -109,6 +109,14 @@ fn port_mapping_natpmpc_maps_udp_and_tcp_ports_that_remotes_reach_in_port_restri
             "{mode}: mapping row {row:?}"
         );
 
+        // Counted in status.
+        let status: serde_json::Value = serde_json::from_str(&nat.ctl_ok("status", &["--json"])?)?;
+        ensure!(
+            status["port_mappings"] == serde_json::json!({"pcp": 0, "nat_pmp": 2}),
+            "{mode}: status port_mappings {}",
+            status["port_mappings"]
+        );
+
         // A remote that lan never talked to reaches the host through each mapped port.
         let sock = udp_bind(&lab.wan, sa(WAN_IP, 7100 + i as u16))?;
         let seen = whoami(&sock, sa(NAT_EXT, udp_port))

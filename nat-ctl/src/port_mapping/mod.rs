@@ -95,6 +95,13 @@ pub fn load_state(instance: &Instance) -> Vec<Mapping> {
         .unwrap_or_default()
 }
 
+/// How many port mappings the maps hold: (made with PCP, made with NAT-PMP), for `status`.
+pub fn count(maps: &PinnedMaps) -> (usize, usize) {
+    let marked = kernel::marked(maps);
+    let pcp = marked.iter().filter(|m| m.3 & Via::Pcp.flag() != 0).count();
+    (pcp, marked.len() - pcp)
+}
+
 /// Fills in the remaining lifetime of the port-mapping rows of `nat-ctl mappings`.
 pub fn annotate(instance: &Instance, rows: &mut [crate::table::Row], now_ns: u64) {
     let recorded = load_state(instance);
