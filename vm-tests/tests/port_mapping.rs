@@ -337,8 +337,19 @@ fn port_mapping_pcp_map_peer_announce_and_refusals_are_well_formed_for_tsharks_d
         "a refused request made a mapping"
     );
 
-    // Delete (lifetime 0): SUCCESS, lifetime 0, gone.
+    // Delete (lifetime 0): SUCCESS, lifetime 0, gone, and the sessions the remote's exchange
+    // made on it go too (left behind they would admit that remote to the port's next binding).
+    let sessions = |nat: &NatProcess| -> Result<u64> {
+        let status: serde_json::Value = serde_json::from_str(&nat.ctl_ok("status", &["--json"])?)?;
+        status["sessions"].as_u64().context("no sessions in status")
+    };
+    let before = sessions(&nat)?;
     let delete = pcp(&good, server, &Request::map(LAN_IP, 1, UDP, 5000, 0, 0))?;
+    let after = sessions(&nat)?;
+    ensure!(
+        after + 2 <= before,
+        "session entries {before} before the deletion, {after} after"
+    );
     expect("MAP delete", &delete, SUCCESS);
     ensure!(delete.lifetime == 0, "delete: {delete:?}");
     ensure!(

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Result;
 use nat_common::{
     maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
-    BindingKey, BindingValue, ExternalKey, ExternalValue,
+    BindingKey, BindingValue, ExternalKey, ExternalValue, SessionKey,
 };
 
 use super::mappings::{Dataplane, Holder, Mapping, Via};
@@ -150,6 +150,20 @@ impl Dataplane for Kernel<'_> {
         let key_in = in_key(m.proto, value.external_addr, value.external_port);
         let _ = self.maps.bindings_in.remove(&key_in);
         let _ = self.maps.bindings_out.remove(&key_out);
+        // Its sessions go with it: left behind, they would admit their remotes (ADF/APDF) to
+        // whichever binding takes this external port next.
+        let snapshot = self.maps.sessions()?;
+        let doomed: Vec<SessionKey> = snapshot
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| {
+                k.proto == m.proto
+                    && k.external_addr == value.external_addr
+                    && k.external_port == value.external_port
+            })
+            .collect();
+        crate::session_usage::remove_sessions(self.maps, &doomed, &snapshot)?;
+        crate::session_usage::forget_binding(self.maps, m.proto, value.external_addr, value.external_port);
         Ok(())
     }
 }
