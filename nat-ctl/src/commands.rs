@@ -125,9 +125,10 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let config = maps.read_config()?;
     let (pid, programs) = read_info(&instance).unwrap_or_else(|| ("-".into(), "no daemon running".into()));
     let daemon = Daemon::of(&instance);
-    let bindings = maps.bindings_out.keys().count();
+    // Whole-map batched reads: one syscall per chunk, not per key, at any table size.
+    let bindings = maps.bindings()?.len();
     let dynamic = maps.usage(USAGE_ALL_HOSTS);
-    let sessions = maps.sessions.keys().count();
+    let sessions = maps.sessions()?.len();
     let sessions_max = session_map_capacity(config.max_bindings);
     let sessions_in_use = session_usage::in_use(&maps, SessionUsageKey::all());
     let by_host = session_usage::by_host(&maps);
