@@ -205,7 +205,8 @@ pub struct AttachArgs {
     #[arg(long)]
     pub debug: bool,
     /// Serve port-mapping requests on UDP 5351 of the internal interfaces: `pcp` (RFC 6887),
-    /// `nat-pmp` (RFC 6886), both (`pcp,nat-pmp`) or `off` (default).
+    /// `nat-pmp` (RFC 6886), both (`pcp,nat-pmp`) or `off` (default); add `third-party` to
+    /// allow PCP's THIRD_PARTY option.
     #[arg(long, value_name = "PROTOCOLS", value_parser = |s: &str| crate::port_mapping::Protocols::parse(s).map_err(|e| e.to_string()))]
     pub port_mapping: Option<crate::port_mapping::Protocols>,
 }

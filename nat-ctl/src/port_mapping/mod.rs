@@ -36,6 +36,9 @@ pub struct Protocols {
     pub pcp: bool,
     /// NAT-PMP (RFC 6886).
     pub nat_pmp: bool,
+    /// PCP's THIRD_PARTY option allowed (`third-party`): an internal host may map for another
+    /// internal address (RFC 6887 §13.1); off, a host maps only its own.
+    pub third_party: bool,
 }
 
 impl Protocols {
@@ -44,7 +47,8 @@ impl Protocols {
         self.pcp || self.nat_pmp
     }
 
-    /// Parses `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off` (also as a list of words).
+    /// Parses `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off`, with `third-party` to allow PCP's
+    /// THIRD_PARTY option (also as a list of words).
     pub fn parse(text: &str) -> Result<Self> {
         Self::from_words(text.split(',').map(str::trim))
     }
@@ -56,9 +60,15 @@ impl Protocols {
             match word {
                 "pcp" => p.pcp = true,
                 "nat-pmp" | "natpmp" => p.nat_pmp = true,
+                "third-party" => p.third_party = true,
                 "off" | "none" | "" => {}
-                other => bail!("{other:?} is not a port-mapping protocol (expected pcp, nat-pmp or off)"),
+                other => bail!(
+                    "{other:?} is not a port-mapping protocol (expected pcp, nat-pmp, third-party or off)"
+                ),
             }
+        }
+        if p.third_party && !p.pcp {
+            bail!("third-party is an option of pcp: name pcp too (pcp,third-party)");
         }
         Ok(p)
     }
@@ -233,7 +243,7 @@ pub fn spawn(protocols: Protocols, internal_ifaces: &[String], instance: &Instan
         protocols,
         epoch_start_ns: monotonic_ns(),
         mappings: Mappings::with(list, std::process::id().wrapping_mul(2_654_435_761)),
-        allow_third_party: false,
+        allow_third_party: protocols.third_party,
     };
     let (tx, rx) = mpsc::channel(QUEUE);
     for (i, socket) in sockets.iter().enumerate() {
@@ -386,11 +396,14 @@ mod tests {
             Protocols::parse("pcp,nat-pmp").unwrap(),
             Protocols {
                 pcp: true,
-                nat_pmp: true
+                nat_pmp: true,
+                third_party: false,
             }
         );
         assert_eq!(Protocols::parse("nat-pmp").unwrap().name(), "nat-pmp");
         assert!(!Protocols::parse("off").unwrap().any());
         assert!(Protocols::parse("upnp").is_err());
+        assert!(Protocols::parse("pcp,third-party").unwrap().third_party);
+        assert!(Protocols::parse("nat-pmp,third-party").is_err());
     }
 }

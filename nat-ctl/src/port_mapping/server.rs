@@ -171,17 +171,22 @@ impl Server {
         if pcp::ipv4_of(&request.client_addr) != Some(*source.ip()) {
             return refuse(R::AddressMismatch);
         }
-        if request.options.third_party.is_some() && !self.allow_third_party {
+        // The host the request is for: the sender, or with THIRD_PARTY (if the operator allows
+        // it) the address the option names.
+        let host = match request.options.third_party {
+            None => *source.ip(),
             // RFC 6887 §13.1: a server that does not permit THIRD_PARTY for this client
             // answers NOT_AUTHORIZED.
-            return refuse(R::NotAuthorized);
-        }
+            Some(_) if !self.allow_third_party => return refuse(R::NotAuthorized),
+            Some(field) => match pcp::ipv4_of(&field) {
+                Some(addr) if !addr.is_unspecified() => addr,
+                _ => return refuse(R::MalformedOption),
+            },
+        };
         let data = match &request.body {
             pcp::Body::Announce => return Ok(Some(pcp::announce_response(epoch))),
             pcp::Body::Map(data) => data,
-            pcp::Body::Peer(data, peer) => {
-                return Ok(Some(self.peer(dp, &request, data, peer, datagram, epoch)))
-            }
+            pcp::Body::Peer(..) => return Ok(Some(self.peer(dp, &request, host, datagram, epoch))),
         };
         if data.protocol != proto::UDP && data.protocol != proto::TCP {
             // §11.1: protocol 0 means all protocols; only UDP and TCP are mapped here.
@@ -215,7 +220,7 @@ impl Server {
         }
         let req = MapRequest {
             proto: data.protocol,
-            internal: SocketAddrV4::new(*source.ip(), data.internal_port),
+            internal: SocketAddrV4::new(host, data.internal_port),
             suggested_port: data.suggested_port,
             lifetime: request.lifetime,
             nonce: Some(data.nonce),
@@ -251,25 +256,24 @@ impl Server {
         &mut self,
         dp: &mut dyn Dataplane,
         request: &pcp::Request,
-        data: &pcp::MapData,
-        peer: &pcp::Peer,
+        host: Ipv4Addr,
         datagram: &[u8],
         epoch: u32,
     ) -> Vec<u8> {
         use pcp::ResultCode as R;
+        let pcp::Body::Peer(data, peer) = &request.body else {
+            return pcp::error_response(datagram, R::MalformedRequest, epoch);
+        };
         if data.protocol != proto::UDP && data.protocol != proto::TCP {
             return pcp::error_response(datagram, R::UnsuppProtocol, epoch);
         }
-        let (Some(client), Some(remote)) = (
-            pcp::ipv4_of(&request.client_addr),
-            pcp::ipv4_of(&peer.remote_addr),
-        ) else {
+        let Some(remote) = pcp::ipv4_of(&peer.remote_addr) else {
             return pcp::error_response(datagram, R::MalformedRequest, epoch);
         };
         let Some(addr) = dp.external_addr() else {
             return pcp::error_response(datagram, R::NetworkFailure, epoch);
         };
-        let internal = SocketAddrV4::new(client, data.internal_port);
+        let internal = SocketAddrV4::new(host, data.internal_port);
         let Some(external_port) = dp.flow_port(
             data.protocol,
             internal,
@@ -340,7 +344,11 @@ mod tests {
 
     fn server(pcp: bool, nat_pmp: bool) -> Server {
         Server {
-            protocols: Protocols { pcp, nat_pmp },
+            protocols: Protocols {
+                pcp,
+                nat_pmp,
+                third_party: false,
+            },
             epoch_start_ns: 0,
             mappings: Mappings::default(),
             allow_third_party: false,
@@ -406,6 +414,18 @@ mod tests {
             .unwrap();
         assert_eq!(out[3], pcp::ResultCode::NotAuthorized as u8);
         assert!(s.mappings.list().is_empty());
+        // Allowed by the operator (`pcp,third-party`): the mapping is for the named host.
+        let mut allowing = server(true, false);
+        allowing.allow_third_party = true;
+        let out = allowing
+            .handle(&mut Empty, &pcp::map_request(HOST, 60, &data, &third), src, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out[3], pcp::ResultCode::Success as u8);
+        assert_eq!(
+            *allowing.mappings.list()[0].internal.ip(),
+            Ipv4Addr::new(10, 0, 0, 3)
+        );
         // A PEER for a flow that has not sent yet.
         let peer = pcp::Peer {
             remote_port: 1,
