@@ -127,9 +127,12 @@ pub fn annotate(instance: &Instance, rows: &mut [crate::table::Row], now_ns: u64
     }
 }
 
+/// Writes the record whole or not at all (a new file renamed over the old one), so `nat-ctl
+/// mappings` reading it meanwhile never sees it half written.
 fn save_state(path: &PathBuf, list: &[Mapping]) {
     let text = serde_json::to_string(list).unwrap_or_default();
-    if let Err(e) = std::fs::write(path, text) {
+    let fresh = PathBuf::from(format!("{}.new", path.display()));
+    if let Err(e) = std::fs::write(&fresh, text).and_then(|()| std::fs::rename(&fresh, path)) {
         eprintln!(
             "nat-ctl: port mapping: cannot record the mappings in {}: {e}",
             path.display()
@@ -358,15 +361,18 @@ async fn serve(
             message = rx.recv() => {
                 let Some((i, datagram, from)) = message else { return };
                 let before = server.mappings.list().to_vec();
-                match server.handle(&mut dp, &datagram, from, monotonic_ns()) {
+                let answer = server.handle(&mut dp, &datagram, from, monotonic_ns());
+                // Recorded before the client hears of it: a daemon stopped right after its
+                // answer (--persist) must not leave a mapping the next one cannot account for.
+                if server.mappings.list() != before.as_slice() {
+                    save_state(&state_path, server.mappings.list());
+                }
+                match answer {
                     Ok(Some(answer)) => {
                         let _ = sockets[i].send_to(&answer, from).await;
                     }
                     Ok(None) => {}
                     Err(e) => eprintln!("nat-ctl: port mapping: request from {from}: {e:#}"),
-                }
-                if server.mappings.list() != before.as_slice() {
-                    save_state(&state_path, server.mappings.list());
                 }
             }
             _ = tokio::time::sleep(wait) => {
