@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn clustered_ports_are_found_until_the_range_is_nearly_full() {
-        // Four hosts opening flows from the same source ports (issue 9: a sequential walk from
+        // Four hosts opening flows from the same source ports (the allocator that walked sequentially from
         // a random start refused 112-163 of 8000 flows with 88% of the range free).
         let refused = simulate(DYNAMIC, 4, 40000..42000, 0.12);
         assert_eq!(refused, 0);

@@ -89,7 +89,7 @@ pub struct Mapping {
     pub expires_in: Option<i64>,
 }
 
-/// The keys every row of `mappings --json` must have (issue 4, item 3).
+/// The keys every row of `mappings --json` must have.
 pub const MAPPING_KEYS: [&str; 6] = ["proto", "internal", "external", "remote", "state", "expires_in"];
 
 pub(crate) fn endpoint(v: &serde_json::Value, key: &str) -> Result<SocketAddrV4> {

@@ -128,7 +128,7 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() -> Result<()> {
             vec!["attach", wan, "--external-addr", "foo"],
         ),
         ("inverted port range", vec!["attach", wan, "--ports", "5000-4000"]),
-        // Issue 9: a NAT on loopback broke the gateway's local traffic.
+        // A NAT on loopback would break the gateway's local traffic.
         ("loopback interface", vec!["attach", "lo"]),
         ("interface without an IPv4 address", vec!["attach", &bare]),
     ];

@@ -1,4 +1,4 @@
-//! The TOML config file (issue 4, item 1): `attach --config FILE` applies everything in it,
+//! The TOML config file: `attach --config FILE` applies everything in it,
 //! flags override it, `check --config FILE` validates without attaching and names the file,
 //! line and field of a mistake, a bad file attaches nothing, and the systemd unit in the repo
 //! is one systemd accepts. Root only.

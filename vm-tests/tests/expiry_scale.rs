@@ -1,4 +1,4 @@
-//! The expiry sweep at table scale (issue 10, item 5): with 100 000 bindings filled into the
+//! The expiry sweep at table scale: with 100 000 bindings filled into the
 //! maps (as the benchmark fills them; half of them idle past the timeout), the sweep removes every expired binding with its
 //! sessions and keeps every live one and the static forwards; and a daemon sweeping such a
 //! table stops on SIGTERM (bounded wait, no timing assertion: how fast is the benchmark's

@@ -1,4 +1,4 @@
-//! The XDP fast path (issue 5, item 1): with `--internal-iface LAN`, outbound packets are
+//! The XDP fast path: with `--internal-iface LAN`, outbound packets are
 //! translated on the internal interface and redirected straight out of the external one, and
 //! inbound translated packets straight to the internal one. Users must see the same results
 //! as without it (ping, UDP mapping semantics, TCP data, TTL handling, traceroute, PMTU and
@@ -656,7 +656,7 @@ fn hairpinning_works_with_the_fast_path() -> Result<()> {
 #[test]
 fn without_gro_on_the_veths_the_kernel_path_still_carries_the_traffic() -> Result<()> {
     // Without GRO on the receiving veths the kernel would drop redirected frames silently; the
-    // NAT must then keep using the kernel path, so traffic still flows (issue 5: "falls back").
+    // NAT must then keep using the kernel path, so traffic still flows: it falls back, never fails.
     let lab = Lab::new("fpnogro")?;
     let nat = attach(&lab, true, &[])?;
     let _who = udp_whoami(&lab.wan, WAN_IP, 9999)?;

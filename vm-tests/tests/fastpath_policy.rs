@@ -1,4 +1,4 @@
-//! The fast path obeys the host's policy (issue 9, item 3). With nftables forward-chain rules in
+//! The fast path obeys the host's policy. With nftables forward-chain rules in
 //! the NAT's namespace, our NAT with and without `--internal-iface` must do what nftables
 //! masquerade does: nothing reaches a destination the forward chain drops, no answer comes back
 //! from a source it drops (also through a static forward), and the rules' counters count every
@@ -416,7 +416,7 @@ fn a_lan_host_cannot_send_as_the_gateway() -> Result<()> {
             }
         }
         // The server lan2 talks to answers every datagram that reaches it, so a forged one that
-        // left would bring its answer to lan2 (the attack of issue 9).
+        // left would bring its answer to lan2 (a forged source used to reflect traffic at another internal host).
         let to_lan2 = drain(&s2)?;
         println!("{what}: lan2 got {} answers to what lan forged", to_lan2.len());
         ensure!(

@@ -1,4 +1,4 @@
-//! Static forwards (issue 4, item 2): `nat-ctl forward add/del/list` deliver to a server behind
+//! Static forwards: `nat-ctl forward add/del/list` deliver to a server behind
 //! the NAT in every mode and from any remote, the server's replies leave from the forwarded
 //! port, forwards never expire, conflicts and bad input are refused with one line and change
 //! nothing. (Restart: restart.rs; a full table: limits.rs.) Root only.

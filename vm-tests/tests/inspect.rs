@@ -1,4 +1,4 @@
-//! Inspection (issue 4, item 3): `nat-ctl mappings` lists the table (JSON keys proto, internal,
+//! Inspection: `nat-ctl mappings` lists the table (JSON keys proto, internal,
 //! external, remote, state, expires_in; filters by protocol and internal address), `stats`
 //! prints every counter and they count, `status` shows interface, mode, addresses, programs
 //! and table fill, and `-i` is optional with one NAT in the namespace and required with two.

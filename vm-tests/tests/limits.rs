@@ -1,4 +1,4 @@
-//! Binding limits (issue 4, item 6; RFC 6888 REQ-4): `--max-bindings N` refuses new flows once
+//! Binding limits (RFC 6888 REQ-4): `--max-bindings N` refuses new flows once
 //! N dynamic bindings exist (dropped, counted as table_full), `--max-bindings-per-host N` does
 //! the same per internal host (host_limit) without touching other hosts; existing bindings are
 //! never evicted, static forwards always fit, and bindings freed by expiry free quota.

@@ -1,4 +1,4 @@
-//! Binding logs (issue 4, item 7; RFC 6888 section 4): with `--debug`, nat-ctl writes one line
+//! Binding logs (RFC 6888 section 4): with `--debug`, nat-ctl writes one line
 //! per binding created and removed, with time, protocol, internal address and external
 //! address:port, and never a remote address (REQ-12); without it, nothing. Root only.
 

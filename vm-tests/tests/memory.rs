@@ -1,4 +1,4 @@
-//! Memory (issue 10, item 4): a default attach with no traffic holds at most 16 MiB of map
+//! Memory: a default attach with no traffic holds at most 16 MiB of map
 //! memory, its table size follows the machine's RAM as conntrack's does, and the memory of the
 //! binding and session maps follows the live bindings: it grows with new flows and goes back
 //! when they expire. Root only.

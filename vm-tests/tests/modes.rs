@@ -1,4 +1,4 @@
-//! The four NAT types and switching between them at run time (issue 3, parts 1-3): each mode
+//! The four NAT types and switching between them at run time: each mode
 //! as three independent STUN clients classify it after `nat-ctl mode`, a busy TCP connection
 //! across every switch while filtering changes at once, bad switches refused, and symmetric
 //! mode's per-remote ports. Root only.

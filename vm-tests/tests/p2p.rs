@@ -1,4 +1,4 @@
-//! Peer-to-peer through two NATs (issue 3, part 4): two private sites behind two NAT instances,
+//! Peer-to-peer through two NATs: two private sites behind two NAT instances,
 //! a rendezvous server on the shared external segment. UDP hole punching works for every pair
 //! of cone modes and fails between two symmetric NATs; TCP simultaneous open works through two
 //! port-restricted NATs. Every case runs several times. Root only.

@@ -1,4 +1,4 @@
-//! Restart without dropping flows (issue 4, item 5): a daemon attached with `--persist` is
+//! Restart without dropping flows: a daemon attached with `--persist` is
 //! stopped while a TCP connection carries data the whole time; the data path keeps translating
 //! with no daemon at all; a new `nat-ctl attach` adopts it with bindings, sessions and forwards
 //! intact; `nat-ctl detach` then leaves nothing behind (no XDP/TCX program, no pins, sysctls

@@ -145,7 +145,7 @@ fn rfc4787_req3_no_port_overloading_under_concurrency() -> Result<()> {
 fn rfc4787_req3_ports_found_when_hosts_share_source_ports() -> Result<()> {
     // Two hosts, two processes each, opening 4000 flows from the same 2000 source ports: the
     // first host to claim a port keeps it, the other needs a free port elsewhere while a block
-    // of taken ports grows. Every flow must get one (issue 9: a sequential walk from a random
+    // of taken ports grows. Every flow must get one (an earlier sequential walk from a random
     // start refused the flows whose start fell deep inside the block, with 88% of the range
     // free).
     let lab = lab2("sharedsrc")?;

@@ -1,4 +1,4 @@
-//! The external address follows the interface (issue 8, item 5), as nftables masquerade does:
+//! The external address follows the interface, as nftables masquerade does:
 //! a new WAN address (a DHCP renew, a PPPoE reconnect) is used by new flows at once, bindings
 //! on the old one are removed, forwards move with it; `--external-addr` stays fixed; a link
 //! flap changes nothing; the interface deleted stops the daemon with one line and leaves

@@ -30,7 +30,7 @@ pub enum Contender {
     /// fast path, which forwards a flow's later packets from the ingress hook.
     NftFlowtable,
     /// Our NAT as a user attaches it: `nat-ctl attach IFACE --mode port-restricted`, no other
-    /// flag. It finds the internal interface itself (issue 10), so it hairpins and takes the
+    /// flag. It finds the internal interface itself, so it hairpins and takes the
     /// fast path wherever the kernel allows, as the explicit contender below.
     Nat,
     /// Our NAT with the internal interface named (`--internal-iface`): the fast path on

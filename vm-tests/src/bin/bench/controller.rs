@@ -1,4 +1,4 @@
-//! The controller at table scale (issue 10, item 5): with `n` live bindings in a running NAT,
+//! The controller at table scale: with `n` live bindings in a running NAT,
 //! the CPU time of one expiry sweep, the time from SIGTERM to exit while sweeps run, the time
 //! `nat-ctl attach` takes to create the instance, and the time a second `attach` takes to adopt
 //! the running state (restart).

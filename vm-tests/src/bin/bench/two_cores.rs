@@ -1,4 +1,4 @@
-//! Two cores (issue 10, item 6): the forwarding path spread over both CPUs against one.
+//! Two cores: the forwarding path spread over both CPUs against one.
 //!
 //! The topology's veths get one queue per CPU: a veth hands a frame sent from CPU `c` to its
 //! peer's receive queue `c % queues`, whose NAPI then runs on `c`, so two generators on two CPUs
