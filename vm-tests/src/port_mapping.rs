@@ -282,13 +282,23 @@ impl Capture {
 
 /// `tshark -V` of `file` with UDP 5351 decoded as PCP (`portcontrol`), limited to `filter` (display filter).
 pub fn tshark_pcp(file: &std::path::Path, filter: &str) -> Result<String> {
+    tshark_decode(file, "portcontrol", filter)
+}
+
+/// `tshark -V` of `file` with UDP 5351 decoded as NAT-PMP (`nat-pmp`), limited to `filter`.
+pub fn tshark_natpmp(file: &std::path::Path, filter: &str) -> Result<String> {
+    tshark_decode(file, "nat-pmp", filter)
+}
+
+fn tshark_decode(file: &std::path::Path, dissector: &str, filter: &str) -> Result<String> {
     let path = file.to_string_lossy().to_string();
+    let decode = format!("udp.port==5351,{dissector}");
     let args = [
         "-n",
         "-r",
         path.as_str(),
         "-d",
-        "udp.port==5351,portcontrol",
+        decode.as_str(),
         "-V",
         "-Y",
         filter,

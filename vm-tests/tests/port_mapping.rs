@@ -67,6 +67,9 @@ fn port_mapping_natpmpc_maps_udp_and_tcp_ports_that_remotes_reach_in_port_restri
     let lab = Lab::new("pmnatpmp")?;
     let _udp_srv = udp_whoami(&lab.lan, LAN_IP, 4000)?;
     let _tcp_srv = tools::tcp_whoami(&lab.lan, LAN_IP, 8000)?;
+    let dir = std::env::temp_dir().join(format!("pm-natpmp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let capture = Capture::start(&lab.nat, &lab.lan_if, &dir.join("natpmp.pcap"))?;
     for (i, mode) in ["port-restricted", "symmetric"].iter().enumerate() {
         let nat = attach(&lab, mode, "pcp,nat-pmp")?;
         let out = natpmpc(&lab.lan, LAN_GW, &[])?;
@@ -146,6 +149,17 @@ fn port_mapping_natpmpc_maps_udp_and_tcp_ports_that_remotes_reach_in_port_restri
         );
         nat.stop()?;
     }
+    // Every natpmpc request and every answer decodes as NAT-PMP without a flaw.
+    let file = capture.finish()?;
+    let dump = pm::tshark_natpmp(&file, "udp.port == 5351")?;
+    let count = dump.matches("NAT Port Mapping Protocol").count();
+    ensure!(count >= 16, "tshark decoded {count} NAT-PMP messages:\n{dump}");
+    let warnings = dissector_warnings(&dump);
+    ensure!(
+        warnings.is_empty(),
+        "tshark flags NAT-PMP messages: {warnings:?}\n{dump}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
