@@ -28,8 +28,8 @@ use crate::{
     notices::Notifier,
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
-    settings::{Settings, Timeouts},
     service_notify,
+    settings::{Settings, Timeouts},
     stop::StopFlag,
     sysctl, xdp_mode,
 };
@@ -280,6 +280,13 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         .await
     });
     let removed = matches!(&result, Err(e) if addr_watch::is_interface_removed(e));
+    service_notify::send(&service_notify::stopping_message(
+        if resolved.persist && !removed {
+            "exiting; the NAT keeps translating"
+        } else {
+            "detaching"
+        },
+    ));
     if removed {
         eprintln!("nat-ctl: interface {} was removed; detaching", settings.iface);
     } else if resolved.persist {
@@ -296,11 +303,6 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         internal_ifaces::forget(&instance);
     }
     if removed && resolved.persist {
-    service_notify::send(&service_notify::stopping_message(if resolved.persist && !removed {
-        "exiting; the NAT keeps translating"
-    } else {
-        "detaching"
-    }));
         // Nothing is left to persist for: the interface took its programs with it.
         if let Err(e) = loader::remove_persisted(&instance) {
             eprintln!("nat-ctl: warning: {e:#}");
