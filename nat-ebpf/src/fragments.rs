@@ -18,7 +18,7 @@ use crate::maps::{NAT_FRAGMENTS, NAT_PARKED_FRAGMENTS};
 #[inline(always)]
 pub fn remember(ip: &Ipv4Header, translated_addr: u32) {
     let _ = NAT_FRAGMENTS.insert(
-        &FragmentKey::of(ip),
+        FragmentKey::of(ip),
         FragmentValue {
             translated_addr,
             _pad: 0,
@@ -31,7 +31,7 @@ pub fn remember(ip: &Ipv4Header, translated_addr: u32) {
 #[inline(always)]
 pub fn translated_addr(ip: &Ipv4Header) -> Option<u32> {
     // SAFETY: the value is plain data copied out at once.
-    unsafe { NAT_FRAGMENTS.get(&FragmentKey::of(ip)) }.map(|v| v.translated_addr)
+    unsafe { NAT_FRAGMENTS.get(FragmentKey::of(ip)) }.map(|v| v.translated_addr)
 }
 
 /// Hands an inbound non-first fragment whose first fragment has not been seen (`len` bytes
