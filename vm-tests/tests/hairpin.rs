@@ -6,9 +6,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use vm_tests::classify::{vovida, Verdict};
 use vm_tests::lab::{LAN2_IP, LAN_IP, NAT_EXT, WAN2_IP, WAN_IP, WAN_IP2};
 use vm_tests::ops;
-use vm_tests::tools::{udp_bind, udp_expect, udp_recv, udp_whoami, vovida_result, whoami, Turnserver};
+use vm_tests::tools::{udp_bind, udp_expect, udp_recv, udp_whoami, whoami, Turnserver};
 use vm_tests::{Lab, LabOptions, NatProcess};
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -192,18 +193,6 @@ fn mode_switch_changes_filtering_and_keeps_bindings() -> Result<()> {
     nat.stop()
 }
 
-/// The Vovida STUN client (RFC 3489 `stun`) from lan with source ports `port` and `port + 1`:
-/// its `Primary:` result (which ends in `will hairpin` or `no hairpin`) and the whole output.
-fn vovida(lab: &Lab, port: u16) -> Result<(String, String)> {
-    let out = lab.lan.run(
-        "stun",
-        &[&WAN_IP.to_string(), "0", "-p", &port.to_string()],
-        Duration::from_secs(60),
-    )?;
-    let text = format!("{}{}", out.stdout, out.stderr);
-    Ok((vovida_result(&out.stdout).unwrap_or_default(), text))
-}
-
 /// `status --json`'s internal interfaces, sorted, and how they were chosen.
 fn internal_of(nat: &NatProcess) -> Result<(Vec<String>, serde_json::Value)> {
     let status = ops::status(nat)?;
@@ -275,7 +264,7 @@ fn the_one_line_attach_hairpins_and_takes_the_fast_path_in_every_cone_mode() -> 
                 "{mode}: status shows internal interfaces {internal:?} ({chosen}), expected {expected:?} (auto)"
             ));
         }
-        let (result, text) = vovida(&lab, 21000 + 10 * i as u16)?;
+        let Verdict { result, output: text } = vovida(&lab.lan, WAN_IP, 21000 + 10 * i as u16)?;
         if !result.contains("will hairpin") {
             failures.push(format!(
                 "{mode}: Vovida stun says {result:?}, expected \"will hairpin\"\n{text}"
@@ -336,7 +325,7 @@ fn internal_iface_none_attaches_no_internal_program() -> Result<()> {
         "attach looked for internal interfaces although told not to: {}",
         nat.stderr()
     );
-    let (result, text) = vovida(&lab, 21100)?;
+    let Verdict { result, output: text } = vovida(&lab.lan, WAN_IP, 21100)?;
     ensure!(
         result.contains("no hairpin"),
         "Vovida stun says {result:?} without internal interfaces\n{text}"

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use vm_tests::classify::{vovida, Verdict};
 use vm_tests::lab::{LAN_IP, WAN_IP, WAN_IP2};
-use vm_tests::tools::{natdiscovery_verdict, vovida_result, Turnserver};
+use vm_tests::tools::{natdiscovery_verdict, Turnserver};
 use vm_tests::{Lab, NatProcess};
 
 const EIM: &str = "NAT with Endpoint Independent Mapping!";
@@ -27,18 +28,6 @@ fn natdiscovery(lab: &Lab) -> Result<(String, String, String)> {
     Ok((mapping, filtering, text))
 }
 
-/// Runs the Vovida client from lan with source ports `port` and `port + 1`; returns the
-/// `Primary:` result and the whole output. Its exit status is a result code, not a failure.
-fn vovida(lab: &Lab, port: u16) -> Result<(String, String)> {
-    let out = lab.lan.run(
-        "stun",
-        &[&WAN_IP.to_string(), "0", "-p", &port.to_string()],
-        Duration::from_secs(60),
-    )?;
-    let text = format!("{}{}", out.stdout, out.stderr);
-    Ok((vovida_result(&out.stdout).unwrap_or_default(), text))
-}
-
 #[test]
 fn stun_clients_classify_the_default_mode_as_port_restricted_cone() -> Result<()> {
     let lab = Lab::new("stun")?;
@@ -55,7 +44,7 @@ fn stun_clients_classify_the_default_mode_as_port_restricted_cone() -> Result<()
         "natdiscovery filtering verdict {filtering:?}, expected {APDF:?}; output:\n{text}"
     );
 
-    let (result, text) = vovida(&lab, 20000)?;
+    let Verdict { result, output: text } = vovida(&lab.lan, WAN_IP, 20000)?;
     ensure!(
         result.contains("Independent Mapping, Port Dependent Filter"),
         "Vovida stun says {result:?}; output:\n{text}"
@@ -95,7 +84,7 @@ fn stun_clients_classify_every_mode() -> Result<()> {
             ));
         }
         // Fresh source ports for every mode (the client uses port and port + 1).
-        let (result, text) = vovida(&lab, 20000 + 10 * i as u16)?;
+        let Verdict { result, output: text } = vovida(&lab.lan, WAN_IP, 20000 + 10 * i as u16)?;
         if !result.starts_with(want_vovida) {
             failures.push(format!(
                 "{mode}: Vovida stun says {result:?}, expected {want_vovida:?}...\n{text}"
