@@ -208,6 +208,23 @@ pub fn pcp(sock: &UdpSocket, server: SocketAddrV4, request: &Request) -> Result<
     parse_response(&data).with_context(|| format!("answer {data:02x?} to {request:?} is not a PCP response"))
 }
 
+/// Attaches a symmetric-mode NAT serving PCP at `site` of the two-site lab: the NAT a peer
+/// behind it can ask for a mapping (the P2P case that needs one).
+pub fn attach_symmetric_with_pcp(site: &crate::p2p::Site) -> Result<crate::NatProcess> {
+    crate::NatProcess::attach_in(
+        &site.nat,
+        &site.wan_if,
+        &[
+            "--mode",
+            "symmetric",
+            "--port-mapping",
+            "pcp",
+            "--internal-iface",
+            &site.lan_if,
+        ],
+    )
+}
+
 /// Runs `natpmpc -g GATEWAY args...` in `ns`; returns its stdout (it must exit 0).
 pub fn natpmpc(ns: &Netns, gateway: Ipv4Addr, args: &[&str]) -> Result<String> {
     let gw = gateway.to_string();

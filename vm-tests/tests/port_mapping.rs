@@ -12,8 +12,8 @@ use anyhow::{ensure, Context, Result};
 use vm_tests::lab::{LAN_GW, LAN_IP, NAT_EXT, WAN_IP};
 use vm_tests::p2p::{Rendezvous, TwoSites, GW_IP, HOST_IP, NAT_A_EXT};
 use vm_tests::port_mapping::{
-    self as pm, dissector_warnings, mapped, natpmpc, natpmpc_mapped, natpmpc_public_address, pcp, Capture,
-    Request,
+    self as pm, attach_symmetric_with_pcp, dissector_warnings, mapped, natpmpc, natpmpc_mapped,
+    natpmpc_public_address, pcp, Capture, Request,
 };
 use vm_tests::proc::poll;
 use vm_tests::tools::{self, tcp_whoami_query, udp_bind, udp_recv, udp_whoami, whoami};
@@ -413,22 +413,8 @@ fn port_mapping_pcp_map_peer_announce_and_refusals_are_well_formed_for_tsharks_d
 fn port_mapping_peers_behind_two_symmetric_nats_connect_once_one_maps_its_port_with_pcp() -> Result<()> {
     let lab = TwoSites::new("pmp2p")?;
     let _rv = Rendezvous::start(&lab.rv)?;
-    let attach = |site: &vm_tests::p2p::Site| {
-        NatProcess::attach_in(
-            &site.nat,
-            &site.wan_if,
-            &[
-                "--mode",
-                "symmetric",
-                "--port-mapping",
-                "pcp",
-                "--internal-iface",
-                &site.lan_if,
-            ],
-        )
-    };
-    let nat_a = attach(&lab.a)?;
-    let nat_b = attach(&lab.b)?;
+    let nat_a = attach_symmetric_with_pcp(&lab.a)?;
+    let nat_b = attach_symmetric_with_pcp(&lab.b)?;
     let session = |tag: &str| format!("{}-{tag}", std::process::id());
 
     // Without a mapping: hole punching fails (as in p2p.rs).

@@ -124,22 +124,8 @@ fn p2p_with_pcp() -> Result<()> {
     section("P2P: two peers, each behind a symmetric NAT (attach --mode symmetric --port-mapping pcp)");
     let lab = TwoSites::new("demop2p")?;
     let _rv = Rendezvous::start(&lab.rv)?;
-    let attach = |site: &vm_tests::p2p::Site| {
-        NatProcess::attach_in(
-            &site.nat,
-            &site.wan_if,
-            &[
-                "--mode",
-                "symmetric",
-                "--port-mapping",
-                "pcp",
-                "--internal-iface",
-                &site.lan_if,
-            ],
-        )
-    };
-    let nat_a = attach(&lab.a)?;
-    let nat_b = attach(&lab.b)?;
+    let nat_a = pm::attach_symmetric_with_pcp(&lab.a)?;
+    let nat_b = pm::attach_symmetric_with_pcp(&lab.b)?;
     println!(
         "site a: host {HOST_IP} behind {NAT_A_EXT}; site b: host {HOST_IP} behind {NAT_B_EXT}; rendezvous {RV_IP}"
     );
