@@ -40,8 +40,10 @@ const LAB_PACKAGES: &[&str] = &[
     "util-linux",
     // Metrics scrapes.
     "curl",
-    // `systemd-analyze verify` of the packaged unit.
+    // `systemd-analyze verify` of the packaged unit (and `man`, which verify runs for the
+    // unit's Documentation=man:nat-ctl(8)).
     "systemd",
+    "man-db",
     // Port mapping: a real NAT-PMP client, and the PCP dissector that checks our packets
     // (DEBIAN_FRONTEND=noninteractive answers tshark's non-root capture question with no).
     "natpmpc",
