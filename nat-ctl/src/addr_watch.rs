@@ -45,28 +45,13 @@ use crate::{
     commands::external_addrs,
     expiry::{self, SweepPlan},
     forwards, iface,
+    netlink::{self, u32_at, Message, IFADDRMSG_LEN, IFINFOMSG_LEN, RECV_BUF_BYTES},
     pinned::PinnedMaps,
 };
 
-/// `sizeof(struct nlmsghdr)`: length u32, type u16, flags u16, sequence u32, port id u32
-/// (include/uapi/linux/netlink.h). Netlink headers are in host byte order.
-pub(crate) const NLMSG_HDRLEN: usize = 16;
-/// Netlink messages and attributes are padded to 4 bytes (`NLMSG_ALIGNTO`, `RTA_ALIGNTO`).
-const NL_ALIGN: usize = 4;
-/// `sizeof(struct ifaddrmsg)`: family u8, prefix length u8, flags u8, scope u8, index u32
-/// (include/uapi/linux/if_addr.h).
-const IFADDRMSG_LEN: usize = 8;
-/// `sizeof(struct ifinfomsg)`: family u8, pad u8, type u16, index i32, flags u32, change u32
-/// (include/uapi/linux/rtnetlink.h).
-pub(crate) const IFINFOMSG_LEN: usize = 16;
-/// `sizeof(struct rtattr)`: length u16, type u16.
-pub(crate) const RTA_HDRLEN: usize = 4;
 /// `AF_UNSPEC`: the family of a real link deletion. The bridge also sends `RTM_DELLINK`, with
 /// family `AF_BRIDGE`, when a port merely leaves it (`br_ifinfo_notify`).
 const LINK_FAMILY_UNSPEC: u8 = libc::AF_UNSPEC as u8;
-/// Receive buffer for one datagram: the kernel builds notifications of at most a page or so
-/// (`NLMSG_GOODSIZE`), so this never truncates.
-pub(crate) const RECV_BUF_BYTES: usize = 64 * 1024;
 /// Socket receive buffer asked for, so a burst of link and address changes (many interfaces
 /// coming up at boot) does not overrun it. An overrun is still handled (`ENOBUFS`: re-read).
 const SOCKET_RCVBUF_BYTES: libc::c_int = 1 << 20;
@@ -102,45 +87,23 @@ pub enum RtEvent {
     Garbled,
 }
 
-pub(crate) fn u16_at(buf: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(buf.get(off..off + 2)?.try_into().ok()?))
-}
-
-pub(crate) fn u32_at(buf: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(buf.get(off..off + 4)?.try_into().ok()?))
-}
-
-pub(crate) const fn align(len: usize) -> usize {
-    (len + NL_ALIGN - 1) & !(NL_ALIGN - 1)
-}
-
 /// Decodes the address or link messages in one netlink datagram; other message types (done,
 /// noop, anything else) are skipped. Decoding stops at the first malformed message, which is
 /// reported as [`RtEvent::Garbled`].
 pub fn parse(buf: &[u8]) -> Vec<RtEvent> {
-    let mut events = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) else {
-            break;
-        };
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            events.push(RtEvent::Garbled);
-            break;
-        }
-        let body = &buf[off + NLMSG_HDRLEN..off + len];
-        let event = match kind {
-            libc::RTM_NEWADDR | libc::RTM_DELADDR => Some(address(body, kind == libc::RTM_NEWADDR)),
-            libc::RTM_NEWLINK | libc::RTM_DELLINK => Some(link(body, kind == libc::RTM_DELLINK)),
-            _ => None,
-        };
-        if let Some(event) = event {
-            events.push(event.unwrap_or(RtEvent::Garbled));
-        }
-        off += align(len);
-    }
-    events
+    netlink::messages(buf)
+        .filter_map(|message| {
+            let Ok(Message { kind, body }) = message else {
+                return Some(RtEvent::Garbled);
+            };
+            let event = match kind {
+                libc::RTM_NEWADDR | libc::RTM_DELADDR => address(body, kind == libc::RTM_NEWADDR),
+                libc::RTM_NEWLINK | libc::RTM_DELLINK => link(body, kind == libc::RTM_DELLINK),
+                _ => return None,
+            };
+            Some(event.unwrap_or(RtEvent::Garbled))
+        })
+        .collect()
 }
 
 /// An `ifaddrmsg` and its attributes.
@@ -148,14 +111,7 @@ fn address(body: &[u8], added: bool) -> Option<RtEvent> {
     let family = *body.first()?;
     let index = u32_at(body, 4)?;
     let (mut local, mut address) = (None, None);
-    let mut off = IFADDRMSG_LEN;
-    while off + RTA_HDRLEN <= body.len() {
-        let len = u16_at(body, off)? as usize;
-        let kind = u16_at(body, off + 2)?;
-        if len < RTA_HDRLEN || off + len > body.len() {
-            return None;
-        }
-        let data = &body[off + RTA_HDRLEN..off + len];
+    for (kind, data) in netlink::attributes(body, IFADDRMSG_LEN)? {
         if family == libc::AF_INET as u8 && data.len() == 4 {
             // Addresses are in network byte order.
             let addr = Ipv4Addr::new(data[0], data[1], data[2], data[3]);
@@ -165,7 +121,6 @@ fn address(body: &[u8], added: bool) -> Option<RtEvent> {
                 _ => {}
             }
         }
-        off += align(len);
     }
     Some(RtEvent::Address {
         index,
@@ -632,6 +587,7 @@ mod tests {
     use nat_common::maps::SESSION_KIND_ENDPOINT;
 
     use super::*;
+    use crate::netlink::NLMSG_HDRLEN;
 
     fn hex(text: &str) -> Vec<u8> {
         let text: String = text.split_whitespace().collect();

@@ -4,6 +4,11 @@ use std::{ffi::CString, net::Ipv4Addr};
 
 use anyhow::{bail, Result};
 
+use crate::netlink::{
+    self, attr_string, u16_at, u32_at, Message, IFADDRMSG_LEN, IFINFOMSG_LEN, NLMSG_DONE, NLMSG_ERROR,
+    NLMSG_HDRLEN, RECV_BUF_BYTES,
+};
+
 /// The interface index of `name` in the current network namespace.
 pub fn index(name: &str) -> Result<u32> {
     let c_name =
@@ -109,9 +114,6 @@ const IFLA_INFO_KIND: u16 = 1;
 /// runs (`XDP_ATTACHED_NONE` = 0).
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
-/// `NLMSG_ERROR` and `NLMSG_DONE` (include/uapi/linux/netlink.h): the end of a dump.
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// Datagrams read from one dump before giving up: a dump of a few thousand interfaces takes a
 /// few dozen; this only bounds the loop against a kernel that never says done.
 const MAX_DUMP_DATAGRAMS: usize = 100_000;
@@ -135,47 +137,11 @@ pub struct Link {
     pub has_xdp: bool,
 }
 
-/// The attributes of one netlink message body after its fixed header of `fixed` bytes, as
-/// (type, payload) pairs; `None` when they do not fit.
-fn attributes(body: &[u8], fixed: usize) -> Option<Vec<(u16, &[u8])>> {
-    use crate::addr_watch::{align, u16_at, RTA_HDRLEN};
-    let mut attrs = Vec::new();
-    let mut off = fixed;
-    while off + RTA_HDRLEN <= body.len() {
-        let len = u16_at(body, off)? as usize;
-        // The top bits flag nested/byte-order attributes (NLA_F_NESTED); the type is below.
-        let kind = u16_at(body, off + 2)? & 0x3fff;
-        if len < RTA_HDRLEN || off + len > body.len() {
-            return None;
-        }
-        attrs.push((kind, &body[off + RTA_HDRLEN..off + len]));
-        off += align(len);
-    }
-    Some(attrs)
-}
-
-/// A NUL-terminated string attribute.
-fn attr_string(data: &[u8]) -> String {
-    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8_lossy(&data[..end]).into_owned()
-}
-
 /// Decodes the `RTM_NEWLINK` messages of one dump datagram (a pure function of the bytes, so
 /// it is unit-tested); other messages are skipped, a malformed one ends the datagram.
 pub fn parse_links(buf: &[u8]) -> Vec<Link> {
-    use crate::addr_watch::{align, u16_at, u32_at, IFINFOMSG_LEN, NLMSG_HDRLEN};
     let mut links = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) else {
-            break;
-        };
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            break;
-        }
-        let body = &buf[off + NLMSG_HDRLEN..off + len];
-        off += align(len);
+    for Message { kind, body } in netlink::messages(buf).map_while(Result::ok) {
         if kind != libc::RTM_NEWLINK || body.len() < IFINFOMSG_LEN {
             continue;
         }
@@ -183,7 +149,7 @@ pub fn parse_links(buf: &[u8]) -> Vec<Link> {
             u16_at(body, 2),
             u32_at(body, 4),
             u32_at(body, 8),
-            attributes(body, IFINFOMSG_LEN),
+            netlink::attributes(body, IFINFOMSG_LEN),
         ) else {
             continue;
         };
@@ -201,14 +167,14 @@ pub fn parse_links(buf: &[u8]) -> Vec<Link> {
                 libc::IFLA_IFNAME => link.name = attr_string(data),
                 libc::IFLA_MASTER => link.master = u32_at(data, 0).filter(|&m| m != 0),
                 IFLA_XDP => {
-                    link.has_xdp = attributes(data, 0).is_some_and(|nested| {
+                    link.has_xdp = netlink::attributes(data, 0).is_some_and(|nested| {
                         nested
                             .iter()
                             .any(|(k, d)| *k == IFLA_XDP_ATTACHED && d.first().is_some_and(|&m| m != 0))
                     })
                 }
                 IFLA_LINKINFO => {
-                    link.kind = attributes(data, 0).and_then(|nested| {
+                    link.kind = netlink::attributes(data, 0).and_then(|nested| {
                         nested
                             .iter()
                             .find(|(k, _)| *k == IFLA_INFO_KIND)
@@ -223,23 +189,14 @@ pub fn parse_links(buf: &[u8]) -> Vec<Link> {
     links
 }
 
-/// True when `buf` holds the message that ends a dump (`NLMSG_DONE`, or an error).
+/// True when `buf` holds the message that ends a dump (`NLMSG_DONE`, or an error), or cannot
+/// be read any further.
 fn dump_ended(buf: &[u8]) -> bool {
-    use crate::addr_watch::{align, u16_at, u32_at, NLMSG_HDRLEN};
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) else {
-            return true;
-        };
-        if kind == NLMSG_DONE || kind == NLMSG_ERROR {
-            return true;
-        }
-        if (len as usize) < NLMSG_HDRLEN {
-            return true;
-        }
-        off += align(len as usize);
-    }
-    false
+    netlink::messages(buf).any(|message| {
+        message.map_or(true, |Message { kind, .. }| {
+            kind == NLMSG_DONE || kind == NLMSG_ERROR
+        })
+    })
 }
 
 /// Asks rtnetlink for a dump (`RTM_GETLINK`, `RTM_GETADDR`) of `family` and returns its
@@ -263,14 +220,10 @@ fn rtnetlink_dump(request: u16, family: u8, header_len: usize) -> Result<Vec<Vec
     }
     // SAFETY: a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let len = crate::addr_watch::NLMSG_HDRLEN + header_len;
-    let mut msg = vec![0u8; len];
-    msg[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
-    msg[4..6].copy_from_slice(&request.to_ne_bytes());
+    let mut msg = vec![0u8; NLMSG_HDRLEN + header_len];
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    msg[6..8].copy_from_slice(&flags.to_ne_bytes());
-    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    msg[crate::addr_watch::NLMSG_HDRLEN] = family;
+    netlink::finish_header(&mut msg, request, flags, 1);
+    msg[NLMSG_HDRLEN] = family;
     // SAFETY: all-zero is a valid sockaddr_nl: the kernel (port id 0).
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -292,7 +245,7 @@ fn rtnetlink_dump(request: u16, family: u8, header_len: usize) -> Result<Vec<Vec
         );
     }
     let mut datagrams = Vec::new();
-    let mut buf = vec![0u8; crate::addr_watch::RECV_BUF_BYTES];
+    let mut buf = vec![0u8; RECV_BUF_BYTES];
     for _ in 0..MAX_DUMP_DATAGRAMS {
         // SAFETY: valid descriptor and buffer of the size given.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -315,11 +268,7 @@ fn rtnetlink_dump(request: u16, family: u8, header_len: usize) -> Result<Vec<Vec
 
 /// Every network device of this network namespace.
 pub fn links() -> Result<Vec<Link>> {
-    let dump = rtnetlink_dump(
-        libc::RTM_GETLINK,
-        libc::AF_UNSPEC as u8,
-        crate::addr_watch::IFINFOMSG_LEN,
-    )?;
+    let dump = rtnetlink_dump(libc::RTM_GETLINK, libc::AF_UNSPEC as u8, IFINFOMSG_LEN)?;
     Ok(dump.iter().flat_map(|d| parse_links(d)).collect())
 }
 
@@ -327,8 +276,6 @@ pub fn links() -> Result<Vec<Link>> {
 /// order (primary addresses first). Decoded by `addr_watch::parse`, which reads the same
 /// `RTM_NEWADDR` messages as notifications.
 pub fn all_ipv4_addrs() -> Result<Vec<(u32, Ipv4Addr)>> {
-    /// `sizeof(struct ifaddrmsg)`.
-    const IFADDRMSG_LEN: usize = 8;
     let dump = rtnetlink_dump(libc::RTM_GETADDR, libc::AF_INET as u8, IFADDRMSG_LEN)?;
     let mut addrs = Vec::new();
     for datagram in &dump {
@@ -355,30 +302,21 @@ mod tests {
 
     /// One `RTM_NEWLINK` message: ifinfomsg (type, index, flags) and the given attributes.
     fn newlink(hw_type: u16, index: u32, flags: u32, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
-        let mut body = vec![0u8; 16];
-        body[2..4].copy_from_slice(&hw_type.to_ne_bytes());
-        body[4..8].copy_from_slice(&index.to_ne_bytes());
-        body[8..12].copy_from_slice(&flags.to_ne_bytes());
+        let mut msg = vec![0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+        let body = NLMSG_HDRLEN;
+        msg[body + 2..body + 4].copy_from_slice(&hw_type.to_ne_bytes());
+        msg[body + 4..body + 8].copy_from_slice(&index.to_ne_bytes());
+        msg[body + 8..body + 12].copy_from_slice(&flags.to_ne_bytes());
         for (kind, data) in attrs {
-            let len = 4 + data.len();
-            body.extend_from_slice(&(len as u16).to_ne_bytes());
-            body.extend_from_slice(&kind.to_ne_bytes());
-            body.extend_from_slice(data);
-            body.resize(body.len().next_multiple_of(4), 0);
+            netlink::push_attribute(&mut msg, *kind, data);
         }
-        let mut msg = vec![0u8; 16];
-        msg[0..4].copy_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
-        msg.extend(body);
+        netlink::finish_header(&mut msg, libc::RTM_NEWLINK, 0, 0);
         msg
     }
 
     fn nested(kind: u16, data: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        v.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(data);
-        v.resize(v.len().next_multiple_of(4), 0);
+        netlink::push_attribute(&mut v, kind, data);
         v
     }
 

@@ -20,6 +20,7 @@ pub mod internal_ifaces;
 pub mod loader;
 pub mod metrics;
 pub mod mountns;
+pub mod netlink;
 pub mod notices;
 pub mod pinned;
 pub mod port_mapping;

@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{bail, Result};
 
+use crate::netlink::{self, Message, NLMSG_ERROR, NLMSG_HDRLEN};
+
 /// `enum netdev_xdp_act`: the device accepts frames redirected to it (`ndo_xdp_xmit`).
 pub const NETDEV_XDP_ACT_NDO_XMIT: u64 = 1 << 2;
 
@@ -20,32 +22,19 @@ const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 const NETDEV_CMD_DEV_GET: u8 = 1;
 const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
+const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
+/// `sizeof(struct genlmsghdr)`: command u8, version u8, reserved u16.
 const GENL_HDRLEN: usize = 4;
-const NLA_HDRLEN: usize = 4;
 /// Largest reply we read; a device reply is a few dozen bytes.
 const REPLY_BYTES: usize = 8192;
-
-const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
 
 /// A generic netlink request: header, genl header, then attributes.
 fn request(family: u16, cmd: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
     let mut msg = vec![0u8; NLMSG_HDRLEN + GENL_HDRLEN];
     for (kind, data) in attrs {
-        let start = msg.len();
-        msg.extend_from_slice(&((NLA_HDRLEN + data.len()) as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(data);
-        msg.resize(start + align4(NLA_HDRLEN + data.len()), 0);
+        netlink::push_attribute(&mut msg, *kind, data);
     }
-    let len = msg.len() as u32;
-    msg[0..4].copy_from_slice(&len.to_ne_bytes());
-    msg[4..6].copy_from_slice(&family.to_ne_bytes());
-    msg[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    netlink::finish_header(&mut msg, family, NLM_F_REQUEST, 0);
     msg[NLMSG_HDRLEN] = cmd;
     msg[NLMSG_HDRLEN + 1] = 1; // genl version
     msg
@@ -53,29 +42,14 @@ fn request(family: u16, cmd: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
 
 /// The attributes of a generic netlink reply, or the kernel's error number.
 fn reply_attrs(reply: &[u8]) -> std::result::Result<Vec<(u16, &[u8])>, i32> {
-    if reply.len() < NLMSG_HDRLEN {
-        return Err(libc::EINVAL);
+    match netlink::messages(reply).next() {
+        Some(Ok(Message {
+            kind: NLMSG_ERROR,
+            body,
+        })) => Err(netlink::error_code(body)),
+        Some(Ok(Message { body, .. })) => Ok(netlink::attributes(body, GENL_HDRLEN).unwrap_or_default()),
+        _ => Err(libc::EINVAL),
     }
-    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-    if kind == NLMSG_ERROR {
-        let errno = reply
-            .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
-            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()));
-        return Err(errno.map(|e| -e).unwrap_or(libc::EINVAL));
-    }
-    let len = (u32::from_ne_bytes(reply[0..4].try_into().unwrap()) as usize).min(reply.len());
-    let mut attrs = Vec::new();
-    let mut at = NLMSG_HDRLEN + GENL_HDRLEN;
-    while at + NLA_HDRLEN <= len {
-        let attr_len = u16::from_ne_bytes([reply[at], reply[at + 1]]) as usize;
-        let attr_kind = u16::from_ne_bytes([reply[at + 2], reply[at + 3]]) & 0x3fff;
-        if attr_len < NLA_HDRLEN || at + attr_len > len {
-            break;
-        }
-        attrs.push((attr_kind, &reply[at + NLA_HDRLEN..at + attr_len]));
-        at += align4(attr_len);
-    }
-    Ok(attrs)
 }
 
 /// A generic netlink socket bound to the `netdev` family.
@@ -195,7 +169,7 @@ mod tests {
         assert_eq!(attrs.len(), 2);
         assert_eq!(attrs[1].0, NETDEV_A_DEV_XDP_FEATURES);
         let mut error = vec![0u8; 20];
-        error[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        netlink::finish_header(&mut error, NLMSG_ERROR, 0, 0);
         error[16..20].copy_from_slice(&(-libc::ENODEV).to_ne_bytes());
         assert_eq!(reply_attrs(&error).unwrap_err(), libc::ENODEV);
     }
