@@ -9,12 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::netns::Netns;
 
-/// IP protocol numbers.
-pub const PROTO_ICMP: u8 = 1;
-/// TCP.
-pub const PROTO_TCP: u8 = 6;
-/// UDP.
-pub const PROTO_UDP: u8 = 17;
+/// IP protocol numbers (nat-common's, under the names the tests use).
+pub use nat_common::proto::{ICMP as PROTO_ICMP, TCP as PROTO_TCP, UDP as PROTO_UDP};
 
 /// One captured Ethernet frame.
 #[derive(Clone, Debug)]
@@ -158,31 +154,10 @@ impl Sniffer {
     }
 }
 
-/// Internet checksum (RFC 1071) of `data`, folded and complemented.
+/// Internet checksum (RFC 1071) of `data`, folded and complemented, as a number written
+/// big-endian (nat-common's sums native-order words, for storing with `to_ne_bytes`).
 pub fn checksum(data: &[u8]) -> u16 {
-    checksum_with(0, data)
-}
-
-fn sum_words(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
-        if sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
-    }
-    sum
-}
-
-fn checksum_with(initial: u32, data: &[u8]) -> u16 {
-    let mut sum = sum_words(initial, data);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    u16::from_be(nat_common::checksum::checksum(data))
 }
 
 /// A parsed IPv4 packet (header fields read on demand).
@@ -285,11 +260,12 @@ impl<'a> Ipv4<'a> {
         match self.proto() {
             PROTO_UDP if p.len() >= 8 && p[6] == 0 && p[7] == 0 => true,
             PROTO_UDP | PROTO_TCP => {
-                let mut pseudo = Vec::with_capacity(12);
-                pseudo.extend_from_slice(&self.bytes[12..20]);
-                pseudo.extend_from_slice(&[0, self.proto()]);
-                pseudo.extend_from_slice(&(p.len() as u16).to_be_bytes());
-                checksum_with(sum_words(0, &pseudo), p) == 0
+                let mut covered = Vec::with_capacity(12 + p.len());
+                covered.extend_from_slice(&self.bytes[12..20]);
+                covered.extend_from_slice(&[0, self.proto()]);
+                covered.extend_from_slice(&(p.len() as u16).to_be_bytes());
+                covered.extend_from_slice(p);
+                checksum(&covered) == 0
             }
             _ => false,
         }
@@ -441,7 +417,8 @@ mod tests {
         p[10..12].copy_from_slice(&c.to_be_bytes());
         let mut pseudo = p[12..20].to_vec();
         pseudo.extend_from_slice(&[0, 17, 0, 10]);
-        let uc = checksum_with(sum_words(0, &pseudo), &p[20..]);
+        pseudo.extend_from_slice(&p[20..]);
+        let uc = checksum(&pseudo);
         p[26..28].copy_from_slice(&uc.to_be_bytes());
         let ip = Ipv4::parse(&p).unwrap();
         assert!(ip.l4_checksum_ok());

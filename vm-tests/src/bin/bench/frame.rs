@@ -4,6 +4,11 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, Context, Result};
+use nat_common::packet::{
+    icmp_type, unreach_code, ETH_HLEN, ETH_P_IP_BE, ICMP_CHECK_OFF, ICMP_HLEN, IPV4_CHECK_OFF,
+    IPV4_MIN_HLEN as IPV4_HLEN, UDP_HLEN,
+};
+use nat_common::proto;
 use vm_tests::packet::checksum;
 
 /// Length of a generated frame; must equal `FRAME_LEN` in nat-ebpf/src/bench.rs.
@@ -11,22 +16,8 @@ pub const FRAME_LEN: usize = 64;
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-const ETH_HLEN: usize = 14;
-const IPV4_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const ICMP_HLEN: usize = 8;
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_UDP: u8 = 17;
 /// A fresh TTL: enough for the one router hop, and rewritten on every generated frame anyway.
 const TTL: u8 = 64;
-/// ICMP destination unreachable / port unreachable (RFC 792).
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
-/// Offset of the IPv4 header checksum within the header.
-const IP_CHECK_OFF: usize = 10;
-/// Offset of the ICMP checksum within the ICMP header.
-const ICMP_CHECK_OFF: usize = 2;
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<Mac> {
@@ -44,7 +35,7 @@ pub fn parse_mac(s: &str) -> Result<Mac> {
 fn ethernet(out: &mut Vec<u8>, src: Mac, dst: Mac) {
     out.extend_from_slice(&dst);
     out.extend_from_slice(&src);
-    out.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    out.extend_from_slice(&ETH_P_IP_BE.to_ne_bytes());
 }
 
 /// An IPv4 header without options, checksum filled in.
@@ -57,7 +48,7 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize) -> [
     h[12..16].copy_from_slice(&src.octets());
     h[16..20].copy_from_slice(&dst.octets());
     let c = checksum(&h);
-    h[IP_CHECK_OFF..IP_CHECK_OFF + 2].copy_from_slice(&c.to_be_bytes());
+    h[IPV4_CHECK_OFF..IPV4_CHECK_OFF + 2].copy_from_slice(&c.to_be_bytes());
     h
 }
 
@@ -79,7 +70,7 @@ pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: SocketAddrV4, dst: SocketAddrV
     out.extend_from_slice(&ipv4_header(
         *src.ip(),
         *dst.ip(),
-        IPPROTO_UDP,
+        proto::UDP,
         UDP_HLEN + payload_len,
     ));
     out.extend_from_slice(&udp_header(src, dst, payload_len));
@@ -100,11 +91,20 @@ pub fn icmp_error_frame(
     embedded.extend_from_slice(&ipv4_header(
         *original_src.ip(),
         *original_dst.ip(),
-        IPPROTO_UDP,
+        proto::UDP,
         UDP_HLEN,
     ));
     embedded.extend_from_slice(&udp_header(original_src, original_dst, 0));
-    let mut icmp = vec![ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    let mut icmp = vec![
+        icmp_type::DEST_UNREACH,
+        unreach_code::PORT_UNREACHABLE,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
     icmp.extend_from_slice(&embedded);
     let c = checksum(&icmp);
     icmp[ICMP_CHECK_OFF..ICMP_CHECK_OFF + 2].copy_from_slice(&c.to_be_bytes());
@@ -113,7 +113,7 @@ pub fn icmp_error_frame(
     out.extend_from_slice(&ipv4_header(
         reporter,
         *original_src.ip(),
-        IPPROTO_ICMP,
+        proto::ICMP,
         icmp.len(),
     ));
     out.extend_from_slice(&icmp);
