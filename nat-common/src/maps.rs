@@ -189,8 +189,10 @@ pub const BINDING_FLAG_STATIC: u8 = 1 << 0;
 pub const BINDING_FLAG_PCP: u8 = 1 << 1;
 /// As `BINDING_FLAG_PCP`, for a mapping asked for with NAT-PMP (RFC 6886).
 pub const BINDING_FLAG_NATPMP: u8 = 1 << 2;
-/// Either port-mapping flag.
-pub const BINDING_FLAGS_PORT_MAPPING: u8 = BINDING_FLAG_PCP | BINDING_FLAG_NATPMP;
+/// As `BINDING_FLAG_PCP`, for a mapping asked for with UPnP IGD's AddPortMapping.
+pub const BINDING_FLAG_UPNP: u8 = 1 << 3;
+/// Any port-mapping flag.
+pub const BINDING_FLAGS_PORT_MAPPING: u8 = BINDING_FLAG_PCP | BINDING_FLAG_NATPMP | BINDING_FLAG_UPNP;
 
 /// Lookup key for outbound packets: the internal endpoint, plus the remote endpoint when the
 /// mode maps per remote (symmetric). Remote fields are zero otherwise.

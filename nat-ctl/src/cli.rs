@@ -204,9 +204,10 @@ pub struct AttachArgs {
     /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
     #[arg(long)]
     pub debug: bool,
-    /// Serve port-mapping requests on UDP 5351 of the internal interfaces: `pcp` (RFC 6887),
-    /// `nat-pmp` (RFC 6886), both (`pcp,nat-pmp`) or `off` (default); add `third-party` to
-    /// allow PCP's THIRD_PARTY option.
+    /// Serve port-mapping requests on the internal interfaces: `pcp` (RFC 6887) and `nat-pmp`
+    /// (RFC 6886) on UDP 5351, `upnp` (UPnP IGD: SSDP on UDP 1900, HTTP on TCP 2869), any
+    /// comma-separated set (`pcp,nat-pmp,upnp`) or `off` (default); add `third-party` to let a
+    /// host map for another (PCP's THIRD_PARTY option, UPnP's NewInternalClient).
     #[arg(long, value_name = "PROTOCOLS", value_parser = |s: &str| crate::port_mapping::Protocols::parse(s).map_err(|e| e.to_string()))]
     pub port_mapping: Option<crate::port_mapping::Protocols>,
 }

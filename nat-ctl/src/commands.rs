@@ -132,7 +132,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let sessions_max = session_map_capacity(config.max_bindings);
     let sessions_in_use = session_usage::in_use(&maps, SessionUsageKey::all());
     let by_host = session_usage::by_host(&maps);
-    let (pcp_mappings, natpmp_mappings) = crate::port_mapping::count(&maps);
+    let (pcp_mappings, natpmp_mappings, upnp_mappings) = crate::port_mapping::count(&maps);
     let limit = |n: u32| match n {
         0 => "no limit".to_string(),
         n => n.to_string(),
@@ -199,7 +199,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
                 .iter()
                 .map(|(host, n)| (host.to_string(), serde_json::Value::from(*n)))
                 .collect::<serde_json::Map<_, _>>(),
-            "port_mappings": {"pcp": pcp_mappings, "nat_pmp": natpmp_mappings},
+            "port_mappings": {"pcp": pcp_mappings, "nat_pmp": natpmp_mappings, "upnp": upnp_mappings},
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -248,8 +248,8 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             format!("towards {}", fast_path.join(", "))
         };
         println!("fast path:  {towards}");
-        if pcp_mappings + natpmp_mappings > 0 {
-            println!("port maps:  {pcp_mappings} pcp, {natpmp_mappings} nat-pmp");
+        if pcp_mappings + natpmp_mappings + upnp_mappings > 0 {
+            println!("port maps:  {pcp_mappings} pcp, {natpmp_mappings} nat-pmp, {upnp_mappings} upnp");
         }
         println!(
             "bindings:   {dynamic} dynamic / {} allowed ({per_host} per host); {bindings} entries in all",

@@ -104,8 +104,8 @@ pub fn build(
     rows
 }
 
-/// The state a static binding shows: `static` for an operator's forward, `pcp` or `nat-pmp`
-/// for a host's port mapping; `None` for a dynamic binding.
+/// The state a static binding shows: `static` for an operator's forward, `pcp`, `nat-pmp` or
+/// `upnp` for a host's port mapping; `None` for a dynamic binding.
 fn static_state(flags: u8) -> Option<&'static str> {
     use nat_common::maps::{BINDING_FLAG_NATPMP, BINDING_FLAG_PCP};
     if flags & BINDING_FLAG_STATIC == 0 {
@@ -114,6 +114,8 @@ fn static_state(flags: u8) -> Option<&'static str> {
         Some("pcp")
     } else if flags & BINDING_FLAG_NATPMP != 0 {
         Some("nat-pmp")
+    } else if flags & nat_common::maps::BINDING_FLAG_UPNP != 0 {
+        Some("upnp")
     } else {
         Some("static")
     }

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Result;
 use nat_common::{
-    maps::{BINDING_FLAG_NATPMP, BINDING_FLAG_PCP, BINDING_FLAG_STATIC},
+    maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
     proto, BindingKey, BindingValue, SessionKey,
 };
 
@@ -96,7 +96,7 @@ pub fn delete(
             continue;
         }
         if value.flags & BINDING_FLAG_STATIC != 0 {
-            let port_mapping = value.flags & (BINDING_FLAG_PCP | BINDING_FLAG_NATPMP) != 0;
+            let port_mapping = value.flags & BINDING_FLAGS_PORT_MAPPING != 0;
             if with_forwards && !port_mapping && forwards::remove(maps, key.proto, external).is_ok() {
                 deleted.forwards += 1;
             }

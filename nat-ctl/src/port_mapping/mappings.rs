@@ -27,6 +27,8 @@ pub enum Via {
     Pcp,
     /// NAT-PMP (RFC 6886).
     NatPmp,
+    /// UPnP IGD (WANIPConnection:1 AddPortMapping).
+    Upnp,
 }
 
 impl Via {
@@ -35,14 +37,27 @@ impl Via {
         match self {
             Via::Pcp => nat_common::maps::BINDING_FLAG_PCP,
             Via::NatPmp => nat_common::maps::BINDING_FLAG_NATPMP,
+            Via::Upnp => nat_common::maps::BINDING_FLAG_UPNP,
         }
     }
 
-    /// `pcp` or `nat-pmp`.
+    /// `pcp`, `nat-pmp` or `upnp`.
     pub const fn name(self) -> &'static str {
         match self {
             Via::Pcp => "pcp",
             Via::NatPmp => "nat-pmp",
+            Via::Upnp => "upnp",
+        }
+    }
+
+    /// The protocol whose flag is set in a marked binding's `flags`.
+    pub const fn of_flags(flags: u8) -> Via {
+        if flags & nat_common::maps::BINDING_FLAG_PCP != 0 {
+            Via::Pcp
+        } else if flags & nat_common::maps::BINDING_FLAG_UPNP != 0 {
+            Via::Upnp
+        } else {
+            Via::NatPmp
         }
     }
 }
@@ -66,6 +81,9 @@ pub struct Mapping {
     /// It turned the host's existing dynamic binding into a mapping; at its end the binding
     /// goes back to the sweep instead of being deleted.
     pub adopted: bool,
+    /// UPnP's NewPortMappingDescription (empty for the other protocols).
+    #[serde(default)]
+    pub description: String,
 }
 
 /// What holds an internal endpoint in the binding maps (endpoint-independent key).
@@ -253,6 +271,7 @@ impl Mappings {
             nonce: req.nonce,
             via: req.via,
             adopted,
+            description: String::new(),
         });
         Ok(Ok(Granted::Mapped {
             external: SocketAddrV4::new(addr, external_port),
@@ -302,6 +321,17 @@ impl Mappings {
             }
         }
         gone
+    }
+
+    /// Sets the description of the mapping of `internal` (UPnP's NewPortMappingDescription).
+    pub fn describe(&mut self, proto: u8, internal: SocketAddrV4, description: &str) {
+        if let Some(m) = self
+            .list
+            .iter_mut()
+            .find(|m| m.proto == proto && m.internal == internal)
+        {
+            m.description = description.to_string();
+        }
     }
 
     /// Seconds `m` has left at `now_ns`.

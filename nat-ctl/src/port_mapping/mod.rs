@@ -10,6 +10,7 @@ pub mod mappings;
 pub mod natpmp;
 pub mod pcp;
 pub mod server;
+pub mod upnp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -36,19 +37,27 @@ pub struct Protocols {
     pub pcp: bool,
     /// NAT-PMP (RFC 6886).
     pub nat_pmp: bool,
-    /// PCP's THIRD_PARTY option allowed (`third-party`): an internal host may map for another
-    /// internal address (RFC 6887 §13.1); off, a host maps only its own.
+    /// UPnP IGD (SSDP discovery and WANIPConnection:1 over HTTP/SOAP).
+    pub upnp: bool,
+    /// Mapping for another host allowed (`third-party`): PCP's THIRD_PARTY option (RFC 6887
+    /// §13.1) and a UPnP NewInternalClient other than the requester; off, a host maps only its
+    /// own address.
     pub third_party: bool,
 }
 
 impl Protocols {
     /// Any protocol on.
     pub fn any(self) -> bool {
+        self.pcp || self.nat_pmp || self.upnp
+    }
+
+    /// Either protocol of UDP port 5351 on.
+    pub fn udp_5351(self) -> bool {
         self.pcp || self.nat_pmp
     }
 
-    /// Parses `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off`, with `third-party` to allow PCP's
-    /// THIRD_PARTY option (also as a list of words).
+    /// Parses a comma-separated list of `pcp`, `nat-pmp`, `upnp`, or `off`, with `third-party`
+    /// to allow mapping for another host (also as a list of words).
     pub fn parse(text: &str) -> Result<Self> {
         Self::from_words(text.split(',').map(str::trim))
     }
@@ -60,26 +69,30 @@ impl Protocols {
             match word {
                 "pcp" => p.pcp = true,
                 "nat-pmp" | "natpmp" => p.nat_pmp = true,
+                "upnp" => p.upnp = true,
                 "third-party" => p.third_party = true,
                 "off" | "none" | "" => {}
                 other => bail!(
-                    "{other:?} is not a port-mapping protocol (expected pcp, nat-pmp, third-party or off)"
+                    "{other:?} is not a port-mapping protocol (expected pcp, nat-pmp, upnp, third-party or off)"
                 ),
             }
         }
-        if p.third_party && !p.pcp {
-            bail!("third-party is an option of pcp: name pcp too (pcp,third-party)");
+        if p.third_party && !p.pcp && !p.upnp {
+            bail!("third-party is an option of pcp and upnp: name one of them too (pcp,third-party)");
         }
         Ok(p)
     }
 
-    /// `pcp,nat-pmp`, `pcp`, `nat-pmp` or `off`.
-    pub fn name(self) -> &'static str {
-        match (self.pcp, self.nat_pmp) {
-            (true, true) => "pcp,nat-pmp",
-            (true, false) => "pcp",
-            (false, true) => "nat-pmp",
-            (false, false) => "off",
+    /// The protocols on, comma-separated (`pcp,nat-pmp,upnp`), or `off`.
+    pub fn name(self) -> String {
+        let on: Vec<&str> = [(self.pcp, "pcp"), (self.nat_pmp, "nat-pmp"), (self.upnp, "upnp")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        if on.is_empty() {
+            "off".to_string()
+        } else {
+            on.join(",")
         }
     }
 }
@@ -93,6 +106,9 @@ const ANNOUNCE_TO: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 1),
 const RECV_BUFFER: usize = pcp::MAX_MESSAGE_LEN + 4;
 /// Requests queued between the sockets and the server.
 const QUEUE: usize = 256;
+/// UPnP SOAP calls queued between the HTTP connections and the server (at most one per
+/// connection).
+const UPNP_QUEUE: usize = upnp::MAX_CONNECTIONS;
 
 /// Name of the state file (`Instance::state_file`) holding the mappings.
 pub const STATE_KIND: &str = "port-mappings";
@@ -105,11 +121,11 @@ pub fn load_state(instance: &Instance) -> Vec<Mapping> {
         .unwrap_or_default()
 }
 
-/// How many port mappings the maps hold: (made with PCP, made with NAT-PMP), for `status`.
-pub fn count(maps: &PinnedMaps) -> (usize, usize) {
+/// How many port mappings the maps hold: (made with PCP, with NAT-PMP, with UPnP), for `status`.
+pub fn count(maps: &PinnedMaps) -> (usize, usize, usize) {
     let marked = kernel::marked(maps);
-    let pcp = marked.iter().filter(|m| m.3 & Via::Pcp.flag() != 0).count();
-    (pcp, marked.len() - pcp)
+    let with = |via: Via| marked.iter().filter(|m| Via::of_flags(m.3) == via).count();
+    (with(Via::Pcp), with(Via::NatPmp), with(Via::Upnp))
 }
 
 /// Fills in the remaining lifetime of the port-mapping rows of `nat-ctl mappings`.
@@ -225,14 +241,18 @@ pub fn spawn(protocols: Protocols, internal_ifaces: &[String], instance: &Instan
         return Ok(());
     }
     check(protocols, internal_ifaces)?;
-    let mut sockets = Vec::new();
+    let mut ifaces = Vec::new();
     for iface in internal_ifaces {
-        for addr in crate::iface::ipv4_addrs(iface)? {
-            let socket = open_socket(iface, addr)?;
+        ifaces.push((iface.clone(), crate::iface::ipv4_addrs(iface)?));
+    }
+    let mut sockets = Vec::new();
+    for (iface, addrs) in &ifaces {
+        for addr in addrs.iter().filter(|_| protocols.udp_5351()) {
+            let socket = open_socket(iface, *addr)?;
             sockets.push(Arc::new(UdpSocket::from_std(socket)?));
         }
     }
-    if sockets.is_empty() {
+    if ifaces.iter().all(|(_, addrs)| addrs.is_empty()) {
         bail!(
             "--port-mapping: the internal interfaces ({}) have no IPv4 address to listen on",
             internal_ifaces.join(", ")
@@ -263,7 +283,11 @@ pub fn spawn(protocols: Protocols, internal_ifaces: &[String], instance: &Instan
             }
         });
     }
-    tokio::spawn(serve(server, maps, sockets, rx, state_path));
+    let (upnp_tx, upnp_rx) = mpsc::channel(UPNP_QUEUE);
+    if protocols.upnp {
+        upnp::spawn(&ifaces, upnp_tx)?;
+    }
+    tokio::spawn(serve(server, maps, sockets, rx, upnp_rx, state_path));
     Ok(())
 }
 
@@ -289,12 +313,9 @@ fn restore(maps: &mut PinnedMaps, recorded: Vec<Mapping>, now_ns: u64) -> Vec<Ma
                     external_port,
                     expires_ns: 0,
                     nonce: None,
-                    via: if flags & Via::Pcp.flag() != 0 {
-                        Via::Pcp
-                    } else {
-                        Via::NatPmp
-                    },
+                    via: Via::of_flags(flags),
                     adopted: record.is_some_and(|m| m.adopted),
+                    description: String::new(),
                 };
                 let _ = mappings::Dataplane::remove(&mut dp, &stale);
             }
@@ -348,6 +369,7 @@ async fn serve(
     mut maps: PinnedMaps,
     sockets: Vec<Arc<UdpSocket>>,
     mut rx: mpsc::Receiver<(usize, Vec<u8>, SocketAddrV4)>,
+    mut upnp_rx: mpsc::Receiver<upnp::http::Call>,
     state_path: PathBuf,
 ) {
     let mut dp = Kernel { maps: &mut maps };
@@ -358,8 +380,8 @@ async fn serve(
             Duration::from_nanos(at.saturating_sub(monotonic_ns())).min(IDLE_TICK)
         });
         tokio::select! {
-            message = rx.recv() => {
-                let Some((i, datagram, from)) = message else { return };
+            // A closed queue (no PCP/NAT-PMP sockets, or no UPnP) only disables its branch.
+            Some((i, datagram, from)) = rx.recv() => {
                 let before = server.mappings.list().to_vec();
                 let answer = server.handle(&mut dp, &datagram, from, monotonic_ns());
                 // Recorded before the client hears of it: a daemon stopped right after its
@@ -374,6 +396,18 @@ async fn serve(
                     Ok(None) => {}
                     Err(e) => eprintln!("nat-ctl: port mapping: request from {from}: {e:#}"),
                 }
+            }
+            Some((action, from, reply)) = upnp_rx.recv() => {
+                let before = server.mappings.list().to_vec();
+                let answer = upnp::actions::handle(&mut server, &mut dp, &action, from, monotonic_ns());
+                if server.mappings.list() != before.as_slice() {
+                    save_state(&state_path, server.mappings.list());
+                }
+                let answer = answer.unwrap_or_else(|e| {
+                    eprintln!("nat-ctl: port mapping: UPnP {} from {from}: {e:#}", action.name);
+                    Err(upnp::actions::UpnpError::ActionFailed)
+                });
+                let _ = reply.send(answer);
             }
             _ = tokio::time::sleep(wait) => {
                 if !server.mappings.expire(&mut dp, monotonic_ns()).is_empty() {
@@ -403,12 +437,15 @@ mod tests {
             Protocols {
                 pcp: true,
                 nat_pmp: true,
+                upnp: false,
                 third_party: false,
             }
         );
         assert_eq!(Protocols::parse("nat-pmp").unwrap().name(), "nat-pmp");
         assert!(!Protocols::parse("off").unwrap().any());
-        assert!(Protocols::parse("upnp").is_err());
+        assert!(Protocols::parse("upnpp").is_err());
+        assert_eq!(Protocols::parse("upnp,pcp").unwrap().name(), "pcp,upnp");
+        assert!(Protocols::parse("upnp,third-party").unwrap().third_party);
         assert!(Protocols::parse("pcp,third-party").unwrap().third_party);
         assert!(Protocols::parse("nat-pmp,third-party").is_err());
     }

@@ -347,6 +347,7 @@ mod tests {
             protocols: Protocols {
                 pcp,
                 nat_pmp,
+                upnp: false,
                 third_party: false,
             },
             epoch_start_ns: 0,
