@@ -83,34 +83,6 @@ pub struct Lab {
 /// Host-side interface name in every host namespace.
 pub const HOST_IF: &str = "eth0";
 
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    let args = [
-        "link",
-        "add",
-        a_if,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ];
-    proc::run_ok("ip link add veth", proc::command("ip", &args), SETUP_TIMEOUT)?;
-    Ok(())
-}
-
-fn host_if_up(ns: &Netns, dev: &str, addrs: &[&str]) -> Result<()> {
-    for a in addrs {
-        ns.ip(&["addr", "add", a, "dev", dev])?;
-    }
-    ns.tx_csum_off(dev)?;
-    ns.ip(&["link", "set", dev, "up"])?;
-    Ok(())
-}
-
 impl Lab {
     /// Builds the base topology (lan, nat, sw, wan, wan2).
     pub fn new(tag: &str) -> Result<Lab> {
@@ -147,15 +119,15 @@ impl Lab {
 
         // The NAT router: forwarding on, no NAT rules of its own.
         nat.sysctl("net.ipv4.ip_forward", "1")?;
-        veth(&lan, HOST_IF, &nat, &lan_if)?;
-        host_if_up(&lan, HOST_IF, &["10.0.0.2/24"])?;
+        lan.add_veth(HOST_IF, &nat, &lan_if, None)?;
+        lan.if_up(HOST_IF, &["10.0.0.2/24"])?;
         lan.ip(&["route", "add", "default", "via", &LAN_GW.to_string()])?;
-        host_if_up(&nat, &lan_if, &["10.0.0.1/24"])?;
+        nat.if_up(&lan_if, &["10.0.0.1/24"])?;
         if let (Some(lan2), Some(lan2_if)) = (&lan2, &lan2_if) {
-            veth(lan2, HOST_IF, &nat, lan2_if)?;
-            host_if_up(lan2, HOST_IF, &["10.0.1.2/24"])?;
+            lan2.add_veth(HOST_IF, &nat, lan2_if, None)?;
+            lan2.if_up(HOST_IF, &["10.0.1.2/24"])?;
             lan2.ip(&["route", "add", "default", "via", &LAN2_GW.to_string()])?;
-            host_if_up(&nat, lan2_if, &["10.0.1.1/24"])?;
+            nat.if_up(lan2_if, &["10.0.1.1/24"])?;
         }
 
         // The external segment: one bridge in the switch namespace.
@@ -164,7 +136,7 @@ impl Lab {
         let mut attach_port = |ns: &Netns, dev: &str| -> Result<()> {
             let p = format!("p{port}");
             port += 1;
-            veth(ns, dev, &sw, &p)?;
+            ns.add_veth(dev, &sw, &p, None)?;
             sw.tx_csum_off(&p)?;
             sw.ip(&["link", "set", &p, "master", "br0"])?;
             sw.ip(&["link", "set", &p, "up"])?;
@@ -176,16 +148,16 @@ impl Lab {
         if let Some(rtr) = &rtr {
             attach_port(rtr, HOST_IF)?;
         }
-        host_if_up(&nat, &wan_if, &["198.51.100.254/24"])?;
-        host_if_up(&wan, HOST_IF, &["198.51.100.1/24", "198.51.100.2/24"])?;
-        host_if_up(&wan2, HOST_IF, &["198.51.100.3/24"])?;
+        nat.if_up(&wan_if, &["198.51.100.254/24"])?;
+        wan.if_up(HOST_IF, &["198.51.100.1/24", "198.51.100.2/24"])?;
+        wan2.if_up(HOST_IF, &["198.51.100.3/24"])?;
 
         if let (Some(rtr), Some(far)) = (&rtr, &far) {
-            host_if_up(rtr, HOST_IF, &["198.51.100.250/24"])?;
+            rtr.if_up(HOST_IF, &["198.51.100.250/24"])?;
             rtr.sysctl("net.ipv4.ip_forward", "1")?;
-            veth(rtr, "eth1", far, HOST_IF)?;
-            host_if_up(rtr, "eth1", &["203.0.113.254/24"])?;
-            host_if_up(far, HOST_IF, &["203.0.113.1/24"])?;
+            rtr.add_veth("eth1", far, HOST_IF, None)?;
+            rtr.if_up("eth1", &["203.0.113.254/24"])?;
+            far.if_up(HOST_IF, &["203.0.113.1/24"])?;
             far.ip(&["route", "add", "default", "via", &RTR_FAR_IP.to_string()])?;
             nat.ip(&["route", "add", "203.0.113.0/24", "via", &RTR_IP.to_string()])?;
         }

@@ -159,6 +159,35 @@ impl Netns {
         Ok(())
     }
 
+    /// Creates a veth pair: `own_if` in this namespace, `peer_if` in `peer`. `queues` sets
+    /// both ends' transmit and receive queue counts (a veth hands a frame sent from CPU `c` to
+    /// its peer's queue `c % queues`); `None` keeps the kernel's default.
+    pub fn add_veth(&self, own_if: &str, peer: &Netns, peer_if: &str, queues: Option<u32>) -> Result<()> {
+        let queues = queues.map(|q| q.to_string());
+        let queue_args: Vec<&str> = match &queues {
+            Some(q) => vec!["numtxqueues", q, "numrxqueues", q],
+            None => Vec::new(),
+        };
+        let mut args = vec!["link", "add", own_if];
+        args.extend(&queue_args);
+        args.extend(["netns", self.name(), "type", "veth", "peer", "name", peer_if]);
+        args.extend(&queue_args);
+        args.extend(["netns", peer.name()]);
+        proc::run_ok("ip link add veth", proc::command("ip", &args), SETUP_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Gives `dev` its addresses, makes it write full checksums ([`Netns::tx_csum_off`]) and
+    /// brings it up.
+    pub fn if_up(&self, dev: &str, addrs: &[&str]) -> Result<()> {
+        for addr in addrs {
+            self.ip(&["addr", "add", addr, "dev", dev])?;
+        }
+        self.tx_csum_off(dev)?;
+        self.ip(&["link", "set", dev, "up"])?;
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has joined this network namespace, so sockets it opens live
     /// in the namespace (and stay there after the thread ends). Panics in `f` propagate.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

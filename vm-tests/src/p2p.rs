@@ -67,33 +67,6 @@ pub struct TwoSites {
     pub rv: Netns,
 }
 
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    let args = [
-        "link",
-        "add",
-        a_if,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ];
-    proc::run_ok("ip link add veth", proc::command("ip", &args), SETUP_TIMEOUT)?;
-    Ok(())
-}
-
-fn if_up(ns: &Netns, dev: &str, addr: &str) -> Result<()> {
-    ns.ip(&["addr", "add", addr, "dev", dev])?;
-    // Full checksums on the wire (see the lab module: veth would hand XDP a partial one).
-    ns.tx_csum_off(dev)?;
-    ns.ip(&["link", "set", dev, "up"])?;
-    Ok(())
-}
-
 impl TwoSites {
     /// Builds both sites, the shared segment and the rendezvous host, and waits until every
     /// link carries pings (no NAT attached yet).
@@ -120,7 +93,7 @@ impl TwoSites {
         let mut attach_port = |ns: &Netns, dev: &str| -> Result<()> {
             let p = format!("p{port}");
             port += 1;
-            veth(ns, dev, &sw, &p)?;
+            ns.add_veth(dev, &sw, &p, None)?;
             sw.tx_csum_off(&p)?;
             sw.ip(&["link", "set", &p, "master", "br0"])?;
             sw.ip(&["link", "set", &p, "up"])?;
@@ -128,16 +101,16 @@ impl TwoSites {
         };
         for site in [&a, &b] {
             site.nat.sysctl("net.ipv4.ip_forward", "1")?;
-            veth(&site.host, "eth0", &site.nat, &site.lan_if)?;
-            if_up(&site.host, "eth0", "10.0.0.2/24")?;
+            site.host.add_veth("eth0", &site.nat, &site.lan_if, None)?;
+            site.host.if_up("eth0", &["10.0.0.2/24"])?;
             site.host
                 .ip(&["route", "add", "default", "via", &GW_IP.to_string()])?;
-            if_up(&site.nat, &site.lan_if, "10.0.0.1/24")?;
+            site.nat.if_up(&site.lan_if, &["10.0.0.1/24"])?;
             attach_port(&site.nat, &site.wan_if)?;
-            if_up(&site.nat, &site.wan_if, &format!("{}/24", site.ext))?;
+            site.nat.if_up(&site.wan_if, &[&format!("{}/24", site.ext)])?;
         }
         attach_port(&rv, "eth0")?;
-        if_up(&rv, "eth0", &format!("{RV_IP}/24"))?;
+        rv.if_up("eth0", &[&format!("{RV_IP}/24")])?;
 
         let lab = TwoSites { names, a, b, sw, rv };
         let checks = [

@@ -15,7 +15,6 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use vm_tests::netns::{Names, Netns, SETUP_TIMEOUT};
-use vm_tests::proc;
 use vm_tests::Lab;
 
 use crate::frame::{parse_mac, Mac};
@@ -80,34 +79,6 @@ pub struct Topology {
     pub dst_mac: Mac,
 }
 
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
-    let q = queues.to_string();
-    let args = [
-        "link",
-        "add",
-        a_if,
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-        "netns",
-        b.name(),
-    ];
-    proc::run_ok("ip link add veth", proc::command("ip", &args), SETUP_TIMEOUT)?;
-    Ok(())
-}
-
 fn up(ns: &Netns, dev: &str, addr: Ipv4Addr) -> Result<()> {
     ns.ip(&["addr", "add", &format!("{addr}/{LINK_PREFIX_LEN}"), "dev", dev])?;
     ns.ip(&["link", "set", dev, "up"])?;
@@ -151,8 +122,8 @@ impl Topology {
         // Reverse-path filtering would drop the generator's many source addresses.
         sysctl(&rtr, "net.ipv4.conf.all.rp_filter", "0")?;
         sysctl(&rtr, "net.ipv4.conf.default.rp_filter", "0")?;
-        veth(&src, HOST_IF, &rtr, &int_if, queues)?;
-        veth(&rtr, &ext_if, &dst, HOST_IF, queues)?;
+        src.add_veth(HOST_IF, &rtr, &int_if, Some(queues))?;
+        rtr.add_veth(&ext_if, &dst, HOST_IF, Some(queues))?;
         up(&src, HOST_IF, SRC_IP)?;
         up(&rtr, &int_if, RTR_INT_IP)?;
         up(&rtr, &ext_if, RTR_EXT_IP)?;
