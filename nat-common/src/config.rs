@@ -137,6 +137,13 @@ impl NatConfig {
         self.flags & CONFIG_FLAG_READY != 0
     }
 
+    /// The external addresses in use, in order.
+    pub fn external_ipv4_addrs(&self) -> impl Iterator<Item = core::net::Ipv4Addr> {
+        let count = (self.external_addr_count as usize).min(MAX_EXTERNAL_ADDRS);
+        let addrs = self.external_addrs;
+        (0..count).map(move |i| core::net::Ipv4Addr::from(u32::from_be(addrs[i])))
+    }
+
     /// True if `addr` (network byte order) is one of this NAT's external addresses.
     #[inline(always)]
     pub fn is_external_addr(&self, addr: u32) -> bool {
@@ -173,5 +180,9 @@ mod tests {
         assert!(cfg.is_external_addr(7));
         assert!(!cfg.is_external_addr(9), "entries past the count are ignored");
         assert!(!cfg.is_external_addr(0));
+        cfg.external_addrs[0] = u32::from(core::net::Ipv4Addr::new(192, 0, 2, 1)).to_be();
+        let mut addrs = cfg.external_ipv4_addrs();
+        assert_eq!(addrs.next(), Some(core::net::Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(addrs.next(), None, "entries past the count are ignored");
     }
 }

@@ -42,7 +42,6 @@ use nat_common::{
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
-    commands::external_addrs,
     expiry::{self, SweepPlan},
     forwards, iface,
     netlink::{self, u32_at, Message, IFADDRMSG_LEN, IFINFOMSG_LEN, RECV_BUF_BYTES},
@@ -461,7 +460,7 @@ impl Follower {
         let mut config = maps.read_config()?;
         let name = iface::name_of(self.ifindex).unwrap_or_else(|| self.iface.clone());
         let on_iface = iface::ipv4_addrs(&name)?;
-        let current = external_addrs(&config);
+        let current: Vec<Ipv4Addr> = config.external_ipv4_addrs().collect();
         match decide(&current, &on_iface) {
             Decision::Keep => {
                 if self.without_address {

@@ -2,13 +2,11 @@
 //! `status`, `mode`, `forward`. They open the running NAT's pinned maps directly, so they work
 //! from any shell in the same network namespace.
 
-use std::net::Ipv4Addr;
-
 use anyhow::{bail, Result};
 use nat_common::{
     config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
     maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS},
-    Mode, NatConfig,
+    Mode,
 };
 
 use crate::{
@@ -111,14 +109,6 @@ pub fn stats(query: &QueryArgs) -> Result<()> {
     Ok(())
 }
 
-/// The external addresses in a config, in order.
-pub fn external_addrs(config: &NatConfig) -> Vec<Ipv4Addr> {
-    config.external_addrs[..config.external_addr_count as usize]
-        .iter()
-        .map(|a| Ipv4Addr::from(u32::from_be(*a)))
-        .collect()
-}
-
 /// `nat-ctl status`.
 pub fn status(query: &QueryArgs) -> Result<()> {
     let (instance, maps) = open(query)?;
@@ -141,7 +131,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         0 => "no limit".to_string(),
         n => n.to_string(),
     };
-    let addrs: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
+    let addrs: Vec<String> = config.external_ipv4_addrs().map(|a| a.to_string()).collect();
     // Without --external-addr the daemon keeps the address on the interface's (addr_watch).
     let follows = config.flags & CONFIG_FLAG_FOLLOWS_IFACE != 0;
     let mut fast_path: Vec<String> = maps

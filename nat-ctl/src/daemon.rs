@@ -14,7 +14,6 @@ use crate::{
     addr_watch::{self, AddrWatch, Follower},
     cli::{AttachArgs, SWEEP_INTERVAL_MS_DEFAULT},
     clock::monotonic_ns,
-    commands::external_addrs,
     config_file::{self, FileConfig},
     events::{now_rfc3339, BindingEvents},
     expiry,
@@ -224,7 +223,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     record_internal(&instance, &internal, &attached)?;
     lock.write_info(&attached.description)?;
 
-    let addr_list: Vec<String> = external_addrs(&config).iter().map(|a| a.to_string()).collect();
+    let addr_list: Vec<String> = config.external_ipv4_addrs().map(|a| a.to_string()).collect();
     // A closed stdout (the reader of a pipe gone) must not stop the NAT: the line is for the
     // reader, so it is written when possible and otherwise dropped.
     let attached_line = format!(

@@ -12,7 +12,7 @@ use nat_common::{
 };
 use serde::Serialize;
 
-use crate::{commands::external_addrs, pinned::PinnedMaps};
+use crate::pinned::PinnedMaps;
 
 /// `BPF_NOEXIST`: insert only if the key is free.
 const BPF_NOEXIST: u64 = 1;
@@ -81,7 +81,7 @@ pub fn parse_internal(text: &str) -> Result<SocketAddrV4> {
 /// The external address a forward uses: the given one, which must belong to the NAT, or the
 /// NAT's first external address.
 pub fn external_addr_for(config: &NatConfig, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
-    let addrs = external_addrs(config);
+    let addrs: Vec<Ipv4Addr> = config.external_ipv4_addrs().collect();
     match requested {
         Some(addr) if addrs.contains(&addr) => Ok(addr),
         Some(addr) => bail!("{addr} is not an external address of this NAT"),

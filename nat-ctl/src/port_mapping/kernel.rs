@@ -11,7 +11,7 @@ use nat_common::{
 };
 
 use super::mappings::{Dataplane, Holder, Mapping, Via};
-use crate::{commands::external_addrs, pinned::PinnedMaps};
+use crate::pinned::PinnedMaps;
 
 /// `BPF_NOEXIST`: insert only if the key is free (claims a port as the data path does).
 const BPF_NOEXIST: u64 = 1;
@@ -44,8 +44,7 @@ fn in_key(proto: u8, addr_be: u32, port_be: u16) -> ExternalKey {
 
 impl Dataplane for Kernel<'_> {
     fn external_addr(&mut self) -> Option<Ipv4Addr> {
-        let config = self.maps.read_config().ok()?;
-        external_addrs(&config).first().copied()
+        self.maps.read_config().ok()?.external_ipv4_addrs().next()
     }
 
     fn port_range(&mut self) -> (u16, u16) {
