@@ -12,10 +12,7 @@ use nat_common::{
 };
 use serde::Serialize;
 
-use crate::pinned::PinnedMaps;
-
-/// `BPF_NOEXIST`: insert only if the key is free.
-const BPF_NOEXIST: u64 = 1;
+use crate::pinned::{PinnedMaps, BPF_NOEXIST};
 
 /// One static forward.
 #[derive(Clone, Debug, PartialEq, Eq)]

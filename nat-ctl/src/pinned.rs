@@ -13,6 +13,12 @@ use nat_common::{
     BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey, SessionValue,
 };
 
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): insert only if the key is free, the way the data
+/// path claims a port; fails with `EEXIST` otherwise.
+pub const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only if the key is there, so an entry the sweep removed is never revived.
+pub const BPF_EXIST: u64 = 2;
+
 /// The maps of one running NAT.
 pub struct PinnedMaps {
     /// `NatConfig`, one entry.

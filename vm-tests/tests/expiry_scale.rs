@@ -20,7 +20,8 @@ use vm_tests::{Lab, NatProcess};
 #[path = "../src/bin/bench/nat_maps.rs"]
 mod nat_maps;
 
-use nat_maps::{monotonic_ns, NatMaps, ScaleLayout};
+use nat_ctl::clock::monotonic_ns;
+use nat_maps::{NatMaps, ScaleLayout};
 
 /// Bindings in the table.
 const BINDINGS: u32 = 100_000;

@@ -11,12 +11,7 @@ use nat_common::{
 };
 
 use super::mappings::{Dataplane, Holder, Mapping, Via};
-use crate::pinned::PinnedMaps;
-
-/// `BPF_NOEXIST`: insert only if the key is free (claims a port as the data path does).
-const BPF_NOEXIST: u64 = 1;
-/// `BPF_EXIST`: update only if the key is there (never revives an entry the sweep removed).
-const BPF_EXIST: u64 = 2;
+use crate::pinned::{PinnedMaps, BPF_EXIST, BPF_NOEXIST};
 
 /// The pinned maps as a `Dataplane`.
 pub struct Kernel<'a> {

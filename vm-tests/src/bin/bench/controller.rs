@@ -17,7 +17,9 @@ use nat_ctl::{expiry, pinned::PinnedMaps, settings::Timeouts};
 use vm_tests::nat::{run_nat_ctl, STOP_TIMEOUT};
 
 use crate::contender::{self, Contender, Paused, Running};
-use crate::nat_maps::{monotonic_ns, NatMaps};
+use nat_ctl::clock::monotonic_ns;
+
+use crate::nat_maps::NatMaps;
 use crate::scale::{layout, max_bindings_for};
 use crate::stats::median;
 use crate::topology::Topology;

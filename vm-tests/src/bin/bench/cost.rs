@@ -23,7 +23,9 @@ use crate::cpu;
 use crate::forwarding::{self, FAST_PATH_MAX_KERNEL_SHARE};
 use crate::frame::{icmp_error_frame, udp_frame, Mac};
 use crate::generator::Generator;
-use crate::nat_maps::{monotonic_ns, Binding};
+use nat_ctl::clock::monotonic_ns;
+
+use crate::nat_maps::Binding;
 use crate::objects;
 use crate::stats::median;
 use crate::test_instance::TestInstance;

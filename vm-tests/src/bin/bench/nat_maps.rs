@@ -18,9 +18,7 @@ use nat_common::{
     proto, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
     SessionValue,
 };
-
-/// `BPF_NOEXIST`: fail rather than overwrite (each filler binding is new).
-const BPF_NOEXIST: u64 = 1;
+use nat_ctl::{clock::monotonic_ns, pinned::BPF_NOEXIST};
 
 /// The maps the benchmark reads and writes.
 pub struct NatMaps {
@@ -49,18 +47,6 @@ pub fn be(addr: Ipv4Addr) -> u32 {
 /// Port in network byte order as the maps store it.
 pub fn be16(port: u16) -> u16 {
     port.to_be()
-}
-
-/// CLOCK_MONOTONIC now, in ns: the data path's clock (`bpf_ktime_get_coarse_ns`), so filler
-/// bindings look freshly used and no expiry sweep removes them during a run.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The map entries of one binding.
