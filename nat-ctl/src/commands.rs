@@ -5,7 +5,6 @@
 use anyhow::{bail, Result};
 use nat_common::{
     config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
-    maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS},
     Mode,
 };
 
@@ -21,6 +20,7 @@ use crate::{
     session_usage,
     settings::Timeouts,
     table, table_delete,
+    table_fill::TableFill,
     table_filter::RowFilter,
 };
 
@@ -116,11 +116,7 @@ pub fn status(query: &QueryArgs) -> Result<()> {
     let (pid, programs) = read_info(&instance).unwrap_or_else(|| ("-".into(), "no daemon running".into()));
     let daemon = Daemon::of(&instance);
     // Whole-map batched reads: one syscall per chunk, not per key, at any table size.
-    let bindings = maps.bindings()?.len();
-    let dynamic = maps.usage(USAGE_ALL_HOSTS);
-    let sessions = maps.sessions()?.len();
-    let sessions_max = session_map_capacity(config.max_bindings);
-    let sessions_in_use = session_usage::in_use(&maps, SessionUsageKey::all());
+    let fill = TableFill::read(&maps, &config, maps.bindings()?.len(), maps.sessions()?.len());
     let by_host = session_usage::by_host(&maps);
     let (pcp_mappings, natpmp_mappings, upnp_mappings) = crate::port_mapping::count(&maps);
     let limit = |n: u32| match n {
@@ -178,11 +174,11 @@ pub fn status(query: &QueryArgs) -> Result<()> {
                 .collect::<serde_json::Map<_, _>>(),
             "fast_path_towards": fast_path,
             "fast_path_unavailable": crate::fastpath::unavailable_reason(),
-            "bindings": bindings, "bindings_capacity": binding_map_capacity(config.max_bindings),
-            "dynamic_bindings": dynamic, "max_bindings": config.max_bindings,
+            "bindings": fill.binding_entries, "bindings_capacity": fill.binding_capacity,
+            "dynamic_bindings": fill.dynamic_bindings, "max_bindings": fill.max_bindings,
             "max_bindings_per_host": config.max_bindings_per_host,
-            "sessions": sessions, "sessions_capacity": sessions_max,
-            "sessions_in_use": sessions_in_use,
+            "sessions": fill.session_entries, "sessions_capacity": fill.session_capacity,
+            "sessions_in_use": fill.sessions_in_use,
             "max_sessions_per_host": config.max_sessions_per_host,
             "max_sessions_per_binding": config.max_sessions_per_binding,
             "sessions_by_host": by_host
@@ -242,11 +238,14 @@ pub fn status(query: &QueryArgs) -> Result<()> {
             println!("port maps:  {pcp_mappings} pcp, {natpmp_mappings} nat-pmp, {upnp_mappings} upnp");
         }
         println!(
-            "bindings:   {dynamic} dynamic / {} allowed ({per_host} per host); {bindings} entries in all",
-            config.max_bindings
+            "bindings:   {} dynamic / {} allowed ({per_host} per host); {} entries in all",
+            fill.dynamic_bindings, fill.max_bindings, fill.binding_entries
         );
         println!(
-            "sessions:   {sessions_in_use} in use, {sessions} entries / {sessions_max} ({} per host, {} per binding)",
+            "sessions:   {} in use, {} entries / {} ({} per host, {} per binding)",
+            fill.sessions_in_use,
+            fill.session_entries,
+            fill.session_capacity,
             limit(config.max_sessions_per_host),
             limit(config.max_sessions_per_binding)
         );

@@ -35,6 +35,7 @@ pub mod sysctl;
 pub mod table;
 pub mod table_delete;
 pub mod table_filter;
+pub mod table_fill;
 pub mod tc_filter;
 pub mod usage_error;
 pub mod xdp_features;

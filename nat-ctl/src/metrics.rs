@@ -10,10 +10,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use nat_common::{
-    maps::{binding_map_capacity, session_map_capacity, SessionUsageKey, USAGE_ALL_HOSTS},
-    Counter,
-};
+use nat_common::Counter;
 use prometheus_client::{
     encoding::prometheus_text,
     metrics::{counter::Counter as PromCounter, family::Family, gauge::Gauge, info::Info},
@@ -24,7 +21,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{clock::monotonic_ns, pinned::PinnedMaps, session_usage, settings::Timeouts, table};
+use crate::{clock::monotonic_ns, pinned::PinnedMaps, settings::Timeouts, table, table_fill::TableFill};
 
 /// Largest request head read before answering; a scrape's is a few hundred bytes.
 const MAX_REQUEST_BYTES: usize = 8192;
@@ -132,41 +129,42 @@ pub fn render(maps: &PinnedMaps) -> Result<String> {
     let config = maps.read_config()?;
     let bindings = maps.bindings()?;
     let sessions = maps.sessions()?;
+    let fill = TableFill::read(maps, &config, bindings.len(), sessions.len());
     let gauges = [
         (
             "nat_bindings",
             "Dynamic bindings in the NAT table.",
-            maps.usage(USAGE_ALL_HOSTS),
+            fill.dynamic_bindings,
         ),
         (
             "nat_bindings_limit",
             "Most dynamic bindings allowed (--max-bindings).",
-            config.max_bindings as u64,
+            fill.max_bindings as u64,
         ),
         (
             "nat_binding_entries",
             "Entries in the outbound binding map, forwards included.",
-            bindings.len() as u64,
+            fill.binding_entries as u64,
         ),
         (
             "nat_binding_capacity",
             "Capacity of each binding map.",
-            binding_map_capacity(config.max_bindings) as u64,
+            fill.binding_capacity as u64,
         ),
         (
             "nat_sessions",
             "Entries in the session map.",
-            sessions.len() as u64,
+            fill.session_entries as u64,
         ),
         (
             "nat_session_capacity",
             "Capacity of the session map.",
-            session_map_capacity(config.max_bindings) as u64,
+            fill.session_capacity as u64,
         ),
         (
             "nat_sessions_in_use",
             "Sessions (remote endpoints of bindings) in use.",
-            session_usage::in_use(maps, SessionUsageKey::all()),
+            fill.sessions_in_use,
         ),
         (
             "nat_sessions_per_host_limit",
