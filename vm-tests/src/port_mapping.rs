@@ -393,3 +393,130 @@ pub fn connect_via_mapping(
         Ok((a, b, peer))
     })
 }
+
+/// Runs `upnpc args...` (miniupnpc) in `ns` and returns its stdout and stderr together: upnpc
+/// reports a refused action in its output, not always in its exit status.
+pub fn upnpc(ns: &Netns, args: &[&str]) -> Result<String> {
+    let out = ns.run("upnpc", args, TOOL_TIMEOUT)?;
+    Ok(format!("{}{}", out.stdout, out.stderr))
+}
+
+/// The external address `upnpc -s` printed ("ExternalIPAddress = A").
+pub fn upnpc_external_ip(out: &str) -> Option<Ipv4Addr> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("ExternalIPAddress = "))
+        .and_then(|a| a.trim().parse().ok())
+}
+
+/// What `upnpc -a`/`-r` printed after a granted mapping ("external A:P UDP is redirected to
+/// internal I:L (duration=D)"): (protocol, external, internal).
+pub fn upnpc_redirected(out: &str) -> Vec<(String, SocketAddrV4, SocketAddrV4)> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["external", ext, proto, "is", "redirected", "to", "internal", int, ..] => {
+                    Some((proto.to_string(), ext.parse().ok()?, int.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The entries `upnpc -l` listed (" 0 UDP 20000->10.0.0.2:4000 'desc' '' 60"): (protocol,
+/// external port, internal endpoint).
+pub fn upnpc_list(out: &str) -> Vec<(String, u16, SocketAddrV4)> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let [index, proto, mapping, ..] = w.as_slice() else {
+                return None;
+            };
+            index.parse::<u32>().ok()?;
+            let (ext, int) = mapping.split_once("->")?;
+            Some((proto.to_string(), ext.parse().ok()?, int.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The UPnP error code of a refused action ("... failed with code 718 (ConflictInMappingEntry)").
+pub fn upnpc_error_code(out: &str) -> Option<u16> {
+    out.lines()
+        .find_map(|l| l.split_once("failed with code ").map(|(_, rest)| rest))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// miniupnpd (Debian's miniupnpd-nftables) as the reference gateway in the NAT namespace `ns`:
+/// UPnP IGD and NAT-PMP on `lan_if`, nftables masquerade and its redirections on `wan_if`,
+/// secure mode (a host maps only its own address), HTTP on `http_port`. Stopped on drop.
+pub struct Miniupnpd {
+    proc: Proc,
+    dir: std::path::PathBuf,
+}
+
+impl Miniupnpd {
+    /// Writes the ruleset (table inet filter with the chains miniupnpd fills: its defaults)
+    /// and the config, starts `miniupnpd -d` and waits (bounded) until it serves.
+    pub fn start(ns: &Netns, wan_if: &str, lan_if: &str, http_port: u16) -> Result<Miniupnpd> {
+        let dir = std::env::temp_dir().join(format!("miniupnpd-{}-{}", ns.name(), std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let rules = format!(
+            "table inet filter {{\n\
+             chain forward {{ type filter hook forward priority 0; policy accept; jump miniupnpd; }}\n\
+             chain miniupnpd {{ }}\n\
+             chain prerouting {{ type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }}\n\
+             chain postrouting {{ type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; oifname \"{wan_if}\" masquerade; }}\n\
+             chain prerouting_miniupnpd {{ }}\n\
+             chain postrouting_miniupnpd {{ }}\n\
+             }}\n"
+        );
+        let rules_path = dir.join("rules.nft");
+        std::fs::write(&rules_path, rules)?;
+        ns.run_ok("nft", &["-f", &rules_path.to_string_lossy()], TOOL_TIMEOUT)?;
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")?;
+        let conf = format!(
+            "ext_ifname={wan_if}\nlistening_ip={lan_if}\nport={http_port}\nenable_natpmp=yes\n\
+             enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=no\nuuid={}\nlease_file={}\n\
+             allow 1024-65535 10.0.0.0/8 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+            uuid.trim(),
+            dir.join("leases").display()
+        );
+        let conf_path = dir.join("miniupnpd.conf");
+        std::fs::write(&conf_path, conf)?;
+        let conf_arg = conf_path.to_string_lossy().to_string();
+        let pid_arg = dir.join("pid").to_string_lossy().to_string();
+        let proc = Proc::spawn(
+            "miniupnpd",
+            ns.cmd(
+                "miniupnpd",
+                &["-f", conf_arg.as_str(), "-d", "-P", pid_arg.as_str()],
+            ),
+        )?;
+        let up = proc::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            let log = proc.stderr();
+            (log.contains("HTTP listening on port") && log.contains("NAT-PMP")).then_some(())
+        });
+        if up.is_none() {
+            bail!("miniupnpd did not start: {}", proc.stderr().trim());
+        }
+        Ok(Miniupnpd { proc, dir })
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.proc.stderr()
+    }
+
+    /// Stops it (SIGTERM, bounded).
+    pub fn stop(mut self) -> Result<()> {
+        self.proc.terminate(Duration::from_secs(5))?;
+        Ok(())
+    }
+}
+
+impl Drop for Miniupnpd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

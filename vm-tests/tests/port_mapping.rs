@@ -615,3 +615,209 @@ fn port_mapping_without_internal_interfaces_is_refused_in_one_line_before_attach
     ensure!(left.is_clean(), "left behind: {left:?}");
     Ok(())
 }
+
+/// An external address no client or gateway counts as reserved: miniupnpd refuses to forward on
+/// a documentation address such as the lab's 198.51.100.254 ("Reserved / private IP address ...:
+/// Port forwarding is impossible"), and miniupnpc calls such an IGD "not connected". Used only
+/// inside the lab's namespaces.
+const PUBLIC_EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 101, 254);
+/// The external host's address on that subnet.
+const PUBLIC_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 101, 1);
+/// The HTTP port both gateways serve UPnP on (nat-ctl's fixed one; miniupnpd is told it).
+const UPNP_HTTP_PORT: u16 = 2869;
+/// UPnP's ConflictInMappingEntry.
+const CONFLICT_IN_MAPPING_ENTRY: u16 = 718;
+
+/// Moves the lab's external link to `PUBLIC_EXT` / `PUBLIC_WAN` (same segment).
+fn renumber_public(lab: &Lab) -> Result<()> {
+    lab.nat
+        .ip(&["addr", "add", &format!("{PUBLIC_EXT}/24"), "dev", &lab.wan_if])?;
+    lab.nat
+        .ip(&["addr", "del", &format!("{NAT_EXT}/24"), "dev", &lab.wan_if])?;
+    lab.wan.ip(&[
+        "addr",
+        "add",
+        &format!("{PUBLIC_WAN}/24"),
+        "dev",
+        vm_tests::lab::HOST_IF,
+    ])?;
+    Ok(())
+}
+
+/// The NAT-PMP (natpmpc) and UPnP (upnpc) steps a host behind a gateway takes, with the
+/// outcomes it relies on; the same for nat-ctl and for the reference, miniupnpd. `who` names
+/// the gateway in failures. Returns the findings (empty when all held).
+fn client_steps(lab: &Lab, who: &str) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            failures.push(format!("{who}: {what}"));
+        }
+    };
+    let _udp = udp_whoami(&lab.lan, LAN_IP, 4000)?;
+    let _udp2 = udp_whoami(&lab.lan, LAN_IP, 4100)?;
+    let _tcp = tools::tcp_whoami(&lab.lan, LAN_IP, 8000)?;
+    let remote_reaches = |port: u16, local: u16| -> bool {
+        udp_bind(&lab.wan, sa(PUBLIC_WAN, local))
+            .and_then(|s| whoami(&s, sa(PUBLIC_EXT, port)))
+            .is_ok_and(|seen| seen == sa(PUBLIC_WAN, local))
+    };
+
+    // NAT-PMP: public address, a UDP mapping a remote reaches, its deletion.
+    let out = natpmpc(&lab.lan, LAN_GW, &[])?;
+    check(
+        natpmpc_public_address(&out) == Some(PUBLIC_EXT),
+        format!("natpmpc public address: {out}"),
+    );
+    let out = natpmpc(&lab.lan, LAN_GW, &["-a", "20100", "4100", "udp", "60"])?;
+    check(
+        natpmpc_mapped(&out) == Some((20_100, 4100, 60)),
+        format!("natpmpc -a 20100 4100 udp 60: {out}"),
+    );
+    check(
+        remote_reaches(20_100, 7700),
+        "no remote reaches the NAT-PMP mapping".into(),
+    );
+    natpmpc(&lab.lan, LAN_GW, &["-a", "20100", "4100", "udp", "0"])?;
+    check(
+        !remote_reaches(20_100, 7701),
+        "the deleted NAT-PMP mapping still forwards".into(),
+    );
+
+    // UPnP: discovery and the external address.
+    let out = pm::upnpc(&lab.lan, &["-s"])?;
+    check(
+        out.contains("Found valid IGD"),
+        format!("upnpc -s found no connected IGD: {out}"),
+    );
+    check(
+        pm::upnpc_external_ip(&out) == Some(PUBLIC_EXT),
+        format!("upnpc -s external address: {out}"),
+    );
+    // AddPortMapping for itself (-a) and with its own address filled in (-r).
+    let out = pm::upnpc(
+        &lab.lan,
+        &["-e", "nat-test", "-a", "10.0.0.2", "4000", "20000", "UDP", "60"],
+    )?;
+    check(
+        pm::upnpc_redirected(&out) == [("UDP".to_string(), sa(PUBLIC_EXT, 20_000), sa(LAN_IP, 4000))],
+        format!("upnpc -a 10.0.0.2 4000 20000 UDP: {out}"),
+    );
+    let out = pm::upnpc(&lab.lan, &["-r", "8000", "TCP"])?;
+    check(
+        pm::upnpc_redirected(&out) == [("TCP".to_string(), sa(PUBLIC_EXT, 8000), sa(LAN_IP, 8000))],
+        format!("upnpc -r 8000 TCP: {out}"),
+    );
+    // A remote that the host never talked to reaches it through both.
+    check(
+        remote_reaches(20_000, 7702),
+        "no remote reaches the UPnP UDP mapping".into(),
+    );
+    let tcp = tcp_whoami_query(&lab.wan, sa(PUBLIC_EXT, 8000));
+    check(
+        tcp.as_ref()
+            .is_ok_and(|(seen, local)| std::net::SocketAddr::V4(*seen) == *local),
+        format!("TCP through the UPnP mapping: {tcp:?}"),
+    );
+    // Listed.
+    let out = pm::upnpc(&lab.lan, &["-l"])?;
+    let listed = pm::upnpc_list(&out);
+    for entry in [("UDP", 20_000, sa(LAN_IP, 4000)), ("TCP", 8000, sa(LAN_IP, 8000))] {
+        check(
+            listed.iter().any(|(p, e, i)| (p.as_str(), *e, *i) == entry),
+            format!("upnpc -l does not list {entry:?}: {out}"),
+        );
+    }
+    // Another host's address is refused, and nothing is mapped for it.
+    let out = pm::upnpc(&lab.lan, &["-a", "10.0.0.9", "4001", "20001", "UDP", "60"])?;
+    check(
+        pm::upnpc_error_code(&out) == Some(CONFLICT_IN_MAPPING_ENTRY),
+        format!("upnpc -a for 10.0.0.9: {out}"),
+    );
+    let out = pm::upnpc(&lab.lan, &["-l"])?;
+    check(
+        !pm::upnpc_list(&out).iter().any(|(_, e, _)| *e == 20_001),
+        format!("a mapping for another host is listed: {out}"),
+    );
+    // DeletePortMapping: gone from the list and from the data path.
+    pm::upnpc(&lab.lan, &["-d", "20000", "UDP"])?;
+    pm::upnpc(&lab.lan, &["-d", "8000", "TCP"])?;
+    let out = pm::upnpc(&lab.lan, &["-l"])?;
+    check(
+        pm::upnpc_list(&out).is_empty(),
+        format!("listed after deletion: {out}"),
+    );
+    check(
+        !remote_reaches(20_000, 7703),
+        "the deleted UPnP mapping still forwards".into(),
+    );
+
+    // From the external side nothing answers: neither discovery on the WAN segment nor the
+    // description URL of the internal address routed through the gateway.
+    let out = pm::upnpc(&lab.wan, &["-s"])?;
+    check(
+        pm::upnpc_external_ip(&out).is_none() && !out.contains("Found valid IGD"),
+        format!("upnpc -s on the WAN side found a gateway: {out}"),
+    );
+    let url = format!("http://{LAN_GW}:{UPNP_HTTP_PORT}/rootDesc.xml");
+    let out = pm::upnpc(&lab.wan, &["-u", &url, "-s"])?;
+    check(
+        pm::upnpc_external_ip(&out).is_none(),
+        format!("upnpc -u {url} from the WAN side was answered: {out}"),
+    );
+    let wan = udp_bind(&lab.wan, sa(PUBLIC_WAN, 7704))?;
+    let search = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: ssdp:all\r\n\r\n";
+    for to in [sa(LAN_GW, 1900), sa(PUBLIC_EXT, 1900)] {
+        check(
+            pm::exchange(&wan, to, search.as_bytes())?.is_none(),
+            format!("an M-SEARCH from the WAN side to {to} was answered"),
+        );
+    }
+    Ok(failures)
+}
+
+#[test]
+fn port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_miniupnpd() -> Result<()> {
+    let lab = Lab::new("pmupnp")?;
+    renumber_public(&lab)?;
+    // The WAN host reaches the internal subnet's gateway address only through the NAT.
+    lab.wan
+        .ip(&["route", "add", "10.0.0.0/24", "via", &PUBLIC_EXT.to_string()])?;
+    let mut failures = Vec::new();
+
+    // nat-ctl.
+    let nat = attach(&lab, "port-restricted", "nat-pmp,upnp")?;
+    failures.extend(client_steps(&lab, "nat-ctl")?);
+    // nat-ctl's own view of a UPnP mapping: state upnp, its lifetime, counted in status.
+    let out = pm::upnpc(&lab.lan, &["-a", "10.0.0.2", "4200", "20200", "UDP", "60"])?;
+    let row = mapping_row(&nat, "udp", sa(LAN_IP, 4200))?;
+    if !row.as_ref().is_some_and(|row| {
+        row.state == "upnp"
+            && row.external == sa(PUBLIC_EXT, 20_200)
+            && matches!(row.expires_in, Some(1..=60))
+    }) {
+        failures.push(format!("nat-ctl: mapping row {row:?} after upnpc -a: {out}"));
+    }
+    let status: serde_json::Value = serde_json::from_str(&nat.ctl_ok("status", &["--json"])?)?;
+    if status["port_mappings"]["upnp"] != 1 {
+        failures.push(format!(
+            "nat-ctl: status port_mappings {}",
+            status["port_mappings"]
+        ));
+    }
+    let nat_log = nat.stderr();
+    nat.stop()?;
+
+    // The reference: miniupnpd with nftables on the same lab.
+    let reference = pm::Miniupnpd::start(&lab.nat, &lab.wan_if, &lab.lan_if, UPNP_HTTP_PORT)?;
+    let found = client_steps(&lab, "miniupnpd");
+    let log = reference.log();
+    reference.stop()?;
+    failures.extend(found?);
+    ensure!(
+        failures.is_empty(),
+        "outcomes that did not hold:\n{}\nnat-ctl's log:\n{nat_log}\nminiupnpd's log:\n{log}",
+        failures.join("\n")
+    );
+    Ok(())
+}

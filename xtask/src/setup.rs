@@ -48,6 +48,10 @@ const LAB_PACKAGES: &[&str] = &[
     // (DEBIAN_FRONTEND=noninteractive answers tshark's non-root capture question with no).
     "natpmpc",
     "tshark",
+    // UPnP IGD: a real client (upnpc), and miniupnpd with its nftables backend as the reference
+    // gateway (this package has no maintainer scripts: installing it starts no daemon).
+    "miniupnpc",
+    "miniupnpd-nftables",
 ];
 
 /// Debian packages the VM tests use: qemu (TCG), a static busybox and cpio for the initramfs,

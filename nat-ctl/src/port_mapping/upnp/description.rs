@@ -3,7 +3,7 @@
 //! WANIPConnection:1 service, and that service's SCPD listing the actions served. URLs are
 //! relative, so clients resolve them against the description's own URL (UDA 1.0 §2.1).
 
-use super::soap::SERVICE_TYPE;
+use super::soap::{CIF_SERVICE_TYPE, SERVICE_TYPE};
 
 /// Path of the root device description (the SSDP LOCATION).
 pub const ROOT_PATH: &str = "/rootDesc.xml";
@@ -13,6 +13,12 @@ pub const SCPD_PATH: &str = "/WANIPCn.xml";
 pub const CONTROL_PATH: &str = "/ctl/IPConn";
 /// Path of the event URL; eventing is not served (GENA SUBSCRIBE is refused).
 pub const EVENT_PATH: &str = "/evt/IPConn";
+/// Path of the WANCommonInterfaceConfig:1 service description.
+pub const CIF_SCPD_PATH: &str = "/WANCfg.xml";
+/// Path of the WANCommonInterfaceConfig:1 control URL.
+pub const CIF_CONTROL_PATH: &str = "/ctl/CmnIfCfg";
+/// Path of its (unserved) event URL.
+pub const CIF_EVENT_PATH: &str = "/evt/CmnIfCfg";
 
 /// Device type of the root device.
 pub const IGD_TYPE: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:1";
@@ -43,22 +49,32 @@ fn device(kind: &str, name: &str, uuid: &str, inner: &str) -> String {
 
 /// The root device description.
 pub fn root(uuids: &Uuids) -> String {
-    let service = format!(
-        "<serviceList><service><serviceType>{SERVICE_TYPE}</serviceType>\
-         <serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><SCPDURL>{SCPD_PATH}</SCPDURL>\
-         <controlURL>{CONTROL_PATH}</controlURL><eventSubURL>{EVENT_PATH}</eventSubURL></service></serviceList>"
+    let service = |kind: &str, id: &str, scpd: &str, control: &str, event: &str| {
+        format!(
+            "<serviceList><service><serviceType>{kind}</serviceType>\
+             <serviceId>urn:upnp-org:serviceId:{id}</serviceId><SCPDURL>{scpd}</SCPDURL>\
+             <controlURL>{control}</controlURL><eventSubURL>{event}</eventSubURL></service></serviceList>"
+        )
+    };
+    let ip_connection = service(SERVICE_TYPE, "WANIPConn1", SCPD_PATH, CONTROL_PATH, EVENT_PATH);
+    let common = service(
+        CIF_SERVICE_TYPE,
+        "WANCommonIFC1",
+        CIF_SCPD_PATH,
+        CIF_CONTROL_PATH,
+        CIF_EVENT_PATH,
     );
     let connection = device(
         WAN_CONNECTION_DEVICE_TYPE,
         "WANConnectionDevice",
         &uuids.connection,
-        &service,
+        &ip_connection,
     );
     let wan = device(
         WAN_DEVICE_TYPE,
         "WANDevice",
         &uuids.wan,
-        &format!("<deviceList>{connection}</deviceList>"),
+        &format!("{common}<deviceList>{connection}</deviceList>"),
     );
     let igd = device(
         IGD_TYPE,
@@ -165,13 +181,45 @@ const STATE_VARIABLES: &[(&str, &str)] = &[
     ("PortMappingDescription", "string"),
 ];
 
+/// The WANCommonInterfaceConfig:1 action served.
+const CIF_ACTIONS: &[(&str, &[Argument])] = &[(
+    "GetCommonLinkProperties",
+    &[
+        ("NewWANAccessType", "out", "WANAccessType"),
+        ("NewLayer1UpstreamMaxBitRate", "out", "Layer1UpstreamMaxBitRate"),
+        (
+            "NewLayer1DownstreamMaxBitRate",
+            "out",
+            "Layer1DownstreamMaxBitRate",
+        ),
+        ("NewPhysicalLinkStatus", "out", "PhysicalLinkStatus"),
+    ],
+)];
+
+/// Its state variables.
+const CIF_STATE_VARIABLES: &[(&str, &str)] = &[
+    ("WANAccessType", "string"),
+    ("Layer1UpstreamMaxBitRate", "ui4"),
+    ("Layer1DownstreamMaxBitRate", "ui4"),
+    ("PhysicalLinkStatus", "string"),
+];
+
 /// The WANIPConnection:1 service description (SCPD), listing the actions served.
 pub fn scpd() -> String {
+    service_description(ACTIONS, STATE_VARIABLES)
+}
+
+/// The WANCommonInterfaceConfig:1 service description.
+pub fn cif_scpd() -> String {
+    service_description(CIF_ACTIONS, CIF_STATE_VARIABLES)
+}
+
+fn service_description(actions: &[(&str, &[Argument])], variables: &[(&str, &str)]) -> String {
     let mut out = String::from(
         "<?xml version=\"1.0\"?>\r\n<scpd xmlns=\"urn:schemas-upnp-org:service-1-0\">\
          <specVersion><major>1</major><minor>0</minor></specVersion><actionList>",
     );
-    for (name, args) in ACTIONS {
+    for (name, args) in actions {
         out.push_str(&format!("<action><name>{name}</name><argumentList>"));
         for (arg, direction, variable) in *args {
             out.push_str(&format!(
@@ -182,7 +230,7 @@ pub fn scpd() -> String {
         out.push_str("</argumentList></action>");
     }
     out.push_str("</actionList><serviceStateTable>");
-    for (name, kind) in STATE_VARIABLES {
+    for (name, kind) in variables {
         out.push_str(&format!(
             "<stateVariable sendEvents=\"no\"><name>{name}</name><dataType>{kind}</dataType></stateVariable>"
         ));
@@ -202,7 +250,7 @@ mod tests {
             wan: "b".into(),
             connection: "c".into(),
         };
-        for doc in [root(&uuids), scpd()] {
+        for doc in [root(&uuids), scpd(), cif_scpd()] {
             let mut reader = quick_xml::Reader::from_str(&doc);
             loop {
                 match reader.read_event() {
@@ -215,9 +263,11 @@ mod tests {
         let doc = root(&uuids);
         assert!(doc.contains(SERVICE_TYPE) && doc.contains(CONTROL_PATH) && doc.contains("uuid:c"));
         // Every variable an argument names is declared.
-        for (_, args) in ACTIONS {
-            for (_, _, v) in *args {
-                assert!(STATE_VARIABLES.iter().any(|(n, _)| n == v), "{v}");
+        for (actions, variables) in [(ACTIONS, STATE_VARIABLES), (CIF_ACTIONS, CIF_STATE_VARIABLES)] {
+            for (_, args) in actions {
+                for (_, _, v) in *args {
+                    assert!(variables.iter().any(|(n, _)| n == v), "{v}");
+                }
             }
         }
     }

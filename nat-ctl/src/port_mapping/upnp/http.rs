@@ -14,7 +14,7 @@ use tokio::{
 use super::{
     actions::{Output, UpnpError},
     description::{self, Uuids},
-    soap::{self, Action, BadBody, SERVICE_TYPE},
+    soap::{self, Action, BadBody, CIF_SERVICE_TYPE, SERVICE_TYPE},
 };
 
 /// Largest request head (request line and headers), bytes.
@@ -149,37 +149,69 @@ async fn route(
     match (head.method.as_str(), head.path.as_str()) {
         ("GET", description::ROOT_PATH) => ((200, "OK"), description::root(uuids)),
         ("GET", description::SCPD_PATH) => ((200, "OK"), description::scpd()),
+        ("GET", description::CIF_SCPD_PATH) => ((200, "OK"), description::cif_scpd()),
         ("POST", description::CONTROL_PATH) => control(head, body, peer, calls).await,
-        (_, description::ROOT_PATH | description::SCPD_PATH | description::CONTROL_PATH) => {
-            (METHOD_NOT_ALLOWED, String::new())
-        }
-        // Eventing (GENA SUBSCRIBE on the event URL) is not served.
+        ("POST", description::CIF_CONTROL_PATH) => common_interface(head, body),
+        (
+            _,
+            description::ROOT_PATH
+            | description::SCPD_PATH
+            | description::CONTROL_PATH
+            | description::CIF_SCPD_PATH
+            | description::CIF_CONTROL_PATH,
+        ) => (METHOD_NOT_ALLOWED, String::new()),
+        // Eventing (GENA SUBSCRIBE on the event URLs) is not served.
         _ => (NOT_FOUND, String::new()),
     }
 }
 
-/// A SOAP action: the SOAPACTION header names the service and action (UDA 1.0 §3.2.1), the
-/// body carries the same action and its arguments.
-async fn control(head: &Head, body: &[u8], peer: Ipv4Addr, calls: &mpsc::Sender<Call>) -> (Status, String) {
-    let fault = |e: UpnpError| {
-        (
-            (500, "Internal Server Error"),
-            soap::fault(e.code(), e.description()),
-        )
-    };
+fn fault(e: UpnpError) -> (Status, String) {
+    (
+        (500, "Internal Server Error"),
+        soap::fault(e.code(), e.description()),
+    )
+}
+
+/// The action of a SOAP request to `service`: the SOAPACTION header names the service and
+/// action (UDA 1.0 §3.2.1), the body carries the same action and its arguments.
+fn soap_action(head: &Head, body: &[u8], service: &str) -> Result<Action, UpnpError> {
     let named = head
         .soap_action
         .as_deref()
         .and_then(|a| a.split_once('#'))
-        .filter(|(service, _)| *service == SERVICE_TYPE)
-        .map(|(_, action)| action.to_string());
-    let Some(named) = named else {
-        return fault(UpnpError::InvalidAction);
-    };
-    let action = match soap::parse(body) {
-        Ok(a) if a.name == named => a,
-        Ok(_) | Err(BadBody::NoAction) => return fault(UpnpError::InvalidAction),
-        Err(BadBody::Malformed(_)) => return fault(UpnpError::InvalidArgs),
+        .filter(|(s, _)| *s == service)
+        .map(|(_, action)| action)
+        .ok_or(UpnpError::InvalidAction)?;
+    match soap::parse(body) {
+        Ok(a) if a.name == named => Ok(a),
+        Ok(_) | Err(BadBody::NoAction) => Err(UpnpError::InvalidAction),
+        Err(BadBody::Malformed(_)) => Err(UpnpError::InvalidArgs),
+    }
+}
+
+/// WANCommonInterfaceConfig:1: GetCommonLinkProperties only. The link's rates are not known
+/// here, so they are reported as 0 (unknown).
+fn common_interface(head: &Head, body: &[u8]) -> (Status, String) {
+    match soap_action(head, body, CIF_SERVICE_TYPE) {
+        Ok(a) if a.name == "GetCommonLinkProperties" => {
+            let out = [
+                ("NewWANAccessType", "Ethernet".to_string()),
+                ("NewLayer1UpstreamMaxBitRate", "0".to_string()),
+                ("NewLayer1DownstreamMaxBitRate", "0".to_string()),
+                ("NewPhysicalLinkStatus", "Up".to_string()),
+            ];
+            ((200, "OK"), soap::response(CIF_SERVICE_TYPE, &a.name, &out))
+        }
+        Ok(_) => fault(UpnpError::InvalidAction),
+        Err(e) => fault(e),
+    }
+}
+
+/// A WANIPConnection:1 action, carried out by the server's state task.
+async fn control(head: &Head, body: &[u8], peer: Ipv4Addr, calls: &mpsc::Sender<Call>) -> (Status, String) {
+    let action = match soap_action(head, body, SERVICE_TYPE) {
+        Ok(a) => a,
+        Err(e) => return fault(e),
     };
     let (tx, rx) = oneshot::channel();
     let name = action.name.clone();
@@ -187,7 +219,7 @@ async fn control(head: &Head, body: &[u8], peer: Ipv4Addr, calls: &mpsc::Sender<
         return (UNAVAILABLE, String::new());
     }
     match rx.await {
-        Ok(Ok(out)) => ((200, "OK"), soap::response(&name, &out)),
+        Ok(Ok(out)) => ((200, "OK"), soap::response(SERVICE_TYPE, &name, &out)),
         Ok(Err(e)) => fault(e),
         Err(_) => (UNAVAILABLE, String::new()),
     }

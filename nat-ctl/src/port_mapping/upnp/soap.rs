@@ -10,6 +10,9 @@ use quick_xml::{escape::escape, events::Event, Reader};
 
 /// The service type the control URL serves.
 pub const SERVICE_TYPE: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
+/// The WANDevice's link service (clients such as miniupnpc take a device for an IGD only when
+/// it has one).
+pub const CIF_SERVICE_TYPE: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
 /// Deepest element nesting accepted (Envelope > Body > action > argument is 4).
 const MAX_DEPTH: usize = 8;
 /// Most arguments an action may carry (AddPortMapping has 8).
@@ -123,9 +126,9 @@ fn in_action(path: &[String], action: &Option<Action>) -> bool {
 const ENVELOPE_OPEN: &str = "<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>";
 const ENVELOPE_CLOSE: &str = "</s:Body></s:Envelope>\r\n";
 
-/// The response envelope of `action` with output arguments `out` (UDA 1.0 §3.2.2).
-pub fn response(action: &str, out: &[(&str, String)]) -> String {
-    let mut body = format!("{ENVELOPE_OPEN}<u:{action}Response xmlns:u=\"{SERVICE_TYPE}\">");
+/// The response envelope of `service`'s `action` with output arguments `out` (UDA 1.0 §3.2.2).
+pub fn response(service: &str, action: &str, out: &[(&str, String)]) -> String {
+    let mut body = format!("{ENVELOPE_OPEN}<u:{action}Response xmlns:u=\"{service}\">");
     for (name, value) in out {
         body.push_str(&format!("<{name}>{}</{name}>", escape(value.as_str())));
     }
@@ -193,6 +196,7 @@ mod tests {
     #[test]
     fn escapes_what_it_writes() {
         let r = response(
+            SERVICE_TYPE,
             "GetSpecificPortMappingEntry",
             &[("NewPortMappingDescription", "<x>&".into())],
         );

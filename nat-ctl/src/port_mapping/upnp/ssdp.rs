@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use super::{
     description::{Uuids, IGD_TYPE, ROOT_PATH, WAN_CONNECTION_DEVICE_TYPE, WAN_DEVICE_TYPE},
-    soap::SERVICE_TYPE,
+    soap::{CIF_SERVICE_TYPE, SERVICE_TYPE},
     HTTP_PORT,
 };
 
@@ -35,6 +35,7 @@ pub fn targets(uuids: &Uuids) -> Vec<(String, String)> {
             WAN_CONNECTION_DEVICE_TYPE.into(),
             format!("uuid:{c}::{WAN_CONNECTION_DEVICE_TYPE}"),
         ),
+        (CIF_SERVICE_TYPE.into(), format!("uuid:{w}::{CIF_SERVICE_TYPE}")),
         (SERVICE_TYPE.into(), format!("uuid:{c}::{SERVICE_TYPE}")),
     ]
 }
@@ -117,7 +118,7 @@ mod tests {
 
     #[test]
     fn answers_the_targets_it_has() {
-        assert_eq!(answers(&search("ssdp:all"), &uuids()).len(), 8);
+        assert_eq!(answers(&search("ssdp:all"), &uuids()).len(), 9);
         let igd = answers(&search(IGD_TYPE), &uuids());
         assert_eq!(igd, vec![(IGD_TYPE.to_string(), format!("uuid:r::{IGD_TYPE}"))]);
         assert_eq!(answers(&search("upnp:rootdevice"), &uuids()).len(), 1);
