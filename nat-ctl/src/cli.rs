@@ -36,6 +36,8 @@ pub enum Command {
     Status(QueryArgs),
     /// Switch a running NAT to another mode, keeping its bindings.
     Mode(ModeArgs),
+    /// Make the daemon re-read its config file and apply what can change in place (SIGHUP).
+    Reload(ReloadArgs),
     /// Static port forwards to servers behind the NAT.
     #[command(subcommand)]
     Forward(ForwardCommand),
@@ -113,6 +115,17 @@ pub struct ModeArgs {
     /// The new mode: full-cone, restricted-cone, port-restricted or symmetric.
     #[arg(value_parser = mode_parser())]
     pub mode: Mode,
+}
+
+/// `nat-ctl reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// External interface of the NAT (optional when exactly one runs in this namespace).
+    #[arg(short = 'i', long = "iface", conflicts_with = "pid")]
+    pub iface: Option<String>,
+    /// The NAT whose daemon has this pid (what a service manager knows, `$MAINPID`).
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
 }
 
 /// Shortest accepted expiry sweep interval.

@@ -3,10 +3,7 @@
 //! from any shell in the same network namespace.
 
 use anyhow::{bail, Result};
-use nat_common::{
-    config::{CONFIG_FLAG_FOLLOWS_IFACE, CONFIG_FLAG_PER_REMOTE_BINDINGS},
-    Mode,
-};
+use nat_common::{config::CONFIG_FLAG_FOLLOWS_IFACE, Mode};
 
 use crate::{
     cli::{
@@ -291,12 +288,27 @@ pub fn mode(args: &ModeArgs) -> Result<()> {
             old.name()
         );
     }
-    config.mode = args.mode as u8;
-    if old.mapping_is_remote_dependent() && !args.mode.mapping_is_remote_dependent() {
-        config.flags |= CONFIG_FLAG_PER_REMOTE_BINDINGS;
-    }
+    crate::reload::switch_mode(&mut config, args.mode);
     maps.write_config(&config)?;
     println!("{}: mode {} -> {}", instance.iface, old.name(), args.mode.name());
+    Ok(())
+}
+
+/// `nat-ctl reload`: the daemon re-reads its config file; prints what changed, or fails with
+/// why nothing did.
+pub fn reload(args: &crate::cli::ReloadArgs) -> Result<()> {
+    let instance = match args.pid {
+        Some(pid) => crate::instance::list_in_netns(crate::instance::current_netns()?)
+            .into_iter()
+            .find(|i| crate::reload::runs_as(i, pid))
+            .ok_or_else(|| anyhow::anyhow!("no NAT daemon with pid {pid} runs in this network namespace"))?,
+        None => Instance::find(args.iface.as_deref())?,
+    };
+    let outcome = crate::reload::request(&instance)?;
+    if !outcome.ok {
+        bail!("{}: {}", instance.iface, outcome.message);
+    }
+    println!("{}: {}", instance.iface, outcome.message);
     Ok(())
 }
 

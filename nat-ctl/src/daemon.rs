@@ -27,8 +27,9 @@ use crate::{
     notices::Notifier,
     pinned::PinnedMaps,
     reinject::{self, Reinjector},
+    reload::Reloader,
     service_notify,
-    settings::{Settings, Timeouts},
+    settings::Settings,
     stop::StopFlag,
     sysctl, xdp_mode,
 };
@@ -38,6 +39,7 @@ use crate::{
 const FRAGMENT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Everything `attach` runs with, once file and flags are merged and validated.
+#[derive(Clone, Debug)]
 pub struct Resolved {
     /// NAT settings.
     pub settings: Settings,
@@ -141,6 +143,13 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // SIGHUP asks for a reload: its default action would end the daemon without detaching, so
+    // the handler is in place before anything is attached (a reload asked for meanwhile is
+    // answered once the NAT runs).
+    let hangup = {
+        let _runtime = runtime.enter();
+        signal(SignalKind::hangup())?
+    };
     // Bound before attaching, so a taken port fails with nothing attached.
     let metrics_listener = match resolved.metrics {
         Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
@@ -264,20 +273,19 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         crate::port_mapping::spawn(settings.port_mapping, &attached.internal_ifaces, &instance)?;
         let reinjector = Reinjector::open(&instance.pin_dir())?;
         let notifier = Notifier::open(&instance.pin_dir(), settings.refusal_icmp)?;
-        let timeouts = &settings.timeouts;
         let watch = AddrWatch::open(follower.ifindex())?;
         // Whatever changed before the subscription.
         follower.handle(addr_watch::Event::AddressesChanged, &mut maps)?;
+        let reloader = Reloader::new(args, &instance, resolved.clone());
         run_until_signal(
             &mut maps,
             (reinjector, notifier, fast_path),
             (watch, follower),
-            timeouts,
-            resolved.sweep_interval_ms,
-            resolved.debug,
+            (hangup, reloader),
         )
         .await
     });
+    crate::reload::forget(&instance);
     let removed = matches!(&result, Err(e) if addr_watch::is_interface_removed(e));
     service_notify::send(&service_notify::stopping_message(
         if resolved.persist && !removed {
@@ -386,20 +394,20 @@ fn install_forwards(
     Ok(())
 }
 
-/// Sweeps expired entries every `interval_ms` and follows the interface's address until
-/// SIGINT or SIGTERM, or until the interface is removed (`addr_watch::InterfaceRemoved`).
+/// Sweeps expired entries and follows the interface's address until SIGINT or SIGTERM, or
+/// until the interface is removed (`addr_watch::InterfaceRemoved`); reloads the config file on
+/// SIGHUP.
 async fn run_until_signal(
     maps: &mut PinnedMaps,
     (mut reinjector, mut notifier, mut fast_path): (Reinjector, Notifier, FastPathDevices),
     (mut watch, mut follower): (AddrWatch, Follower),
-    timeouts: &Timeouts,
-    interval_ms: u64,
-    debug: bool,
+    (mut hangup, mut reloader): (tokio::signal::unix::Signal, Reloader<'_>),
 ) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     // Seen by the sweep between its chunks: a signal stops a sweep over any table in time.
     let stop = StopFlag::on_signals()?;
+    let mut interval_ms = reloader.current().sweep_interval_ms;
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
     let mut fragment_ticker = tokio::time::interval(FRAGMENT_POLL_INTERVAL);
     let mut events = BindingEvents::default();
@@ -408,6 +416,18 @@ async fn run_until_signal(
         tokio::select! {
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                service_notify::send(&service_notify::reloading_message("reloading the configuration"));
+                let outcome = reloader.reload(maps);
+                eprintln!("nat-ctl: {}", outcome.message);
+                let now = reloader.current();
+                notifier.set_refusal(now.settings.refusal_icmp);
+                if now.sweep_interval_ms != interval_ms {
+                    interval_ms = now.sweep_interval_ms;
+                    ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+                }
+                service_notify::send(&service_notify::ready_message(&outcome.message));
+            }
             event = watch.next() => follower.handle(event?, maps)?,
             _ = fragment_ticker.tick() => {
                 let now = std::time::Instant::now();
@@ -420,6 +440,7 @@ async fn run_until_signal(
                 }
             }
             _ = ticker.tick() => {
+                let timeouts = &reloader.current().settings.timeouts;
                 if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts, stop.flag()) {
                     eprintln!("nat-ctl: expiry sweep failed: {e:#}");
                 }
@@ -427,7 +448,7 @@ async fn run_until_signal(
                     return Ok(());
                 }
                 fast_path.refresh(maps)?;
-                if debug {
+                if reloader.current().debug {
                     let time = now_rfc3339();
                     for line in events.observe(maps.bindings()?, &time) {
                         eprintln!("{line}");

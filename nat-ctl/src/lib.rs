@@ -27,6 +27,7 @@ pub mod port_mapping;
 pub mod privileges;
 pub mod raw;
 pub mod reinject;
+pub mod reload;
 pub mod service_notify;
 pub mod session_usage;
 pub mod settings;

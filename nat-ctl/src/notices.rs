@@ -109,6 +109,11 @@ impl Notifier {
         })
     }
 
+    /// Changes what a refused host is told (a reload of the config file).
+    pub fn set_refusal(&mut self, refusal: RefusalIcmp) {
+        self.refusal = refusal;
+    }
+
     fn send(&mut self, now: Instant, src: u32, dst: u32, code: u8, quoted: &[u8]) {
         if now.duration_since(self.second) >= Duration::from_secs(1) {
             self.second = now;

@@ -21,6 +21,13 @@ pub fn ready_message(status: &str) -> String {
     format!("READY=1\nSTATUS={}\n", one_line(status))
 }
 
+/// The lines that tell systemd the service is reloading its configuration; `READY=1` (with
+/// the outcome as status) ends the reload. systemd 252 (Debian 12) has no `Type=notify-reload`,
+/// but understands these around its `ExecReload=` (sd_notify(3)).
+pub fn reloading_message(status: &str) -> String {
+    format!("RELOADING=1\nSTATUS={}\n", one_line(status))
+}
+
 /// The lines that tell systemd the service is stopping, with why.
 pub fn stopping_message(status: &str) -> String {
     format!("STOPPING=1\nSTATUS={}\n", one_line(status))
@@ -63,6 +70,7 @@ mod tests {
     fn messages_are_newline_separated_assignments_with_a_one_line_status() {
         assert_eq!(ready_message("attached eth0"), "READY=1\nSTATUS=attached eth0\n");
         assert_eq!(stopping_message("a\nb"), "STOPPING=1\nSTATUS=a b\n");
+        assert_eq!(reloading_message("r"), "RELOADING=1\nSTATUS=r\n");
     }
 
     #[test]
