@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod alloc;
+pub mod bench;
 pub mod checksum;
 pub mod config;
 pub mod counters;

@@ -1,6 +1,7 @@
 //! `aya::Pod` for the map types, so the controller can read and write them (feature `user`).
 
 use crate::{
+    bench::{GenClock, GenParams},
     maps::{Notice, ParkedFragment, SessionUsageKey},
     BindingKey, BindingValue, ExternalKey, ExternalValue, FragmentKey, FragmentValue, NatConfig, SessionKey,
     SessionValue,
@@ -20,3 +21,5 @@ unsafe impl aya::Pod for FragmentValue {}
 unsafe impl aya::Pod for ParkedFragment {}
 unsafe impl aya::Pod for Notice {}
 unsafe impl aya::Pod for SessionUsageKey {}
+unsafe impl aya::Pod for GenParams {}
+unsafe impl aya::Pod for GenClock {}

@@ -5,7 +5,7 @@
 //! They live in their own object (`target/bpfel-unknown-none/release/bench`) so that loading
 //! them never creates, reuses or touches the NAT's pinned maps; none of the maps here is pinned.
 //! The benchmark harness in `vm-tests` (`src/bin/bench/`) loads this object with aya at run
-//! time and mirrors the map layouts below (`GenParams`, frame size).
+//! time; the generator's map values and frame size are nat-common's (`nat_common::bench`).
 //!
 //! The generator is run with `BPF_PROG_TEST_RUN` in XDP live-frames mode: the kernel hands it
 //! frames from a page pool and transmits whatever it returns `XDP_TX` for out of the interface
@@ -30,11 +30,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use nat_common::checksum::replace_u16;
+use nat_common::{
+    bench::{GenClock, GenParams, FRAME_LEN, STAMP_EVERY, VARY_SOURCE},
+    checksum::replace_u16,
+};
 
-/// Length of every generated frame: Ethernet + IPv4 (no options) + UDP + 22 bytes of payload.
-/// The harness passes a `data_in` of exactly this length.
-const FRAME_LEN: usize = 64;
 /// The frame is copied in 8-byte words (a bounded, unrollable loop).
 const FRAME_WORDS: usize = FRAME_LEN / 8;
 /// Offsets into the frame (Ethernet, then an IPv4 header without options, then UDP).
@@ -70,47 +70,6 @@ const TTL_ONE: u16 = 0x0100;
 const AF_INET: u8 = 2;
 /// Ethernet address length.
 const ETH_ALEN: usize = 6;
-
-/// `GenParams::vary`: the source endpoint varies per flow (outbound traffic).
-const VARY_SOURCE: u32 = 0;
-/// `GenParams::vary`: the destination endpoint varies per flow (inbound traffic); any value
-/// other than `VARY_SOURCE` means this.
-#[allow(dead_code)]
-const VARY_DESTINATION: u32 = 1;
-
-/// How the generator spreads packets over flows. Flow `f = seq % flow_count` (seq counts
-/// packets per CPU) uses address `template + f / ports_per_addr` and port
-/// `template + f % ports_per_addr` on the varied side.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GenParams {
-    /// Distinct flows cycled through (0 is treated as 1).
-    pub flow_count: u32,
-    /// Ports used per address before moving to the next address (0 is treated as 1).
-    pub ports_per_addr: u32,
-    /// `VARY_SOURCE` or `VARY_DESTINATION`.
-    pub vary: u32,
-    /// Explicit padding (always zero).
-    pub _pad: u32,
-}
-
-/// The generator timestamps one frame in this many (the first of each live-frames batch when
-/// the harness uses batches of this size), so reading the clock costs almost nothing.
-const STAMP_EVERY: u64 = 64;
-
-/// When the generator ran, per CPU: the harness zeroes it before a test-run call and derives the
-/// call's active time from it, which leaves out the call's fixed set-up cost (tens of ms: the
-/// kernel swaps the XDP dispatcher image, with an RCU grace period, around every call).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GenClock {
-    /// `bpf_ktime_get_ns` of the first stamped frame (0: none yet).
-    pub first_ns: u64,
-    /// `bpf_ktime_get_ns` of the last stamped frame.
-    pub last_ns: u64,
-    /// Frames generated from the first stamped frame on, up to and excluding the last stamped.
-    pub frames_between: u64,
-}
 
 /// The frame template, written by the harness.
 #[map]
@@ -269,7 +228,7 @@ fn generate(ctx: &XdpContext) -> Option<u32> {
         *seq = n.wrapping_add(1);
         n
     };
-    if n % STAMP_EVERY == 0 {
+    if n % STAMP_EVERY as u64 == 0 {
         stamp();
     }
     let flow_count = params.flow_count.max(1) as u64;
@@ -300,7 +259,7 @@ fn stamp() {
         if (*clock).first_ns == 0 {
             (*clock).first_ns = now;
         } else {
-            (*clock).frames_between += STAMP_EVERY;
+            (*clock).frames_between += STAMP_EVERY as u64;
         }
         (*clock).last_ns = now;
     }

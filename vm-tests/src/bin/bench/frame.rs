@@ -11,8 +11,7 @@ use nat_common::packet::{
 use nat_common::proto;
 use vm_tests::packet::checksum;
 
-/// Length of a generated frame; must equal `FRAME_LEN` in nat-ebpf/src/bench.rs.
-pub const FRAME_LEN: usize = 64;
+pub use nat_common::bench::FRAME_LEN;
 /// A MAC address.
 pub type Mac = [u8; 6];
 

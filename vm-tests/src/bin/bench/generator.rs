@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use aya::Ebpf;
+use nat_common::bench::{GenClock, GenParams, STAMP_EVERY, VARY_DESTINATION, VARY_SOURCE};
 use vm_tests::netns::Netns;
 
 use crate::cpu;
@@ -20,35 +21,21 @@ use crate::objects;
 
 /// Program name in the bench object.
 const PROGRAM: &str = "bench_generator";
-/// Frames per live-frames batch: the kernel's NAPI budget, so each batch is one poll downstream.
-/// Must equal `STAMP_EVERY` in nat-ebpf/src/bench.rs (one timestamp per batch).
-pub const BATCH: u32 = 64;
+/// Frames per live-frames batch: one timestamp per batch (see `STAMP_EVERY`).
+pub const BATCH: u32 = STAMP_EVERY;
 /// Frames per `BPF_PROG_TEST_RUN` call: every call costs tens of ms of set-up (left out of the
 /// timing, but wall time all the same), so calls are long, yet short enough (well under a
 /// second) to stop near a deadline. A multiple of `BATCH`.
 const CHUNK: u32 = BATCH * 4_096;
 
-/// `GenParams::vary` values (see nat-ebpf/src/bench.rs).
+/// `GenParams::vary` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vary {
     /// Source address/port vary per flow (outbound traffic from many internal endpoints).
-    Source = 0,
+    Source = VARY_SOURCE as isize,
     /// Destination address/port vary per flow (inbound traffic to many external endpoints).
-    Destination = 1,
+    Destination = VARY_DESTINATION as isize,
 }
-
-/// Mirror of `GenParams` in nat-ebpf/src/bench.rs.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GenParams {
-    flow_count: u32,
-    ports_per_addr: u32,
-    vary: u32,
-    _pad: u32,
-}
-
-// SAFETY: repr(C), integers only, no padding bytes.
-unsafe impl aya::Pod for GenParams {}
 
 /// Which flows the generator cycles through: flow `f` uses address `template + f / ports_per_addr`
 /// and port `template + f % ports_per_addr` on the `vary` side.
@@ -61,18 +48,6 @@ pub struct Flows {
     /// Which side varies.
     pub vary: Vary,
 }
-
-/// Mirror of `GenClock` in nat-ebpf/src/bench.rs.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct GenClock {
-    first_ns: u64,
-    last_ns: u64,
-    frames_between: u64,
-}
-
-// SAFETY: repr(C), integers only, no padding bytes.
-unsafe impl aya::Pod for GenClock {}
 
 /// What one generator run did.
 #[derive(Clone, Copy, Debug)]
