@@ -33,35 +33,36 @@ use aya_ebpf::{
 use nat_common::{
     bench::{GenClock, GenParams, FRAME_LEN, STAMP_EVERY, VARY_SOURCE},
     checksum::replace_u16,
+    packet::{
+        ETH_HLEN, ETH_P_IP_BE, ETH_TYPE_OFF, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_MIN_HLEN, IPV4_SRC_OFF,
+        IPV4_TTL_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF, UDP_HLEN,
+    },
+    proto,
 };
 
 /// The frame is copied in 8-byte words (a bounded, unrollable loop).
 const FRAME_WORDS: usize = FRAME_LEN / 8;
-/// Offsets into the frame (Ethernet, then an IPv4 header without options, then UDP).
-const ETH_TYPE_OFF: usize = 12;
-const IP_OFF: usize = 14;
-const IP_PROTO_OFF: usize = 23;
-const IP_CHECK_OFF: usize = 24;
-const IP_SRC_OFF: usize = 26;
-const IP_DST_OFF: usize = 30;
-const UDP_SRC_OFF: usize = 34;
-const UDP_DST_OFF: usize = 36;
+/// Offsets into the frame (Ethernet, then an IPv4 header without options, then UDP), from
+/// nat-common's header layout.
+const IP_OFF: usize = ETH_HLEN;
+const IP_PROTO_OFF: usize = IP_OFF + IPV4_TTL_OFF + 1;
+const IP_CHECK_OFF: usize = IP_OFF + IPV4_CHECK_OFF;
+const IP_SRC_OFF: usize = IP_OFF + IPV4_SRC_OFF;
+const IP_DST_OFF: usize = IP_OFF + IPV4_DST_OFF;
+/// End of an IPv4 header without options.
+const IP_END: usize = IP_OFF + IPV4_MIN_HLEN;
+const UDP_SRC_OFF: usize = IP_END + L4_SRC_PORT_OFF;
+const UDP_DST_OFF: usize = IP_END + L4_DST_PORT_OFF;
 /// End of the UDP header: everything the sink looks at lies before it.
-const UDP_END: usize = 42;
+const UDP_END: usize = IP_END + UDP_HLEN;
 /// 16-bit words in an IPv4 header without options (for its checksum).
-const IP_HEADER_WORDS: usize = 10;
-/// EtherType IPv4 as it sits in memory (big endian), read as a native `u16`.
-const ETH_P_IP_IN_MEMORY: u16 = 0x0800u16.to_be();
-/// IP protocol number of UDP.
-const IPPROTO_UDP: u8 = 17;
+const IP_HEADER_WORDS: usize = IPV4_MIN_HLEN / 2;
 /// Further IPv4 header offsets (from the start of the frame) the forwarder reads.
 const IP_VERSION_IHL_OFF: usize = IP_OFF;
 const IP_TOS_OFF: usize = IP_OFF + 1;
 const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
 /// The TTL and protocol bytes form one 16-bit word (TTL first on the wire).
-const IP_TTL_OFF: usize = IP_OFF + 8;
-/// End of an IPv4 header without options.
-const IP_END: usize = IP_OFF + 20;
+const IP_TTL_OFF: usize = IP_OFF + IPV4_TTL_OFF;
 /// Version 4, header length 5 words: the only header shape the forwarder handles.
 const IPV4_NO_OPTIONS: u8 = 0x45;
 /// One TTL step in the host-order TTL/protocol word.
@@ -111,7 +112,7 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
             *((start + IP_PROTO_OFF) as *const u8),
         )
     };
-    if eth_type != ETH_P_IP_IN_MEMORY || proto != IPPROTO_UDP {
+    if eth_type != ETH_P_IP_BE || proto != proto::UDP {
         return XDP_PASS;
     }
     if let Some(count) = BENCH_SINK.get_ptr_mut(0) {
@@ -164,7 +165,7 @@ fn xdp_forward(ctx: &XdpContext) -> Option<u32> {
         )
     };
     let (ttl, proto) = (u16::from_be(ttl_word) >> 8, u16::from_be(ttl_word) as u8);
-    if eth_type != ETH_P_IP_IN_MEMORY || version_ihl != IPV4_NO_OPTIONS || ttl <= 1 {
+    if eth_type != ETH_P_IP_BE || version_ihl != IPV4_NO_OPTIONS || ttl <= 1 {
         return None;
     }
     // SAFETY: all-zero is a valid lookup request; the IPv4 fields are filled in below.
