@@ -20,7 +20,7 @@ use nat_common::Counter;
 
 use crate::contender::Contender;
 use crate::cpu;
-use crate::forwarding::{self, FAST_PATH_MAX_KERNEL_SHARE};
+use crate::forwarding::{self, Delivered, FAST_PATH_MAX_KERNEL_SHARE};
 use crate::frame::{icmp_error_frame, udp_frame, Mac};
 use crate::generator::Generator;
 use nat_ctl::clock::monotonic_ns;

@@ -114,6 +114,51 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// Records one point, or why it does not count: it failed, delivered nothing, or (for a
+    /// contender with a fast path) the kernel forwarded more than its share. `nat_says` is what
+    /// the NAT said about its fast path, quoted in that last case.
+    pub fn record(
+        &mut self,
+        contender: Contender,
+        dir: Direction,
+        point: Result<impl Delivered>,
+        nat_says: Option<&str>,
+    ) {
+        if self.unavailable.is_some() {
+            return;
+        }
+        let point = match point {
+            Ok(point) => point,
+            Err(e) => {
+                self.unavailable = Some(format!("{e:#}"));
+                return;
+            }
+        };
+        if point.delivered() == 0 {
+            self.unavailable = Some(format!(
+                "no packets delivered ({} sent, {} forwarded by the kernel)",
+                point.sent(),
+                point.forwarded()
+            ));
+            return;
+        }
+        if contender.bypasses_kernel(dir) && point.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
+            let mut why = format!(
+                "not on the fast path: the kernel forwarded {} of {} delivered packets ({:.0}%)",
+                point.forwarded(),
+                point.delivered(),
+                point.kernel_share() * 100.0
+            );
+            if let Some(said) = nat_says {
+                why.push_str(&format!(" (`{said}`)"));
+            }
+            self.unavailable = Some(why);
+            return;
+        }
+        self.pps.push(point.pps());
+        self.kernel_share.push(point.kernel_share());
+    }
+
     /// Median pps, if measured.
     pub fn median_pps(&self) -> Option<f64> {
         if self.unavailable.is_some() {
@@ -209,18 +254,43 @@ pub struct Delivery {
     pub forwarded: u64,
 }
 
-impl Delivery {
-    /// Delivered packets per second of generator time.
-    pub fn pps(&self) -> f64 {
-        self.run.rate(self.delivered)
+impl Delivered for Delivery {
+    fn sent(&self) -> u64 {
+        self.run.sent
     }
 
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn forwarded(&self) -> u64 {
+        self.forwarded
+    }
+
+    /// Delivered packets per second of generator time.
+    fn pps(&self) -> f64 {
+        self.run.rate(self.delivered)
+    }
+}
+
+/// What one measured point delivered, whichever generator sent it (this host's, or pktgen in
+/// the VM).
+pub trait Delivered {
+    /// Packets the generator sent.
+    fn sent(&self) -> u64;
+    /// Packets counted by the far sink.
+    fn delivered(&self) -> u64;
+    /// Packets the router's kernel forwarded meanwhile.
+    fn forwarded(&self) -> u64;
+    /// Delivered packets per second of generator time.
+    fn pps(&self) -> f64;
+
     /// Share of delivered packets that went through the kernel's forwarding path.
-    pub fn kernel_share(&self) -> f64 {
-        if self.delivered == 0 {
+    fn kernel_share(&self) -> f64 {
+        if self.delivered() == 0 {
             return 0.0;
         }
-        (self.forwarded as f64 / self.delivered as f64).min(1.0)
+        (self.forwarded() as f64 / self.delivered() as f64).min(1.0)
     }
 }
 
@@ -314,36 +384,6 @@ pub fn check_preserved_ports(running: &Running) -> Result<()> {
     Ok(())
 }
 
-/// Records one delivery, or why it does not count.
-fn record(m: &mut Measurement, contender: Contender, dir: Direction, d: Result<Delivery>) {
-    if m.unavailable.is_some() {
-        return;
-    }
-    let d = match d {
-        Ok(d) => d,
-        Err(e) => {
-            m.unavailable = Some(format!("{e:#}"));
-            return;
-        }
-    };
-    if d.delivered == 0 {
-        m.unavailable = Some(format!(
-            "no packets delivered ({} sent, {} forwarded by the kernel)",
-            d.run.sent, d.forwarded
-        ));
-        return;
-    }
-    if contender.bypasses_kernel(dir) && d.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
-        m.unavailable = Some(format!(
-            "not on the fast path: the kernel forwarded {} of {} delivered packets",
-            d.forwarded, d.delivered
-        ));
-        return;
-    }
-    m.pps.push(d.pps());
-    m.kernel_share.push(d.kernel_share());
-}
-
 /// Measures one contender in a fresh topology: established out, inbound, new flows out (last,
 /// since it fills the tables). With `ceiling`, also the generator's ceiling at the end.
 fn round(
@@ -380,12 +420,11 @@ fn round(
                 dir.label()
             )),
         }
-        record(
-            results.points.entry((contender, dir)).or_default(),
-            contender,
-            dir,
-            d,
-        );
+        results
+            .points
+            .entry((contender, dir))
+            .or_default()
+            .record(contender, dir, d, None);
     }
     if ceiling {
         // Frames dropped on arrival at the router: what the generator and veth alone can do.

@@ -9,7 +9,6 @@
 //! tens of times below the host's; only the ratios between contenders mean something.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -17,8 +16,8 @@ use anyhow::{bail, Result};
 use crate::contender::{Contender, Running};
 use crate::cpu;
 use crate::forwarding::{
-    check_preserved_ports, Direction, Measurement, Results, EST_FLOWS, EST_PORT_BASE,
-    FAST_PATH_MAX_KERNEL_SHARE, NEW_FLOW_HOST, NEW_FLOW_PORT_BASE, REMOTE_PORT,
+    check_preserved_ports, Delivered, Direction, Results, EST_FLOWS, EST_PORT_BASE, NEW_FLOW_HOST,
+    NEW_FLOW_PORT_BASE, REMOTE_PORT,
 };
 use crate::pktgen::{self, Generator, Outcome, Stream};
 use crate::sink::Sink;
@@ -65,19 +64,25 @@ struct Sample {
     forwarded: u64,
 }
 
-impl Sample {
+impl Delivered for Sample {
+    fn sent(&self) -> u64 {
+        self.outcome.sent
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn forwarded(&self) -> u64 {
+        self.forwarded
+    }
+
+    /// Delivered packets per second of pktgen's time.
     fn pps(&self) -> f64 {
         if self.outcome.elapsed_us == 0 {
             return 0.0;
         }
         self.delivered as f64 * 1e6 / self.outcome.elapsed_us as f64
-    }
-
-    fn kernel_share(&self) -> f64 {
-        if self.delivered == 0 {
-            return 0.0;
-        }
-        (self.forwarded as f64 / self.delivered as f64).min(1.0)
     }
 }
 
@@ -137,45 +142,6 @@ fn send(gen: &Generator, topo: &Topology, stream: &Stream, sink: &Sink) -> Resul
 /// Records one sample, or why it does not count (the same rules as the host comparison).
 /// `nat_says` is what our NAT printed about its fast path, if anything: the reason when the
 /// fast path did not take the packets.
-fn record(
-    m: &mut Measurement,
-    contender: Contender,
-    dir: Direction,
-    s: Result<Sample>,
-    nat_says: Option<&str>,
-) {
-    if m.unavailable.is_some() {
-        return;
-    }
-    let s = match s {
-        Ok(s) => s,
-        Err(e) => {
-            m.unavailable = Some(format!("{e:#}"));
-            return;
-        }
-    };
-    if s.delivered == 0 {
-        m.unavailable = Some(format!(
-            "no packets delivered ({} sent, {} forwarded by the kernel)",
-            s.outcome.sent, s.forwarded
-        ));
-        return;
-    }
-    if contender.bypasses_kernel(dir) && s.kernel_share() > FAST_PATH_MAX_KERNEL_SHARE {
-        let mut why = format!(
-            "not on the fast path: the kernel forwarded {:.0}% of the delivered packets",
-            s.kernel_share() * 100.0
-        );
-        if let Some(said) = nat_says {
-            let _ = write!(why, " (`{said}`)");
-        }
-        m.unavailable = Some(why);
-        return;
-    }
-    m.pps.push(s.pps());
-    m.kernel_share.push(s.kernel_share());
-}
-
 /// Sends `warmup` (unmeasured), then measures `stream`.
 fn warm_and_send(
     gen: &Generator,
@@ -262,13 +228,11 @@ fn round(
                 dir.label()
             )),
         }
-        record(
-            results.points.entry((contender, dir)).or_default(),
-            contender,
-            dir,
-            s,
-            nat_says.as_deref(),
-        );
+        results
+            .points
+            .entry((contender, dir))
+            .or_default()
+            .record(contender, dir, s, nat_says.as_deref());
     }
     if contender == Contender::Kernel {
         // Without it the section only lacks its floor row: the measurements above stand.
@@ -400,6 +364,7 @@ pub fn run(settings: &Settings, log: &mut dyn FnMut(&str)) -> Result<Results> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarding::Measurement;
 
     fn sample(delivered: u64, forwarded: u64) -> Sample {
         Sample {
@@ -423,8 +388,7 @@ mod tests {
     #[test]
     fn a_fast_path_point_taken_by_the_kernel_does_not_count() {
         let mut m = Measurement::default();
-        record(
-            &mut m,
+        m.record(
             Contender::NatFastPath,
             Direction::OutboundEstablished,
             Ok(sample(80_000, 80_000)),
@@ -437,8 +401,7 @@ mod tests {
         );
         assert!(m.pps.is_empty());
         let mut m = Measurement::default();
-        record(
-            &mut m,
+        m.record(
             Contender::Nat,
             Direction::OutboundEstablished,
             Ok(sample(80_000, 80_000)),
@@ -450,8 +413,7 @@ mod tests {
     #[test]
     fn nothing_delivered_is_unavailable_not_zero() {
         let mut m = Measurement::default();
-        record(
-            &mut m,
+        m.record(
             Contender::Nftables,
             Direction::OutboundEstablished,
             Ok(sample(0, 0)),
