@@ -805,6 +805,7 @@ fn port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_min
             status["port_mappings"]
         ));
     }
+    failures.extend(hostile_http(&lab)?);
     let nat_log = nat.stderr();
     nat.stop()?;
 
@@ -820,4 +821,57 @@ fn port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_min
         failures.join("\n")
     );
     Ok(())
+}
+
+/// `curl` of `url` from `ns` with `extra` arguments: (HTTP status, 0 when no answer; body).
+fn curl(ns: &vm_tests::netns::Netns, url: &str, extra: &[&str]) -> Result<(u16, String)> {
+    let mut args = vec!["-s", "-m", "5", "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = ns.run("curl", &args, Duration::from_secs(10))?;
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", out.stdout.as_str()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// nat-ctl's UPnP HTTP server against hostile or greedy clients: a SOAP body with a DTD gets
+/// Invalid Args (402) and expands nothing, an oversized body 413, and once every connection
+/// slot is held by an idle client the next connection is closed unanswered, until the idle
+/// ones time out. Returns the findings.
+fn hostile_http(lab: &Lab) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    let control = format!("http://{LAN_GW}:{UPNP_HTTP_PORT}/ctl/IPConn");
+    let root = format!("http://{LAN_GW}:{UPNP_HTTP_PORT}/rootDesc.xml");
+    let action = "SOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#GetExternalIPAddress\"";
+    let doctype = "<?xml version=\"1.0\"?><!DOCTYPE x [<!ENTITY a \"b\">]><s:Envelope \
+                   xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><u:GetExternalIPAddress \
+                   xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:1\"/></s:Body></s:Envelope>";
+    let (code, body) = curl(&lab.lan, &control, &["-H", action, "--data", doctype])?;
+    if code != 500 || !body.contains("<errorCode>402</errorCode>") {
+        failures.push(format!("nat-ctl: a SOAP body with a DTD got {code}: {body}"));
+    }
+    let big = "a".repeat(20_000);
+    let (code, _) = curl(&lab.lan, &control, &["-H", action, "--data", &big])?;
+    if code != 413 {
+        failures.push(format!("nat-ctl: a 20 000-byte body got {code}, not 413"));
+    }
+    // Hold every connection slot with clients that send nothing.
+    let idle: Vec<_> = (0..16)
+        .map(|_| tools::tcp_connect(&lab.lan, sa(LAN_GW, UPNP_HTTP_PORT)))
+        .collect::<Result<_>>()?;
+    // Give the server the moment it needs to accept them (bounded: until one more is refused).
+    let refused = poll(Duration::from_secs(4), Duration::from_millis(100), || {
+        matches!(curl(&lab.lan, &root, &[]), Ok((0, _))).then_some(())
+    });
+    if refused.is_none() {
+        failures.push("nat-ctl: with 16 idle connections open, another was still served".into());
+    }
+    // The idle ones time out and the server answers again.
+    let served = poll(Duration::from_secs(20), Duration::from_millis(250), || {
+        matches!(curl(&lab.lan, &root, &[]), Ok((200, _))).then_some(())
+    });
+    if served.is_none() {
+        failures.push("nat-ctl: the server did not answer again after the idle connections".into());
+    }
+    drop(idle);
+    Ok(failures)
 }
