@@ -444,7 +444,7 @@ impl Follower {
             .into()),
             Event::AddressesChanged => {
                 if let Err(e) = self.reconcile(maps) {
-                    eprintln!("nat-ctl: cannot follow the address of {}: {e:#}", self.iface);
+                    tracing::warn!("cannot follow the address of {}: {e:#}", self.iface);
                 }
                 Ok(())
             }
@@ -464,9 +464,10 @@ impl Follower {
         match decide(&current, &on_iface) {
             Decision::Keep => {
                 if self.without_address {
-                    eprintln!(
-                        "nat-ctl: {} has its address {} again; bindings kept",
-                        self.iface, current[0]
+                    tracing::info!(
+                        "{} has its address {} again; bindings kept",
+                        self.iface,
+                        current[0]
                     );
                     self.without_address = false;
                 }
@@ -477,8 +478,8 @@ impl Follower {
                         bindings: remove_stale(maps, &current)?,
                     };
                     if removed != Removed::default() {
-                        eprintln!(
-                            "nat-ctl: the running state had entries on addresses no longer on {}: {}",
+                        tracing::info!(
+                            "the running state had entries on addresses no longer on {}: {}",
                             self.iface,
                             summary(removed)
                         );
@@ -488,8 +489,8 @@ impl Follower {
             Decision::NoAddress => {
                 if !self.without_address {
                     let last = current.first().map(|a| a.to_string()).unwrap_or_default();
-                    eprintln!(
-                        "nat-ctl: {} has no IPv4 address; new flows keep using {last} until one appears",
+                    tracing::info!(
+                        "{} has no IPv4 address; new flows keep using {last} until one appears",
                         self.iface
                     );
                     self.without_address = true;
@@ -511,8 +512,8 @@ impl Follower {
                     .first()
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "none".into());
-                eprintln!(
-                    "nat-ctl: external address of {} changed {old} -> {new}; {}",
+                tracing::info!(
+                    "external address of {} changed {old} -> {new}; {}",
                     self.iface,
                     summary(removed)
                 );
@@ -549,8 +550,8 @@ fn move_forwards(maps: &mut PinnedMaps, to: Ipv4Addr, keep: &[Ipv4Addr]) -> Resu
         }
         match forwards::move_to(maps, &forward, to) {
             Ok(_) => moved += 1,
-            Err(e) => eprintln!(
-                "nat-ctl: forward {} {} -> {} cannot follow the address to {to}: {e:#}",
+            Err(e) => tracing::warn!(
+                "forward {} {} -> {} cannot follow the address to {to}: {e:#}",
                 proto::name(forward.proto),
                 forward.external,
                 forward.internal

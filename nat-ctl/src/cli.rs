@@ -217,6 +217,10 @@ pub struct AttachArgs {
     /// Log binding creation and removal (protocol, internal, external, time; RFC 6888 §4).
     #[arg(long)]
     pub debug: bool,
+    /// Least serious log lines shown: error, warn, info (default) or debug, trace; without it
+    /// RUST_LOG (tracing-subscriber's directives, e.g. `warn,nat_ctl::binding=info`) decides.
+    #[arg(long, value_name = "LEVEL", value_parser = crate::logging::LEVELS)]
+    pub log_level: Option<String>,
     /// Serve port-mapping requests on the internal interfaces: `pcp` (RFC 6887) and `nat-pmp`
     /// (RFC 6886) on UDP 5351, `upnp` (UPnP IGD: SSDP on UDP 1900, HTTP on TCP 2869), any
     /// comma-separated set (`pcp,nat-pmp,upnp`) or `off` (default); add `third-party` to let a

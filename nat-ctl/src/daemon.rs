@@ -15,7 +15,7 @@ use crate::{
     cli::{AttachArgs, SWEEP_INTERVAL_MS_DEFAULT},
     clock::monotonic_ns,
     config_file::{self, FileConfig},
-    events::{now_rfc3339, BindingEvents},
+    events::BindingEvents,
     expiry,
     fastpath::FastPathDevices,
     forwards::{self, Forward},
@@ -171,15 +171,15 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             config.flags |= nat_common::config::CONFIG_FLAG_PER_REMOTE_BINDINGS;
         }
         if running.max_bindings != config.max_bindings {
-            eprintln!(
-                "nat-ctl: keeping the running table size (--max-bindings {}); detach first to change it",
+            tracing::info!(
+                "keeping the running table size (--max-bindings {}); detach first to change it",
                 running.max_bindings
             );
             config.max_bindings = running.max_bindings;
             settings.set_session_limits(&mut config);
         }
         if let Some(line) = xdp_mode::adoption_notice(settings.xdp_mode, &xdp_mode::load(&instance)) {
-            eprintln!("{line}");
+            crate::logging::notice(&line);
         }
     } else {
         // Left over by a daemon that was killed: nothing runs it any more (we hold the lock).
@@ -209,7 +209,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     // Mistakes that would leave the NAT attached but useless, said once here.
     let forwarding = sysctl::IpForwarding::enable(&instance, resolved.persist)?;
     if let Some(was) = &forwarding.was {
-        eprintln!("nat-ctl: enabled net.ipv4.ip_forward (was {was}); it is restored on detach");
+        tracing::info!("enabled net.ipv4.ip_forward (was {was}); it is restored on detach");
     }
     warn_foreign_addrs(&settings.iface, &settings.external_addrs)?;
     let datapath_logger = if settings.datapath_log {
@@ -295,14 +295,14 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         },
     ));
     if removed {
-        eprintln!("nat-ctl: interface {} was removed; detaching", settings.iface);
+        tracing::info!("interface {} was removed; detaching", settings.iface);
     } else if resolved.persist {
-        eprintln!(
-            "nat-ctl: exiting; the NAT keeps running on {} (nat-ctl detach {0} removes it)",
+        tracing::info!(
+            "exiting; the NAT keeps running on {} (nat-ctl detach {0} removes it)",
             settings.iface
         );
     } else {
-        eprintln!("nat-ctl: detaching from {}", settings.iface);
+        tracing::info!("detaching from {}", settings.iface);
     }
     drop(maps);
     drop(attached);
@@ -312,7 +312,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     if removed && resolved.persist {
         // Nothing is left to persist for: the interface took its programs with it.
         if let Err(e) = loader::remove_persisted(&instance) {
-            eprintln!("nat-ctl: warning: {e:#}");
+            tracing::warn!("{e:#}");
         }
     }
     drop(lock);
@@ -326,14 +326,16 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
 fn report_internal(external: &str, internal: &Resolution, attached: &Attached) {
     if !attached.adopted {
         if let Some(line) = internal_ifaces::notice(external, internal) {
-            eprintln!("{line}");
+            crate::logging::notice(&line);
         }
     } else if internal.source != internal_ifaces::Source::Auto && attached.internal_ifaces != internal.names {
         let kept = match attached.internal_ifaces.as_slice() {
             [] => "none".to_string(),
             names => names.join(", "),
         };
-        eprintln!("nat-ctl: internal interfaces: {kept} (kept from the running instance; detach first to change them)");
+        tracing::info!(
+            "internal interfaces: {kept} (kept from the running instance; detach first to change them)"
+        );
     }
 }
 
@@ -353,8 +355,8 @@ fn record_internal(instance: &Instance, internal: &Resolution, attached: &Attach
 fn warn_foreign_addrs(iface_name: &str, given: &[std::net::Ipv4Addr]) -> Result<()> {
     let present = iface::ipv4_addrs(iface_name)?;
     for addr in given.iter().filter(|a| !present.contains(a)) {
-        eprintln!(
-            "nat-ctl: warning: {addr} is not an address of {iface_name}: the gateway will not answer ARP for it unless it is routed here"
+        tracing::warn!(
+            "{addr} is not an address of {iface_name}: the gateway will not answer ARP for it unless it is routed here"
         );
     }
     Ok(())
@@ -419,7 +421,11 @@ async fn run_until_signal(
             _ = hangup.recv() => {
                 service_notify::send(&service_notify::reloading_message("reloading the configuration"));
                 let outcome = reloader.reload(maps);
-                eprintln!("nat-ctl: {}", outcome.message);
+                if outcome.ok {
+                    tracing::info!("{}", outcome.message);
+                } else {
+                    tracing::warn!("{}", outcome.message);
+                }
                 let now = reloader.current();
                 notifier.set_refusal(now.settings.refusal_icmp);
                 if now.sweep_interval_ms != interval_ms {
@@ -442,16 +448,15 @@ async fn run_until_signal(
             _ = ticker.tick() => {
                 let timeouts = &reloader.current().settings.timeouts;
                 if let Err(e) = expiry::sweep(maps, monotonic_ns(), timeouts, stop.flag()) {
-                    eprintln!("nat-ctl: expiry sweep failed: {e:#}");
+                    tracing::error!("expiry sweep failed: {e:#}");
                 }
                 if stop.is_set() {
                     return Ok(());
                 }
                 fast_path.refresh(maps)?;
                 if reloader.current().debug {
-                    let time = now_rfc3339();
-                    for line in events.observe(maps.bindings()?, &time) {
-                        eprintln!("{line}");
+                    for event in events.observe(maps.bindings()?) {
+                        event.log();
                     }
                 }
             }

@@ -21,31 +21,57 @@ fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
 }
 
-/// One event line.
-pub fn line(time: &str, what: &str, key: &BindingKey, value: &BindingValue) -> String {
-    format!(
-        "{time} binding {what} {} {} -> {}",
-        proto::name(key.proto),
-        endpoint(key.internal_addr, key.internal_port),
-        endpoint(value.external_addr, value.external_port)
-    )
+/// A binding created or removed, with the fields RFC 6888 §4 asks for (the time is the log's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `created` or `removed`.
+    pub what: &'static str,
+    /// `udp`, `tcp` or `icmp`.
+    pub proto: &'static str,
+    /// Internal endpoint.
+    pub internal: SocketAddrV4,
+    /// External endpoint.
+    pub external: SocketAddrV4,
+}
+
+impl Event {
+    fn new(what: &'static str, key: &BindingKey, value: &BindingValue) -> Event {
+        Event {
+            what,
+            proto: proto::name(key.proto),
+            internal: endpoint(key.internal_addr, key.internal_port),
+            external: endpoint(value.external_addr, value.external_port),
+        }
+    }
+
+    /// One log line: `binding created proto=udp internal=IP:PORT external=IP:PORT`.
+    pub fn log(&self) {
+        tracing::info!(
+            target: "nat_ctl::binding",
+            proto = self.proto,
+            internal = %self.internal,
+            external = %self.external,
+            "binding {}",
+            self.what
+        );
+    }
 }
 
 impl BindingEvents {
-    /// Compares `current` with the last sweep and returns one line per created or removed
+    /// Compares `current` with the last sweep and returns one event per created or removed
     /// binding.
-    pub fn observe(&mut self, current: Vec<(BindingKey, BindingValue)>, time: &str) -> Vec<String> {
+    pub fn observe(&mut self, current: Vec<(BindingKey, BindingValue)>) -> Vec<Event> {
         let current: HashMap<BindingKey, BindingValue> = current.into_iter().collect();
-        let mut lines: Vec<String> = current
+        let mut lines: Vec<Event> = current
             .iter()
             .filter(|(k, _)| !self.known.contains_key(k))
-            .map(|(k, v)| line(time, "created", k, v))
+            .map(|(k, v)| Event::new("created", k, v))
             .collect();
         lines.extend(
             self.known
                 .iter()
                 .filter(|(k, _)| !current.contains_key(k))
-                .map(|(k, v)| line(time, "removed", k, v)),
+                .map(|(k, v)| Event::new("removed", k, v)),
         );
         self.known = current;
         lines
@@ -109,21 +135,25 @@ mod tests {
             ..Default::default()
         };
         let mut events = BindingEvents::default();
-        let created = events.observe(vec![(key, value)], "T");
+        let created = events.observe(vec![(key, value)]);
+        let expected = Event {
+            what: "created",
+            proto: "udp",
+            internal: "10.0.0.2:40000".parse().unwrap(),
+            external: "198.51.100.254:40001".parse().unwrap(),
+        };
+        assert_eq!(created, vec![expected.clone()]);
+        assert!(
+            events.observe(vec![(key, value)]).is_empty(),
+            "no news, no events"
+        );
+        let removed = events.observe(vec![]);
         assert_eq!(
-            created,
-            vec!["T binding created udp 10.0.0.2:40000 -> 198.51.100.254:40001".to_string()]
-        );
-        assert!(
-            events.observe(vec![(key, value)], "T").is_empty(),
-            "no news, no lines"
-        );
-        let removed = events.observe(vec![], "T2");
-        assert_eq!(removed.len(), 1);
-        assert!(removed[0].starts_with("T2 binding removed udp 10.0.0.2:40000"));
-        assert!(
-            !removed[0].contains("198.51.100.1"),
-            "no remote address (RFC 6888 REQ-12)"
+            removed,
+            vec![Event {
+                what: "removed",
+                ..expected
+            }]
         );
     }
 }

@@ -41,7 +41,7 @@ impl FastPathDevices {
             NetdevFamily::open()?
         };
         if !candidates.is_empty() && netdev.is_none() {
-            eprintln!("nat-ctl: the fast path stays off: {NO_NETDEV_FAMILY}");
+            tracing::info!("the fast path stays off: {NO_NETDEV_FAMILY}");
         }
         Ok(FastPathDevices {
             candidates,
@@ -58,12 +58,12 @@ impl FastPathDevices {
             let accepts = netdev.accepts_redirects(*ifindex);
             if accepts && self.active.insert(*ifindex) {
                 maps.fast_path_ifaces.insert(*ifindex, 0, 0)?;
-                eprintln!("nat-ctl: fast path on towards {name}");
+                tracing::info!("fast path on towards {name}");
             } else if !accepts
                 && (self.active.remove(ifindex) || maps.fast_path_ifaces.get(ifindex, 0).is_ok())
             {
                 let _ = maps.fast_path_ifaces.remove(ifindex);
-                eprintln!("nat-ctl: fast path off towards {name}: it does not accept XDP-redirected frames (a veth needs GRO or XDP on its peer)");
+                tracing::info!("fast path off towards {name}: it does not accept XDP-redirected frames (a veth needs GRO or XDP on its peer)");
             }
         }
         if self.active.is_empty() == was_on {

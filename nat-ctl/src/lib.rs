@@ -18,6 +18,7 @@ pub mod iface;
 pub mod instance;
 pub mod internal_ifaces;
 pub mod loader;
+pub mod logging;
 pub mod metrics;
 pub mod mountns;
 pub mod netlink;

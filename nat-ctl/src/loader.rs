@@ -103,7 +103,8 @@ pub struct Attached {
     pub description: String,
 }
 
-/// Prints the data path's aya-log records on stderr with a timestamp.
+/// Passes the data path's aya-log records (which come as `log` records) into the daemon's log,
+/// at their own level, under the target `nat_ctl::datapath` (`RUST_LOG=nat_ctl::datapath=...`).
 pub struct StderrLog;
 
 impl log::Log for StderrLog {
@@ -112,7 +113,13 @@ impl log::Log for StderrLog {
     }
 
     fn log(&self, record: &log::Record) {
-        eprintln!("{} data path: {}", crate::events::now_rfc3339(), record.args());
+        // The data path logs only while `--datapath-log` is on: its lines are shown at info
+        // level whatever their own, so asking for them is enough to see them.
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "nat_ctl::datapath", "data path: {}", record.args()),
+            log::Level::Warn => tracing::warn!(target: "nat_ctl::datapath", "data path: {}", record.args()),
+            _ => tracing::info!(target: "nat_ctl::datapath", "data path: {}", record.args()),
+        }
     }
 
     fn flush(&self) {}
@@ -306,7 +313,7 @@ impl Attached {
                     }
                 } else if crate::fastpath::unavailable_reason().is_none() {
                     // Linux 6.3-6.5: a fast path, but no TCX to confirm inbound flows with.
-                    eprintln!("{NO_INBOUND_FAST_PATH}");
+                    crate::logging::notice(NO_INBOUND_FAST_PATH);
                 }
             }
             sysctl::save(instance, &attached.sysctls)?;
@@ -494,7 +501,7 @@ impl Drop for Attached {
             changed.restore();
         }
         if let Err(e) = tc_filter::remove(&self.instance) {
-            eprintln!("nat-ctl: warning: {e:#}");
+            tracing::warn!("{e:#}");
         }
         if self.added_clsact {
             tc_filter::remove_clsact(&self.instance.iface);
@@ -504,7 +511,7 @@ impl Drop for Attached {
         }
         xdp_mode::forget(&self.instance);
         if let Err(e) = self.instance.remove_pins() {
-            eprintln!("nat-ctl: warning: {e:#}");
+            tracing::warn!("{e:#}");
         }
     }
 }

@@ -53,6 +53,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if let Command::Attach(args) = &cli.command {
+        // The daemon's log; a RUST_LOG that does not parse is refused before anything runs.
+        if let Err(e) = nat_ctl::logging::init(args.log_level.as_deref()) {
+            eprintln!("nat-ctl: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match &cli.command {
         Command::Attach(args) => daemon::attach(args),
         Command::Mappings(args) => commands::mappings(args),

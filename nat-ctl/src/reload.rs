@@ -403,7 +403,7 @@ impl<'a> Reloader<'a> {
             message: outcome.1,
         };
         if let Err(e) = write_record(&self.instance, &outcome) {
-            eprintln!("nat-ctl: warning: {e:#}");
+            tracing::warn!("{e:#}");
         }
         outcome
     }

@@ -58,7 +58,7 @@ pub fn send(message: &str) {
         socket.send_to_addr(message.as_bytes(), &addr)
     });
     if let Err(e) = sent {
-        eprintln!("nat-ctl: warning: cannot notify the service manager at {spec}: {e}");
+        tracing::warn!("cannot notify the service manager at {spec}: {e}");
     }
 }
 

@@ -168,7 +168,7 @@ pub fn attach(program: &mut Xdp, iface: &str, choice: XdpModeChoice) -> Result<(
     match code {
         Some(code) if choice == XdpModeChoice::Auto && NO_NATIVE_ERRNOS.contains(&code) => {
             let id = attach_generic(program, iface)?;
-            eprintln!("{}", fallback_notice(iface, &driver, code));
+            crate::logging::notice(&fallback_notice(iface, &driver, code));
             Ok((id, XdpRunMode::Generic))
         }
         _ => Err(native_failure(iface, &driver, code, &error)),

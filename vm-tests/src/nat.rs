@@ -72,6 +72,21 @@ pub fn run_nat_ctl(ns: &Netns, args: &[&str]) -> Result<Output> {
     )
 }
 
+/// The messages of the daemon's log lines (`TIME nat-ctl: ...`): each non-empty line of
+/// `stderr` without the RFC 3339 time it starts with (lines under systemd have none).
+pub fn log_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match l.split_once(' ') {
+            Some((time, rest)) if time.len() >= 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T' => {
+                rest
+            }
+            _ => l,
+        })
+        .collect()
+}
+
 /// One row of `nat-ctl mappings --json`, static forwards included (their `expires_in` is null).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {

@@ -392,7 +392,11 @@ fn ip_forward_off_is_turned_on_with_a_notice_and_restored_on_detach() -> Result<
     let nat = NatProcess::attach(&lab, &[])?;
     let stderr = stderr_with(&nat, "ip_forward")?;
     ensure!(
-        stderr.lines().filter(|l| *l == FORWARD_NOTICE).count() == 1,
+        vm_tests::nat::log_lines(&stderr)
+            .iter()
+            .filter(|l| **l == FORWARD_NOTICE)
+            .count()
+            == 1,
         "expected the line {FORWARD_NOTICE:?} once on stderr:\n{stderr}"
     );
     ensure!(
@@ -449,7 +453,11 @@ fn external_addr_not_on_the_interface_gets_a_warning_and_a_routed_one_works() ->
     );
     let stderr = stderr_with(&nat, "warning")?;
     ensure!(
-        stderr.lines().filter(|l| *l == expected).count() == 1,
+        vm_tests::nat::log_lines(&stderr)
+            .iter()
+            .filter(|l| **l == expected)
+            .count()
+            == 1,
         "expected the line {expected:?} once on stderr:\n{stderr}"
     );
     // A pool routed to the gateway is legitimate: with the route in place, traffic flows.

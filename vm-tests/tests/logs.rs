@@ -12,7 +12,8 @@ use vm_tests::proc::poll;
 use vm_tests::tools::{self, udp_bind, udp_whoami, whoami};
 use vm_tests::{Lab, NatProcess};
 
-/// One parsed event line: `<RFC 3339 time> binding created|removed <proto> <internal> -> <external>`.
+/// One parsed event line: `<RFC 3339 time> nat-ctl: binding created|removed proto=<proto>
+/// internal=<ip:port> external=<ip:port>`.
 #[derive(Debug)]
 struct Event {
     time_unix: i64,
@@ -58,20 +59,27 @@ fn parse_rfc3339(s: &str) -> Result<i64> {
 
 fn parse_event(line: &str) -> Option<Result<Event>> {
     let w: Vec<&str> = line.split_whitespace().collect();
-    if w.get(1) != Some(&"binding") {
+    if w.get(1) != Some(&"nat-ctl:") || w.get(2) != Some(&"binding") {
         return None;
     }
     Some((|| {
-        ensure!(
-            w.len() == 7 && w[5] == "->",
-            "event line with unexpected fields: {line:?}"
-        );
+        let field = |i: usize, key: &str| -> Result<&str> {
+            w.get(i)
+                .and_then(|f| f.strip_prefix(key))
+                .and_then(|f| f.strip_prefix('='))
+                .with_context(|| format!("no field {key}= at word {i} of {line:?}"))
+        };
+        ensure!(w.len() == 7, "event line with unexpected fields: {line:?}");
         Ok(Event {
             time_unix: parse_rfc3339(w[0])?,
-            what: w[2].to_string(),
-            proto: w[3].to_string(),
-            internal: w[4].parse().with_context(|| format!("internal in {line:?}"))?,
-            external: w[6].parse().with_context(|| format!("external in {line:?}"))?,
+            what: w[3].to_string(),
+            proto: field(4, "proto")?.to_string(),
+            internal: field(5, "internal")?
+                .parse()
+                .with_context(|| format!("internal in {line:?}"))?,
+            external: field(6, "external")?
+                .parse()
+                .with_context(|| format!("external in {line:?}"))?,
         })
     })())
 }
@@ -201,8 +209,8 @@ fn without_debug_there_are_no_binding_lines() -> Result<()> {
     // Data-path log lines (aya-log) are off by default: the daemon said nothing while traffic
     // flowed and bindings came and went (beyond the attach-time line naming the internal
     // interfaces it found).
-    let stderr: String = stderr
-        .lines()
+    let stderr: String = vm_tests::nat::log_lines(&stderr)
+        .into_iter()
         .filter(|l| !l.starts_with("nat-ctl: internal interfaces (found automatically)"))
         .collect();
     ensure!(
@@ -236,5 +244,63 @@ fn datapath_log_reports_filtered_packets_when_asked() -> Result<()> {
         nat.stderr().contains(&expected).then_some(())
     })
     .with_context(|| format!("no line {expected:?} in stderr:\n{}", nat.stderr()))?;
+    nat.stop()
+}
+
+#[test]
+fn log_level_warn_drops_notices_and_a_bad_level_attaches_nothing() -> Result<()> {
+    let lab = Lab::new("loglvl")?;
+    // A bad level, by flag or by RUST_LOG, is refused before anything is attached.
+    let out =
+        vm_tests::ops::attach_expecting_failure(&lab.nat, &["attach", &lab.wan_if, "--log-level", "loud"])?;
+    let line = vm_tests::ops::refused("--log-level loud", &out)?;
+    ensure!(line.contains("--log-level"), "refusal: {}", out.stderr);
+    ensure!(
+        out.stderr.contains("warn"),
+        "the refusal lists no levels: {}",
+        out.stderr
+    );
+    let mut bad_env = vm_tests::nat::nat_ctl(&lab.nat, &["attach", &lab.wan_if]);
+    bad_env.env("RUST_LOG", "nat_ctl=loudest");
+    let out = vm_tests::proc::run(
+        "nat-ctl attach with a bad RUST_LOG",
+        bad_env,
+        Duration::from_secs(60),
+    )?;
+    let line = vm_tests::ops::refused("RUST_LOG=nat_ctl=loudest", &out)?;
+    ensure!(line.contains("RUST_LOG"), "refusal: {line}");
+    let left = vm_tests::nat::Leftovers::inspect(&lab.nat, &lab.wan_if)?;
+    ensure!(left.is_clean(), "a refused log level left {left:?}");
+
+    // At warn: the warning, and none of the notices info level would give (ip_forward, the
+    // internal interfaces found, the fast path).
+    lab.nat.sysctl("net.ipv4.ip_forward", "0")?;
+    let routed = Ipv4Addr::new(198, 18, 0, 9);
+    let nat = NatProcess::attach(
+        &lab,
+        &["--log-level", "warn", "--external-addr", &routed.to_string()],
+    )?;
+    let warning = format!(
+        "nat-ctl: warning: {routed} is not an address of {}: the gateway will not answer ARP for it unless it is routed here",
+        lab.wan_if
+    );
+    let stderr = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        let s = nat.stderr();
+        s.contains("warning").then_some(s)
+    })
+    .with_context(|| format!("no warning on stderr:\n{}", nat.stderr()))?;
+    let lines = vm_tests::nat::log_lines(&stderr);
+    ensure!(
+        lines.contains(&warning.as_str()),
+        "no line {warning:?} in:\n{stderr}"
+    );
+    ensure!(
+        lines.iter().all(|l| l.starts_with("nat-ctl: warning: ")),
+        "lines below warn at --log-level warn:\n{stderr}"
+    );
+    ensure!(
+        vm_tests::ops::sysctl_get(&lab.nat, "net.ipv4.ip_forward")?.trim() == "1",
+        "ip_forward was not turned on (only its notice should be gone)"
+    );
     nat.stop()
 }

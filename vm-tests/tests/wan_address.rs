@@ -279,7 +279,7 @@ fn removal_leaves_nothing(lab: &Lab, mut nat: NatProcess) -> Result<()> {
     let stderr = nat.stderr();
     let line = format!("nat-ctl: interface {} was removed; detaching", lab.wan_if);
     ensure!(
-        stderr.lines().any(|l| l == line),
+        vm_tests::nat::log_lines(&stderr).iter().any(|l| *l == line),
         "no line {line:?}; stderr: {}",
         stderr.trim()
     );

@@ -49,7 +49,8 @@ fn run() -> Result<()> {
 
     section("attach (nat-ctl attach IFACE --mode port-restricted)");
     let nat = NatProcess::attach(&lab, &["--mode", "port-restricted"])?;
-    for line in nat.stderr().lines().filter(|l| !l.trim().is_empty()) {
+    // Without their times, as the README shows them.
+    for line in vm_tests::nat::log_lines(&nat.stderr()) {
         println!("{line}");
     }
     println!("{}", nat.attached_line());
