@@ -183,10 +183,8 @@ fn auto_falls_back_to_generic_on_a_device_without_native_xdp() -> Result<()> {
         "no line {expected:?} on stderr:\n{}",
         nat.stderr()
     );
-    let lines: Vec<String> = nat
-        .stderr()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    let lines: Vec<String> = vm_tests::nat::log_lines(&nat.stderr())
+        .into_iter()
         .map(str::to_string)
         .collect();
     ensure!(
