@@ -786,7 +786,9 @@ fn port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_min
     let mut failures = Vec::new();
 
     // nat-ctl.
+    let listener = ssdp_listener(&lab)?;
     let nat = attach(&lab, "port-restricted", "nat-pmp,upnp")?;
+    failures.extend(heard_alive(&listener, "nat-ctl")?);
     failures.extend(client_steps(&lab, "nat-ctl")?);
     // nat-ctl's own view of a UPnP mapping: state upnp, its lifetime, counted in status.
     let out = pm::upnpc(&lab.lan, &["-a", "10.0.0.2", "4200", "20200", "UDP", "60"])?;
@@ -810,7 +812,10 @@ fn port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_min
     nat.stop()?;
 
     // The reference: miniupnpd with nftables on the same lab.
+    drop(listener);
+    let listener = ssdp_listener(&lab)?;
     let reference = pm::Miniupnpd::start(&lab.nat, &lab.wan_if, &lab.lan_if, UPNP_HTTP_PORT)?;
+    failures.extend(heard_alive(&listener, "miniupnpd")?);
     let found = client_steps(&lab, "miniupnpd");
     let log = reference.log();
     reference.stop()?;
@@ -874,4 +879,35 @@ fn hostile_http(lab: &Lab) -> Result<Vec<String>> {
     }
     drop(idle);
     Ok(failures)
+}
+
+/// A socket on the internal host in the SSDP group (239.255.255.250:1900), to hear a gateway's
+/// NOTIFY ssdp:alive when it starts.
+fn ssdp_listener(lab: &Lab) -> Result<std::net::UdpSocket> {
+    let sock = udp_bind(&lab.lan, sa(Ipv4Addr::UNSPECIFIED, 1900))?;
+    sock.join_multicast_v4(&Ipv4Addr::new(239, 255, 255, 250), &LAN_IP)?;
+    Ok(sock)
+}
+
+/// Whether `sock` hears (bounded) the gateway announce its root device with NOTIFY ssdp:alive
+/// (UDA 1.0 §1.1.2) and a LOCATION on its internal address (the root device, since the device
+/// types' versions differ: miniupnpd announces InternetGatewayDevice:2, nat-ctl :1). Returns
+/// the finding if not.
+fn heard_alive(sock: &std::net::UdpSocket, who: &str) -> Result<Vec<String>> {
+    let root = "NT: upnp:rootdevice\r\n";
+    let location = format!("LOCATION: http://{LAN_GW}:{UPNP_HTTP_PORT}/");
+    let heard = announcement(sock, Duration::from_secs(10), |d| {
+        let text = String::from_utf8_lossy(d);
+        text.starts_with("NOTIFY * HTTP/1.1\r\n")
+            && text.contains("NTS: ssdp:alive")
+            && text.contains(root)
+            && text.contains(&location)
+    })?;
+    Ok(if heard {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{who}: no NOTIFY ssdp:alive for the root device with {location}"
+        )]
+    })
 }
