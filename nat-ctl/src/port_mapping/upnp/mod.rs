@@ -215,7 +215,9 @@ pub fn spawn(ifaces: &[(String, Vec<Ipv4Addr>)], calls: mpsc::Sender<http::Call>
                         }
                     }
                     received = socket.recv_from(&mut buf) => {
-                        let Ok((n, SocketAddr::V4(peer))) = received else { continue };
+                        // A failing socket ends the task rather than spinning on it.
+                        let Ok((n, from)) = received else { break };
+                        let SocketAddr::V4(peer) = from else { continue };
                         if n >= buf.len() {
                             continue;
                         }
