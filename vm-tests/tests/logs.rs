@@ -304,3 +304,48 @@ fn log_level_warn_drops_notices_and_a_bad_level_attaches_nothing() -> Result<()>
     );
     nat.stop()
 }
+
+#[test]
+fn on_the_journal_stream_lines_carry_a_priority_and_no_time() -> Result<()> {
+    // What systemd does: stderr is a stream to journald, named by $JOURNAL_STREAM
+    // (DEVICE:INODE). Here the stream is the test's pipe, named the same way.
+    let lab = Lab::new("logjrn")?;
+    let routed = Ipv4Addr::new(198, 18, 0, 9);
+    let script = format!(
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec {} attach {} --external-addr {routed}",
+        vm_tests::nat::nat_ctl_path().display(),
+        lab.wan_if
+    );
+    vm_tests::nat::ensure_bpffs()?;
+    let mut daemon = vm_tests::proc::Proc::spawn(
+        "nat-ctl attach on a journal stream",
+        lab.nat.nsenter("sh", &["-c", &script]),
+    )?;
+    let stderr = poll(Duration::from_secs(120), Duration::from_millis(20), || {
+        let s = daemon.stderr();
+        (daemon.stdout().contains("attached ") && s.contains("warning")).then_some(s)
+    })
+    .with_context(|| format!("no attach and warning; stderr:\n{}", daemon.stderr()))?;
+    let warning = format!(
+        "<4>nat-ctl: warning: {routed} is not an address of {}: the gateway will not answer ARP for it unless it is routed here",
+        lab.wan_if
+    );
+    ensure!(
+        stderr.lines().any(|l| l == warning),
+        "no line {warning:?} in:\n{stderr}"
+    );
+    ensure!(
+        stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(|l| l.starts_with("<6>nat-ctl: ") || l.starts_with("<4>nat-ctl: warning: ")),
+        "lines without a priority, or with a time, on the journal stream:\n{stderr}"
+    );
+    let status = daemon.terminate(Duration::from_secs(20))?;
+    ensure!(
+        status.success(),
+        "exit {status} after SIGTERM: {}",
+        daemon.stderr()
+    );
+    Ok(())
+}
