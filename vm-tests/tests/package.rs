@@ -200,7 +200,15 @@ fn nat_ctl_attaches_translates_and_detaches_with_only_the_units_capabilities() -
         caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
     );
     let lab = Lab::new("caps")?;
-    let nat = NatProcess::attach_wrapped(&lab.nat, &lab.wan_if, &["setpriv", &bounding, "--"], &[])?;
+    let dir = TempDir::new("caps")?;
+    let config = dir.write("nat.toml", "mode = \"port-restricted\"\n")?;
+    let config_s = config.to_str().context("non-UTF-8 path")?;
+    let nat = NatProcess::attach_wrapped(
+        &lab.nat,
+        &lab.wan_if,
+        &["setpriv", &bounding, "--"],
+        &["--config", config_s],
+    )?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", nat.pid()))?;
     let effective = status
         .lines()
@@ -225,6 +233,23 @@ fn nat_ctl_attaches_translates_and_detaches_with_only_the_units_capabilities() -
     ensure!(
         seen.ip() == &NAT_EXT,
         "the remote saw {seen}, not the external address"
+    );
+    // The unit's ExecReload (`nat-ctl reload --pid $MAINPID`), with the same capabilities.
+    std::fs::write(&config, "mode = \"full-cone\"\n")?;
+    let bin = vm_tests::nat::nat_ctl_path();
+    let pid = nat.pid().to_string();
+    let reload = proc::run_ok(
+        "setpriv nat-ctl reload --pid",
+        lab.nat.nsenter(
+            "setpriv",
+            &[&bounding, "--", &bin.to_string_lossy(), "reload", "--pid", &pid],
+        ),
+        Duration::from_secs(40),
+    )?;
+    ensure!(
+        reload.stdout.contains("mode port-restricted -> full-cone"),
+        "reload with the unit's capabilities printed {:?}",
+        reload.stdout
     );
     nat.stop()?;
     Ok(())
