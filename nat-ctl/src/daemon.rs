@@ -56,7 +56,7 @@ pub struct Resolved {
 }
 
 /// The flags, as the same kind of override record a config file gives.
-fn flag_overrides(args: &AttachArgs) -> Result<FileConfig> {
+pub(crate) fn flag_overrides(args: &AttachArgs) -> Result<FileConfig> {
     let mut timeouts = [None; nat_common::config::TIMEOUT_COUNT];
     timeouts[Timeout::Udp as usize] = args.udp_timeout;
     timeouts[Timeout::TcpEstablished as usize] = args.tcp_established_timeout;

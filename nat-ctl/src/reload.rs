@@ -30,7 +30,7 @@ use nat_common::{
 
 use crate::{
     cli::AttachArgs,
-    config_file::ForwardSpec,
+    config_file::{self, FileConfig, ForwardSpec},
     daemon::{self, Resolved},
     forwards::{self, Forward},
     instance::{Daemon, Instance},
@@ -109,6 +109,52 @@ pub fn fixed_changes(old: &Resolved, new: &Resolved) -> Vec<String> {
     differs("metrics", metrics(old.metrics), metrics(new.metrics));
     differs("persist", old.persist.to_string(), new.persist.to_string());
     fixed
+}
+
+/// The reloadable keys that `attach`'s flags set to something else than the file does: the
+/// flag wins on reload as at attach, so an edit of such a key in the file changes nothing, and
+/// the reload says so.
+pub fn overridden(file: &FileConfig, flags: &FileConfig) -> Vec<&'static str> {
+    fn wins<T: PartialEq>(flag: &Option<T>, file: &Option<T>) -> bool {
+        flag.is_some() && file.is_some() && flag != file
+    }
+    let mut keys = Vec::new();
+    for (key, differs) in [
+        ("mode", wins(&flags.mode, &file.mode)),
+        ("ports", wins(&flags.ports, &file.ports)),
+        (
+            "max_bindings_per_host",
+            wins(&flags.max_bindings_per_host, &file.max_bindings_per_host),
+        ),
+        (
+            "max_sessions_per_host",
+            wins(&flags.max_sessions_per_host, &file.max_sessions_per_host),
+        ),
+        (
+            "max_sessions_per_binding",
+            wins(&flags.max_sessions_per_binding, &file.max_sessions_per_binding),
+        ),
+        (
+            "unsolicited_syn",
+            wins(&flags.unsolicited_syn_icmp, &file.unsolicited_syn_icmp),
+        ),
+        ("refusal_icmp", wins(&flags.refusal_icmp, &file.refusal_icmp)),
+        (
+            "sweep_interval_ms",
+            wins(&flags.sweep_interval_ms, &file.sweep_interval_ms),
+        ),
+        ("debug", wins(&flags.debug, &file.debug)),
+    ] {
+        if differs {
+            keys.push(key);
+        }
+    }
+    for (kind, key) in TIMEOUT_KEYS {
+        if wins(&flags.timeouts[kind as usize], &file.timeouts[kind as usize]) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// What a reload writes: the new config record and the forwards to take away and to install.
@@ -393,8 +439,19 @@ impl<'a> Reloader<'a> {
             .as_ref()
             .map_or_else(String::new, |p| p.display().to_string());
         let outcome = match self.try_reload(maps) {
-            Ok(changes) if changes.is_empty() => (true, format!("reloaded {path}: nothing changed")),
-            Ok(changes) => (true, format!("reloaded {path}: {}", changes.join(", "))),
+            Ok((changes, overridden)) => {
+                let mut message = match changes.as_slice() {
+                    [] => format!("reloaded {path}: nothing changed"),
+                    changes => format!("reloaded {path}: {}", changes.join(", ")),
+                };
+                if !overridden.is_empty() {
+                    message += &format!(
+                        "; attach's command line overrides the file's {}",
+                        overridden.join(", ")
+                    );
+                }
+                (true, message)
+            }
             Err(e) => (false, format!("reload refused, nothing changed: {e:#}")),
         };
         let outcome = Outcome {
@@ -408,16 +465,18 @@ impl<'a> Reloader<'a> {
         outcome
     }
 
-    fn try_reload(&mut self, maps: &mut PinnedMaps) -> Result<Vec<String>> {
-        if self.args.config.is_none() {
+    /// The changes made, and the keys the command line overrides.
+    fn try_reload(&mut self, maps: &mut PinnedMaps) -> Result<(Vec<String>, Vec<&'static str>)> {
+        let Some(path) = &self.args.config else {
             bail!("nat-ctl attach was started without --config, so there is no file to re-read");
-        }
+        };
         let new = daemon::resolve(self.args)?;
+        let overridden = overridden(&config_file::load(path)?, &daemon::flag_overrides(self.args)?);
         let plan = plan(&self.current, &new, &maps.read_config()?)?;
         let mut changes = plan.changes.clone();
         changes.extend(apply(maps, &plan)?);
         self.current = new;
-        Ok(changes)
+        Ok((changes, overridden))
     }
 }
 
@@ -566,6 +625,27 @@ mod tests {
         let mut config = NatConfig::empty();
         switch_mode(&mut config, Mode::Symmetric);
         assert_eq!(config.flags & CONFIG_FLAG_PER_REMOTE_BINDINGS, 0);
+    }
+
+    #[test]
+    fn a_flag_that_overrides_a_changed_key_is_named() {
+        let file = FileConfig {
+            mode: Some(Mode::FullCone),
+            ports: Some(nat_common::alloc::PortRange { min: 2000, max: 3000 }),
+            ..Default::default()
+        };
+        let mut flags = FileConfig {
+            mode: Some(Mode::Symmetric),
+            ..Default::default()
+        };
+        flags.timeouts[Timeout::Udp as usize] = Some(30);
+        assert_eq!(
+            overridden(&file, &flags),
+            ["mode"],
+            "only keys both set, to different values"
+        );
+        flags.mode = Some(Mode::FullCone);
+        assert!(overridden(&file, &flags).is_empty());
     }
 
     #[test]

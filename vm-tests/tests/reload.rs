@@ -192,7 +192,11 @@ fn a_broken_file_or_a_fixed_setting_changes_nothing_and_says_why() -> Result<()>
     let good = config("restricted-cone", 300, true);
     let cfg = dir.write("nat.toml", &good)?;
     let cfg_s = path_str(&cfg)?.to_string();
-    let (mut daemon, _) = ops::attach_raw(&lab.nat, &["attach", &lab.wan_if, "--config", &cfg_s])?;
+    // The flag agrees with the file for now; the mended file below changes the key it sets.
+    let (mut daemon, _) = ops::attach_raw(
+        &lab.nat,
+        &["attach", &lab.wan_if, "--config", &cfg_s, "--udp-timeout", "300"],
+    )?;
     let lan = udp_bind(&lab.lan, sa(LAN_IP, 40000))?;
     let remote = udp_bind(&lab.wan, sa(WAN_IP, 9999))?;
     let ext = mapped(&lan, &remote)?;
@@ -276,16 +280,24 @@ fn a_broken_file_or_a_fixed_setting_changes_nothing_and_says_why() -> Result<()>
     );
     ensure!(mapped(&lan, &remote)? == ext, "the flow moved");
 
-    // Mended, the file loads.
-    std::fs::write(&cfg, good.replace("restricted-cone", "full-cone"))?;
+    // Mended, the file loads; the UDP timeout it changes is the command line's, which wins.
+    std::fs::write(
+        &cfg,
+        good.replace("restricted-cone", "full-cone")
+            .replace("udp = 300", "udp = 60"),
+    )?;
     let out = ops::ctl_ok(&lab.nat, &["reload", "-i", &lab.wan_if])?;
     ensure!(
-        out.contains("mode restricted-cone -> full-cone"),
+        out.contains("mode restricted-cone -> full-cone")
+            && out.contains("command line overrides the file's timeouts.udp"),
         "reload of the mended file: {out}"
     );
+    let s = status(&lab)?;
     ensure!(
-        status(&lab)?["mode"] == "full-cone",
-        "the mended file's mode does not run"
+        s["mode"] == "full-cone" && s["timeouts"]["udp"] == 300,
+        "after the mended file: mode {} udp {}",
+        s["mode"],
+        s["timeouts"]["udp"]
     );
     daemon.terminate(Duration::from_secs(20))?;
     Ok(())
