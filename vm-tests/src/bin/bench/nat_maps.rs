@@ -13,7 +13,8 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use nat_common::{
     maps::{
-        names, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
+        names, SESSION_FLAG_INTERNAL_ENDPOINT, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT,
+        SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
     },
     proto, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
     SessionValue,
@@ -127,8 +128,11 @@ impl Entries {
                 last_seen_ns: now_ns,
                 tcp_state: 0,
                 // As if each flow's first packets had passed the kernel's forwarding path
-                // both ways: a prefilled flow is an established one.
-                flags: SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN,
+                // both ways: a prefilled flow is an established one. It holds its internal
+                // endpoint, as the data path writes it.
+                flags: SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN | SESSION_FLAG_INTERNAL_ENDPOINT,
+                internal_addr: out_key.internal_addr,
+                internal_port: out_key.internal_port,
                 ..SessionValue::default()
             },
         }
