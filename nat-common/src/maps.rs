@@ -309,6 +309,13 @@ pub const SESSION_FLAG_OFFLOAD_OUT: u8 = 1 << 0;
 /// path and left through an internal interface, where the internal-side TC egress program saw
 /// it. Only then may the XDP fast path take the session's inbound packets.
 pub const SESSION_FLAG_OFFLOAD_IN: u8 = 1 << 1;
+/// `SessionValue::flags`: `internal_addr` and `internal_port` are the internal endpoint of the
+/// session's binding, written by the data path when it creates (or next refreshes) the
+/// session. An established inbound packet is then translated from its session alone, one hash
+/// lookup: the endpoint session both says that the mode's filter admits the remote (it has
+/// been sent to, which every filtering behaviour allows, RFC 4787 §5) and holds the rewrite.
+/// Without the bit (a session written by other code) the inbound packet looks up the binding.
+pub const SESSION_FLAG_INTERNAL_ENDPOINT: u8 = 1 << 2;
 
 /// State of one session.
 #[repr(C)]
@@ -331,6 +338,11 @@ pub struct SessionValue {
     /// Each side's sequence space, indexed outbound (internal host) then inbound (remote);
     /// see `tcp_track`.
     pub tcp_seq: [crate::tcp_track::SeqSpace; 2],
+    /// The internal port or echo identifier of the session's binding (network order), valid
+    /// with `SESSION_FLAG_INTERNAL_ENDPOINT`.
+    pub internal_port: u16,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 6],
 }
 
 /// Identifies the fragments of one datagram (RFC 791: source, destination, protocol, ID).
@@ -441,7 +453,9 @@ mod tests {
 
     #[test]
     fn session_value_layout_is_packed() {
-        assert_eq!(core::mem::size_of::<SessionValue>(), 32);
+        // 40 bytes: with the 16-byte key and the kernel's 48-byte element header an element
+        // still fits the same 128-byte allocation as with the former 32-byte value.
+        assert_eq!(core::mem::size_of::<SessionValue>(), 40);
         assert_eq!(core::mem::size_of::<SessionUsageKey>(), 8);
     }
 }

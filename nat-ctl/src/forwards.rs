@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{bail, Result};
 use nat_common::{
     maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
-    proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig,
+    proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig, SessionKey,
 };
 use serde::Serialize;
 
@@ -183,6 +183,21 @@ pub fn remove(maps: &mut PinnedMaps, proto: u8, external: SocketAddrV4) -> Resul
             };
             let _ = maps.bindings_out.remove(&value.binding_key(proto));
             maps.bindings_in.remove(&key)?;
+            // Its sessions go with it: the data path translates an established inbound packet
+            // from its session alone (`SESSION_FLAG_INTERNAL_ENDPOINT`), so left behind they
+            // would still lead the remotes they hold to the old internal server.
+            let snapshot = maps.sessions()?;
+            let doomed: Vec<SessionKey> = snapshot
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| {
+                    k.proto == proto
+                        && k.external_addr == key.external_addr
+                        && k.external_port == key.external_port
+                })
+                .collect();
+            crate::session_usage::remove_sessions(maps, &doomed, &snapshot)?;
+            crate::session_usage::forget_binding(maps, proto, key.external_addr, key.external_port);
             Ok(forward)
         }
         _ => bail!("there is no forward on {name} {external}"),

@@ -294,29 +294,18 @@ pub fn refresh(binding: NonNull<BindingValue>, now: u64) {
 
 /// Everything an outbound packet does to NAT state: finds or creates its binding, refreshes it,
 /// and records the remote as a session (following the TCP segment `seg`; zeroed for other
-/// protocols). Returns the external endpoint, or `None` when the flow must be dropped (already
-/// counted).
+/// protocols; `forwarded`: see `sessions::touch_outbound`). Returns the external endpoint, or
+/// `None` when the flow must be dropped (already counted). An established flow costs two hash
+/// lookups here, the binding and its session.
 #[inline(always)]
-pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, seg: &Tcp) -> Option<(u32, u16)> {
+pub fn bind(cfg: &NatConfig, flow: &OutboundFlow, seg: &Tcp, forwarded: bool) -> Option<(u32, u16)> {
     let binding = outbound_binding(cfg, flow, true)?;
-    use_binding(cfg, flow, binding, seg)
-}
-
-/// What `bind` does once it has the flow's binding: refreshes it, records the remote as a
-/// session (following `seg`), and returns the external endpoint (`None`: drop, counted).
-#[inline(always)]
-pub fn use_binding(
-    cfg: &NatConfig,
-    flow: &OutboundFlow,
-    binding: NonNull<BindingValue>,
-    seg: &Tcp,
-) -> Option<(u32, u16)> {
     let now = now_ns();
     refresh(binding, now);
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) =
         unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
-    sessions::touch_outbound(cfg, flow, (external_addr, external_port), seg, now).ok()?;
+    sessions::touch_outbound(cfg, flow, (external_addr, external_port), seg, now, forwarded).ok()?;
     Some((external_addr, external_port))
 }
 

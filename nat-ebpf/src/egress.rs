@@ -138,8 +138,10 @@ fn transport(
         remote_addr: ip.daddr,
         remote_port: head.dst,
     };
-    // Failures were counted where they happened (port exhaustion, table full).
-    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, &seg) else {
+    // Failures were counted where they happened (port exhaustion, table full). A packet the
+    // kernel forwarded confirms its session for the fast path.
+    let Some((external_addr, external_port)) = bindings::bind(cfg, &flow, &seg, fastpath::forwarded(ctx))
+    else {
         return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if shape.fragment == Fragment::First {
@@ -176,8 +178,6 @@ fn transport(
     if fixed.is_err() {
         return dropped(Counter::Malformed);
     }
-    // The kernel forwarded it: the fast path may take the flow's next outbound packets.
-    fastpath::confirm_outbound(ctx, ip.proto, external_addr, external_port, ip.daddr, head.dst);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }
@@ -201,7 +201,9 @@ fn echo_request(
         remote_addr: ip.daddr,
         remote_port: 0,
     };
-    let Some((external_addr, external_id)) = bindings::bind(cfg, &flow, &tcp::Tcp::none()) else {
+    let Some((external_addr, external_id)) =
+        bindings::bind(cfg, &flow, &tcp::Tcp::none(), fastpath::forwarded(ctx))
+    else {
         return refused(ctx, cfg, l4_off - ETH_HLEN);
     };
     if set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).is_none()
@@ -220,7 +222,6 @@ fn echo_request(
     {
         return dropped(Counter::Malformed);
     }
-    fastpath::confirm_outbound(ctx, proto::ICMP, external_addr, external_id, ip.daddr, 0);
     count(Counter::TranslatedOut);
     TC_ACT_OK
 }

@@ -25,7 +25,7 @@ use nat_common::{
     maps::{FAST_PATH_ANY, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT},
     packet::Ipv4Header,
     tcp_state::flags as tcp_flags,
-    BindingValue, NatConfig,
+    BindingValue, NatConfig, SessionValue,
 };
 
 use crate::{
@@ -77,45 +77,36 @@ pub fn kernel_path_tcp(tcp_flags: u8) -> bool {
     tcp_flags & KERNEL_PATH_TCP_FLAGS != 0
 }
 
-/// The binding of `flow` if an outbound packet of it may take the fast path: its session with
-/// the remote has had a packet forwarded by the kernel (see the module comment). Creates
-/// nothing: a new flow's first packets go through the kernel, which may drop them, and TC
-/// egress creates its state when the kernel lets one out.
+/// The binding of `flow` and its session with the remote if an outbound packet of it may take
+/// the fast path: the session has had a packet forwarded by the kernel (see the module
+/// comment). Creates nothing: a new flow's first packets go through the kernel, which may drop
+/// them, and TC egress creates its state when the kernel lets one out.
 #[inline(always)]
-pub fn confirmed_binding(cfg: &NatConfig, flow: &OutboundFlow) -> Option<NonNull<BindingValue>> {
+pub fn confirmed_binding(
+    cfg: &NatConfig,
+    flow: &OutboundFlow,
+) -> Option<(NonNull<BindingValue>, *mut SessionValue)> {
     let binding = bindings::outbound_binding(cfg, flow, false)?;
     // SAFETY: map value pointer from a successful lookup.
     let (external_addr, external_port) =
         unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
-    sessions::has_flags(
+    let session = sessions::endpoint(
         flow.proto,
         external_addr,
         external_port,
         flow.remote_addr,
         flow.remote_port,
-        SESSION_FLAG_OFFLOAD_OUT,
-    )
-    .then_some(binding)
+    )?;
+    // SAFETY: map value pointer from a successful lookup.
+    let flags = unsafe { (*session).flags };
+    (flags & SESSION_FLAG_OFFLOAD_OUT != 0).then_some((binding, session))
 }
 
-/// True if an inbound packet from the remote to binding `external_addr:external_port` may take
-/// the fast path: the kernel has forwarded one of the session's inbound packets.
+/// True if an inbound packet of the session whose flags are `session_flags` may take the fast
+/// path: the kernel has forwarded one of the session's inbound packets.
 #[inline(always)]
-pub fn inbound_confirmed(
-    proto: u8,
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-) -> bool {
-    sessions::has_flags(
-        proto,
-        external_addr,
-        external_port,
-        remote_addr,
-        remote_port,
-        SESSION_FLAG_OFFLOAD_IN,
-    )
+pub fn inbound_confirmed(session_flags: u8) -> bool {
+    session_flags & SESSION_FLAG_OFFLOAD_IN != 0
 }
 
 /// The interface a packet seen by TC arrived on; 0 for one the gateway itself sent.
@@ -125,29 +116,13 @@ fn arrived_on(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
-/// Records that the kernel forwarded an outbound packet of the session (TC egress on the
-/// external interface translated it). Only a forwarded packet counts: the gateway's own traffic
-/// (from an address that is not external) never went through an internal interface's source
-/// check, and the fast path never serves it anyway. Nothing to do while the fast path is off.
+/// True if the kernel forwarded the packet TC egress on the external interface sees: only such
+/// a packet confirms its session for the fast path (`sessions::touch_outbound`). The gateway's
+/// own traffic (from an address that is not external) never went through an internal
+/// interface's source check, and the fast path never serves it anyway.
 #[inline(always)]
-pub fn confirm_outbound(
-    ctx: &TcContext,
-    proto: u8,
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-) {
-    if arrived_on(ctx) != 0 && enabled() {
-        sessions::set_flags(
-            proto,
-            external_addr,
-            external_port,
-            remote_addr,
-            remote_port,
-            SESSION_FLAG_OFFLOAD_OUT,
-        );
-    }
+pub fn forwarded(ctx: &TcContext) -> bool {
+    arrived_on(ctx) != 0
 }
 
 /// Records that the kernel forwarded an inbound packet of the session to an internal interface

@@ -13,14 +13,14 @@ use nat_common::{
     checksum::replace_u16,
     config::CONFIG_FLAG_SYN_ICMP,
     maps::NOTICE_UNSOLICITED_SYN,
-    maps::SESSION_KIND_ENDPOINT,
+    maps::{SESSION_FLAG_INTERNAL_ENDPOINT, SESSION_KIND_ENDPOINT},
     packet::{
         check_transport, icmp_type, ipv4_shape, Fragment, Ipv4Header, Ipv4Shape, L4Head, ETH_HLEN,
         ETH_P_IP_BE, ETH_TYPE_OFF, ICMP_CHECK_OFF, ICMP_ID_OFF, IPV4_DST_OFF, L4_DST_PORT_OFF,
     },
     proto,
     tcp_state::flags as tcp_flags,
-    Counter, ExternalKey, ExternalValue, NatConfig,
+    Counter, ExternalKey, ExternalValue, NatConfig, SessionValue,
 };
 
 use crate::{
@@ -149,39 +149,48 @@ fn transport(
         tcp::Tcp::none()
     };
     let tcp_flags = seg.flags();
-    let binding = match admit(ctx, cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
-        Ok(binding) => binding,
-        // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners still
-        // get theirs; anything else would be answered with a RST by the gateway's stack.
-        Err(XDP_PASS)
-            if ip.proto == proto::TCP
-                && tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-                && !local::tcp_socket_exists(ctx, ip, head.src, head.dst) =>
-        {
-            count(Counter::UnsolicitedSyn);
-            let (remote, external) = ((ip.saddr, head.src), (ip.daddr, head.dst));
-            trace::inbound(ctx, cfg, trace::Event::UnsolicitedSyn, ip.proto, remote, external);
-            if cfg.flags & CONFIG_FLAG_SYN_ICMP != 0 {
-                notices::post(Source::Xdp(ctx), NOTICE_UNSOLICITED_SYN, shape.header_len);
+    let session = sessions::endpoint(ip.proto, ip.daddr, head.dst, ip.saddr, head.src);
+    let (internal_addr, internal_port) = match established(session) {
+        Some(internal) => internal,
+        None => match admit(ctx, cfg, ip.proto, ip.daddr, head.dst, ip.saddr, head.src) {
+            Ok(binding) => (binding.internal_addr, binding.internal_port),
+            // RFC 5382 REQ-4: no reply to an unsolicited SYN. The gateway's own listeners
+            // still get theirs; anything else would be answered with a RST by the gateway's
+            // stack.
+            Err(XDP_PASS)
+                if ip.proto == proto::TCP
+                    && tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+                    && !local::tcp_socket_exists(ctx, ip, head.src, head.dst) =>
+            {
+                count(Counter::UnsolicitedSyn);
+                let (remote, external) = ((ip.saddr, head.src), (ip.daddr, head.dst));
+                trace::inbound(ctx, cfg, trace::Event::UnsolicitedSyn, ip.proto, remote, external);
+                if cfg.flags & CONFIG_FLAG_SYN_ICMP != 0 {
+                    notices::post(Source::Xdp(ctx), NOTICE_UNSOLICITED_SYN, shape.header_len);
+                }
+                return XDP_DROP;
             }
-            return XDP_DROP;
-        }
-        Err(action) => return action,
+            Err(action) => return action,
+        },
     };
     // An out-of-window RST (RFC 5961) is dropped, counted.
-    if ip.proto == proto::TCP && sessions::track_inbound_tcp(ip.daddr, head.dst, ip.saddr, head.src, &seg) {
-        return XDP_DROP;
+    if ip.proto == proto::TCP {
+        if let Some(session) = session {
+            if sessions::track_inbound_tcp(session, &seg) {
+                return XDP_DROP;
+            }
+        }
     }
     let l4_len = shape.total_len - shape.header_len;
     let partial = transport_checksum_is_partial(l4, end, ip.proto, ip.saddr, ip.daddr, l4_len);
-    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
-        write_at(l4, end, L4_DST_PORT_OFF, binding.internal_port)?;
+    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, internal_addr).and_then(|_| {
+        write_at(l4, end, L4_DST_PORT_OFF, internal_port)?;
         update_transport_checksum(
             l4,
             end,
             ip.proto,
-            (ip.daddr, binding.internal_addr),
-            (head.dst, binding.internal_port),
+            (ip.daddr, internal_addr),
+            (head.dst, internal_port),
             partial,
         )
     });
@@ -189,7 +198,7 @@ fn transport(
         return malformed();
     }
     if shape.fragment == Fragment::First {
-        fragments::remember(ip, binding.internal_addr);
+        fragments::remember(ip, internal_addr);
     }
     count(Counter::TranslatedIn);
     if shape.fragment == Fragment::First || partial {
@@ -197,28 +206,32 @@ fn transport(
         // seed checksum needs the kernel to complete it.
         return XDP_PASS;
     }
-    let session = InboundSession {
-        external_port: head.dst,
-        remote_port: head.src,
-        tcp_flags,
-    };
-    deliver(ctx, l3, end, ip, binding.internal_addr, &session)
+    deliver(ctx, l3, end, ip, internal_addr, session, tcp_flags)
 }
 
-/// What `deliver` needs besides the packet's (untranslated) IPv4 header, whose destination and
-/// source are the session's external address and remote address.
-struct InboundSession {
-    /// External port or echo identifier, as received (network order).
-    external_port: u16,
-    /// Remote port, zero for ICMP (network order).
-    remote_port: u16,
-    /// TCP flags, zero for other protocols.
-    tcp_flags: u8,
+/// The internal endpoint of an established session `session` (the packet's address-and-port
+/// session, if any): the one hash lookup of an established inbound packet. Its existence is
+/// the filter's verdict in every mode (the remote endpoint has been sent to, RFC 4787 §5), and
+/// it holds the binding's internal endpoint (`SESSION_FLAG_INTERNAL_ENDPOINT`). `None`: the
+/// packet goes through the binding and the mode's filter (`admit`).
+#[inline(always)]
+fn established(session: Option<*mut SessionValue>) -> Option<(u32, u16)> {
+    let session = session?;
+    // SAFETY: map value pointer from a successful lookup.
+    let (flags, addr, port) = unsafe {
+        (
+            (*session).flags,
+            (*session).internal_addr,
+            (*session).internal_port,
+        )
+    };
+    (flags & SESSION_FLAG_INTERNAL_ENDPOINT != 0).then_some((addr, port))
 }
 
 /// Hands a translated inbound packet on: straight to the internal interface when the fast path
 /// serves it and the kernel has already forwarded one of the session's inbound packets (see
-/// `fastpath`), to the kernel's forwarding otherwise.
+/// `fastpath`; `session` is the packet's address-and-port session), to the kernel's forwarding
+/// otherwise. `tcp_flags` is zero for other protocols.
 #[inline(always)]
 fn deliver(
     ctx: &XdpContext,
@@ -226,18 +239,17 @@ fn deliver(
     end: usize,
     ip: &Ipv4Header,
     internal_addr: u32,
-    session: &InboundSession,
+    session: Option<*mut SessionValue>,
+    tcp_flags: u8,
 ) -> u32 {
-    if !fastpath::enabled()
-        || fastpath::kernel_path_tcp(session.tcp_flags)
-        || !fastpath::inbound_confirmed(
-            ip.proto,
-            ip.daddr,
-            session.external_port,
-            ip.saddr,
-            session.remote_port,
-        )
-    {
+    let Some(session) = session else {
+        return XDP_PASS;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let flags = unsafe { (*session).flags };
+    // The session's flag first: it is in the cache line just read, and a session is confirmed
+    // only while the fast path is on.
+    if !fastpath::inbound_confirmed(flags) || fastpath::kernel_path_tcp(tcp_flags) || !fastpath::enabled() {
         return XDP_PASS;
     }
     let translated = Ipv4Header {
@@ -262,30 +274,24 @@ fn echo_reply(ctx: &XdpContext, cfg: &NatConfig, (l3, l4, end): Headers, ip: &Ip
     let Some(id) = read_at::<u16>(l4, end, ICMP_ID_OFF) else {
         return malformed();
     };
-    let binding = match admit(ctx, cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
-        Ok(binding) => binding,
-        Err(action) => return action,
+    let session = sessions::endpoint(proto::ICMP, ip.daddr, id, ip.saddr, 0);
+    let (internal_addr, internal_id) = match established(session) {
+        Some(internal) => internal,
+        None => match admit(ctx, cfg, proto::ICMP, ip.daddr, id, ip.saddr, 0) {
+            Ok(binding) => (binding.internal_addr, binding.internal_port),
+            Err(action) => return action,
+        },
     };
-    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, binding.internal_addr).and_then(|_| {
+    let rewritten = set_ipv4_addr(l3, end, IPV4_DST_OFF, internal_addr).and_then(|_| {
         let check: u16 = read_at(l4, end, ICMP_CHECK_OFF)?;
-        write_at(l4, end, ICMP_ID_OFF, binding.internal_port)?;
-        write_at(
-            l4,
-            end,
-            ICMP_CHECK_OFF,
-            replace_u16(check, id, binding.internal_port),
-        )
+        write_at(l4, end, ICMP_ID_OFF, internal_id)?;
+        write_at(l4, end, ICMP_CHECK_OFF, replace_u16(check, id, internal_id))
     });
     if rewritten.is_none() {
         return malformed();
     }
     count(Counter::TranslatedIn);
-    let session = InboundSession {
-        external_port: id,
-        remote_port: 0,
-        tcp_flags: 0,
-    };
-    deliver(ctx, l3, end, ip, binding.internal_addr, &session)
+    deliver(ctx, l3, end, ip, internal_addr, session, 0)
 }
 
 /// ICMP errors about a packet we sent out (RFC 5508 REQ-4). The error may come from any router

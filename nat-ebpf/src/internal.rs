@@ -155,11 +155,13 @@ fn outbound(
         remote_port,
     };
     // Not yet forwarded by the kernel: it decides on this packet.
-    let binding = fastpath::confirmed_binding(cfg, &flow)?;
-    // A refused session (over a limit) is dropped and counted, as on TC egress.
-    let Some((external_addr, external_port)) = bindings::use_binding(cfg, &flow, binding, &seg) else {
-        return Some(refused(ctx, cfg, l4 - l3));
-    };
+    let (binding, session) = fastpath::confirmed_binding(cfg, &flow)?;
+    let now = bindings::now_ns();
+    bindings::refresh(binding, now);
+    sessions::use_outbound(session, &flow, &seg, now, false);
+    // SAFETY: map value pointer from a successful lookup.
+    let (external_addr, external_port) =
+        unsafe { (binding.as_ref().external_addr, binding.as_ref().external_port) };
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, external_addr).and_then(|_| {
         write_at(l4, end, port_off, external_port)?;
         if is_echo_request {
@@ -232,7 +234,7 @@ fn hairpin_transport(
         remote_addr: ip.daddr,
         remote_port: head.dst,
     };
-    let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, &seg) else {
+    let Some((src_addr, src_port)) = bindings::bind(cfg, &flow, &seg, false) else {
         return refused(ctx, cfg, l4 - l3);
     };
     let target = match bindings::inbound_binding(cfg, ip.proto, ip.daddr, head.dst, src_addr, src_port) {
@@ -244,8 +246,12 @@ fn hairpin_transport(
         }
     };
     // Seen from the target, the segment comes in: an out-of-window RST is dropped (RFC 5961).
-    if ip.proto == proto::TCP && sessions::track_inbound_tcp(ip.daddr, head.dst, src_addr, src_port, &seg) {
-        return XDP_DROP;
+    if ip.proto == proto::TCP {
+        if let Some(session) = sessions::endpoint(ip.proto, ip.daddr, head.dst, src_addr, src_port) {
+            if sessions::track_inbound_tcp(session, &seg) {
+                return XDP_DROP;
+            }
+        }
     }
     let rewritten = set_ipv4_addr(l3, end, IPV4_SRC_OFF, src_addr)
         .and_then(|_| set_ipv4_addr(l3, end, IPV4_DST_OFF, target.internal_addr))

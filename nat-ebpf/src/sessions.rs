@@ -4,7 +4,9 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use nat_common::{
-    maps::{SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT},
+    maps::{
+        SESSION_FLAG_INTERNAL_ENDPOINT, SESSION_FLAG_OFFLOAD_OUT, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
+    },
     mode::Filtering,
     proto,
     tcp_state::Direction,
@@ -14,6 +16,7 @@ use nat_common::{
 
 use crate::{
     bindings::{OutboundFlow, REFRESH_GRANULARITY_NS},
+    fastpath,
     maps::NAT_SESSIONS,
     stats::count,
     tcp::Tcp,
@@ -69,10 +72,32 @@ pub fn exists(
         .is_some()
 }
 
+/// The address-and-port session of binding `external_addr:external_port` with the remote, if
+/// there is one: the one hash lookup of an established packet in either direction.
+#[inline(always)]
+pub fn endpoint(
+    proto: u8,
+    external_addr: u32,
+    external_port: u16,
+    remote_addr: u32,
+    remote_port: u16,
+) -> Option<*mut SessionValue> {
+    NAT_SESSIONS.get_ptr_mut(key(
+        proto,
+        external_addr,
+        external_port,
+        remote_addr,
+        remote_port,
+        SESSION_KIND_ENDPOINT,
+    ))
+}
+
 /// Records an outbound packet of `flow` on its binding `external_addr:external_port`:
 /// refreshes the session (RFC 4787 REQ-6) and follows a TCP segment `seg` in its state
 /// (`tcp_track`), or creates the session together with its address-only twin (used by
 /// address-dependent filtering) when the host and the binding are under their session limits.
+/// `forwarded`: the kernel forwarded this packet (TC egress of a packet that arrived on another
+/// interface), which confirms the session's outbound direction for the fast path (`fastpath`).
 /// Fails, counted, when a limit refuses the new session or the session map is full.
 #[inline(always)]
 pub fn touch_outbound(
@@ -81,7 +106,36 @@ pub fn touch_outbound(
     (external_addr, external_port): (u32, u16),
     seg: &Tcp,
     now: u64,
+    forwarded: bool,
 ) -> Result<(), ()> {
+    if let Some(session) = endpoint(
+        flow.proto,
+        external_addr,
+        external_port,
+        flow.remote_addr,
+        flow.remote_port,
+    ) {
+        use_outbound(session, flow, seg, now, forwarded);
+        return Ok(());
+    }
+    if !usage::may_create_session(cfg, flow.internal_addr, flow.proto, external_addr, external_port) {
+        return Err(());
+    }
+    let confirmed = if forwarded && fastpath::enabled() {
+        SESSION_FLAG_OFFLOAD_OUT
+    } else {
+        0
+    };
+    let mut value = SessionValue {
+        last_seen_ns: now,
+        internal_addr: flow.internal_addr,
+        internal_port: flow.internal_port,
+        flags: SESSION_FLAG_INTERNAL_ENDPOINT | confirmed,
+        ..SessionValue::default()
+    };
+    if flow.proto == proto::TCP {
+        seg.track(&mut value, Direction::Outbound);
+    }
     let endpoint = key(
         flow.proto,
         external_addr,
@@ -89,39 +143,6 @@ pub fn touch_outbound(
         flow.remote_addr,
         flow.remote_port,
         SESSION_KIND_ENDPOINT,
-    );
-    if let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) {
-        // SAFETY: map value pointer from a successful lookup; racing writes are benign.
-        unsafe {
-            // An outbound segment out of window is still translated (the remote's TCP judges
-            // it again); it only changes nothing here.
-            if flow.proto == proto::TCP && seg.track(&mut *session, Direction::Outbound) != Verdict::Pass {
-                count(Counter::TcpOutOfWindow);
-            }
-            if now.wrapping_sub((*session).last_seen_ns) > REFRESH_GRANULARITY_NS {
-                (*session).last_seen_ns = now;
-            }
-        }
-        return Ok(());
-    }
-    if !usage::may_create_session(cfg, flow.internal_addr, flow.proto, external_addr, external_port) {
-        return Err(());
-    }
-    let mut value = SessionValue {
-        last_seen_ns: now,
-        internal_addr: flow.internal_addr,
-        ..SessionValue::default()
-    };
-    if flow.proto == proto::TCP {
-        seg.track(&mut value, Direction::Outbound);
-    }
-    let address = key(
-        flow.proto,
-        external_addr,
-        external_port,
-        flow.remote_addr,
-        0,
-        SESSION_KIND_ADDRESS,
     );
     match NAT_SESSIONS.insert(endpoint, value, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -135,11 +156,61 @@ pub fn touch_outbound(
             return Err(());
         }
     }
+    let address = key(
+        flow.proto,
+        external_addr,
+        external_port,
+        flow.remote_addr,
+        0,
+        SESSION_KIND_ADDRESS,
+    );
+    // The address-only twin is only looked for; it needs no endpoint or fast-path bits.
+    value.flags = 0;
     if NAT_SESSIONS.insert(address, value, BPF_ANY as u64).is_err() {
         count(Counter::TableFull);
         return Err(());
     }
     Ok(())
+}
+
+/// What an outbound packet of `flow` does to its existing session `session`: TCP tracking, the
+/// refresh stamp (written only when stale, so a busy session's cache line is not dirtied per
+/// packet), and the flag bits, each written only when missing (see `set_flags` for the race).
+///
+/// The internal endpoint is the truth of the binding the packet was translated by: a session
+/// that holds another port (left over from a binding that went while the packet that created
+/// it was in flight) takes this one; one that belongs to another host keeps that host, which
+/// the controller's per-host session count releases, and loses its endpoint bit, so inbound
+/// packets look the binding up instead.
+#[inline(always)]
+pub fn use_outbound(session: *mut SessionValue, flow: &OutboundFlow, seg: &Tcp, now: u64, forwarded: bool) {
+    // SAFETY: map value pointer from a successful lookup; racing writes are benign.
+    unsafe {
+        // An outbound segment out of window is still translated (the remote's TCP judges
+        // it again); it only changes nothing here.
+        if flow.proto == proto::TCP && seg.track(&mut *session, Direction::Outbound) != Verdict::Pass {
+            count(Counter::TcpOutOfWindow);
+        }
+        if now.wrapping_sub((*session).last_seen_ns) > REFRESH_GRANULARITY_NS {
+            (*session).last_seen_ns = now;
+        }
+        let old = (*session).flags;
+        let mut flags = old;
+        if (*session).internal_addr == flow.internal_addr {
+            if old & SESSION_FLAG_INTERNAL_ENDPOINT == 0 || (*session).internal_port != flow.internal_port {
+                (*session).internal_port = flow.internal_port;
+            }
+            flags |= SESSION_FLAG_INTERNAL_ENDPOINT;
+        } else {
+            flags &= !SESSION_FLAG_INTERNAL_ENDPOINT;
+        }
+        if forwarded && old & SESSION_FLAG_OFFLOAD_OUT == 0 && fastpath::enabled() {
+            flags |= SESSION_FLAG_OFFLOAD_OUT;
+        }
+        if flags != old {
+            (*session).flags = flags;
+        }
+    }
 }
 
 /// The mode's inbound filter (RFC 4787 §5): may this remote send to this binding?
@@ -173,29 +244,12 @@ pub fn filter_allows(
     }
 }
 
-/// Follows an inbound TCP segment in its session's state and sequence tracking (`tcp_track`:
+/// Follows an inbound TCP segment in its address-and-port session `session` (`tcp_track`:
 /// FIN, RST, simultaneous open, and whether they are in window). Returns true when the segment
 /// must be dropped: a RST outside the window (RFC 5961), counted. Inbound packets do not
 /// refresh timers (RFC 4787 REQ-6a is optional; RFC 7857 §7).
 #[inline(always)]
-pub fn track_inbound_tcp(
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-    seg: &Tcp,
-) -> bool {
-    let endpoint = key(
-        proto::TCP,
-        external_addr,
-        external_port,
-        remote_addr,
-        remote_port,
-        SESSION_KIND_ENDPOINT,
-    );
-    let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) else {
-        return false;
-    };
+pub fn track_inbound_tcp(session: *mut SessionValue, seg: &Tcp) -> bool {
     // SAFETY: map value pointer from a successful lookup; racing writes are benign.
     let verdict = unsafe { seg.track(&mut *session, Direction::Inbound) };
     if verdict == Verdict::Pass {
@@ -203,32 +257,6 @@ pub fn track_inbound_tcp(
     }
     count(Counter::TcpOutOfWindow);
     verdict == Verdict::Drop
-}
-
-/// True if the endpoint session of binding `external_addr:external_port` with the remote has
-/// every bit of `flags` (`SESSION_FLAG_*`).
-#[inline(always)]
-pub fn has_flags(
-    proto: u8,
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-    flags: u8,
-) -> bool {
-    let endpoint = key(
-        proto,
-        external_addr,
-        external_port,
-        remote_addr,
-        remote_port,
-        SESSION_KIND_ENDPOINT,
-    );
-    match NAT_SESSIONS.get_ptr(endpoint) {
-        // SAFETY: map value pointer from a successful lookup.
-        Some(session) => (unsafe { (*session).flags }) & flags == flags,
-        None => false,
-    }
 }
 
 /// Sets `flags` on the endpoint session of binding `external_addr:external_port` with the

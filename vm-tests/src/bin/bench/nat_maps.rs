@@ -13,7 +13,8 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use nat_common::{
     maps::{
-        names, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT, SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
+        names, SESSION_FLAG_INTERNAL_ENDPOINT, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT,
+        SESSION_KIND_ADDRESS, SESSION_KIND_ENDPOINT,
     },
     proto, BindingKey, BindingValue, Counter, ExternalKey, ExternalValue, NatConfig, SessionKey,
     SessionValue,
@@ -61,7 +62,9 @@ struct Entries {
 }
 
 impl Entries {
-    fn of(b: &Binding, now_ns: u64) -> Entries {
+    /// `offload`: the session's fast-path bits are set (see `SESSION_FLAG_OFFLOAD_OUT`), as the
+    /// data path sets them only in an instance whose fast path is on.
+    fn of(b: &Binding, now_ns: u64, offload: bool) -> Entries {
         let out_key = BindingKey {
             internal_addr: be(*b.internal.ip()),
             remote_addr: 0,
@@ -112,9 +115,16 @@ impl Entries {
             session: SessionValue {
                 last_seen_ns: now_ns,
                 tcp_state: 0,
-                // As if each flow's first packets had passed the kernel's forwarding path
-                // both ways: a prefilled flow is an established one.
-                flags: SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN,
+                // With `offload`, as if each flow's first packets had passed the kernel's
+                // forwarding path both ways: a prefilled flow is an established one. It holds
+                // its internal endpoint, as the data path writes it.
+                flags: if offload {
+                    SESSION_FLAG_OFFLOAD_OUT | SESSION_FLAG_OFFLOAD_IN | SESSION_FLAG_INTERNAL_ENDPOINT
+                } else {
+                    SESSION_FLAG_INTERNAL_ENDPOINT
+                },
+                internal_addr: out_key.internal_addr,
+                internal_port: out_key.internal_port,
                 ..SessionValue::default()
             },
         }
@@ -149,9 +159,11 @@ impl NatMaps {
         Ok(self.counters.get(&(c as u32), 0)?.iter().sum())
     }
 
-    /// Inserts `b` as the data path would have created it (endpoint-independent mapping).
+    /// Inserts `b` as the data path would have created it (endpoint-independent mapping) in an
+    /// instance without the fast path, such as the cost phase's test instance (no internal
+    /// interface): its sessions never get the fast-path bits there.
     pub fn insert(&mut self, b: &Binding, now_ns: u64) -> Result<()> {
-        let e = Entries::of(b, now_ns);
+        let e = Entries::of(b, now_ns, false);
         self.bindings_in
             .insert(e.in_key, e.in_value, BPF_NOEXIST)
             .with_context(|| format!("cannot insert the inbound entry of {b:?}"))?;
@@ -168,7 +180,7 @@ impl NatMaps {
 
     /// Removes `b`'s four entries, as far as they exist; returns how many were missing.
     pub fn remove(&mut self, b: &Binding) -> u32 {
-        let e = Entries::of(b, 0);
+        let e = Entries::of(b, 0, false);
         let mut missing = u32::from(self.bindings_in.remove(&e.in_key).is_err());
         missing += u32::from(self.bindings_out.remove(&e.out_key).is_err());
         for key in &e.session_keys {
@@ -202,7 +214,7 @@ impl NatMaps {
         for chunk in indexes.chunks(nat_ctl::batch::CHUNK) {
             let entries: Vec<Entries> = chunk
                 .iter()
-                .map(|&i| Entries::of(&layout.binding(i), last_seen_ns))
+                .map(|&i| Entries::of(&layout.binding(i), last_seen_ns, true))
                 .collect();
             let inbound: Vec<_> = entries.iter().map(|e| (e.in_key, e.in_value)).collect();
             let outbound: Vec<_> = entries.iter().map(|e| (e.out_key, e.out_value)).collect();
