@@ -313,8 +313,8 @@ impl Mappings {
         self.list = kept;
         for m in &gone {
             if let Err(e) = dp.remove(m) {
-                eprintln!(
-                    "nat-ctl: port mapping: cannot remove {} {}: {e:#}",
+                tracing::warn!(
+                    "port mapping: cannot remove {} {}: {e:#}",
                     nat_common::proto::name(m.proto),
                     m.internal
                 );

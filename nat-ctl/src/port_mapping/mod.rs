@@ -149,8 +149,8 @@ fn save_state(path: &PathBuf, list: &[Mapping]) {
     let text = serde_json::to_string(list).unwrap_or_default();
     let fresh = PathBuf::from(format!("{}.new", path.display()));
     if let Err(e) = std::fs::write(&fresh, text).and_then(|()| std::fs::rename(&fresh, path)) {
-        eprintln!(
-            "nat-ctl: port mapping: cannot record the mappings in {}: {e}",
+        tracing::warn!(
+            "port mapping: cannot record the mappings in {}: {e}",
             path.display()
         );
     }
@@ -394,7 +394,8 @@ async fn serve(
                         let _ = sockets[i].send_to(&answer, from).await;
                     }
                     Ok(None) => {}
-                    Err(e) => eprintln!("nat-ctl: port mapping: request from {from}: {e:#}"),
+                    // A client's mistake, answered with an error code: worth a line, not a warning.
+                    Err(e) => tracing::info!("port mapping: request from {from}: {e:#}"),
                 }
             }
             Some((action, from, reply)) = upnp_rx.recv() => {
@@ -404,7 +405,7 @@ async fn serve(
                     save_state(&state_path, server.mappings.list());
                 }
                 let answer = answer.unwrap_or_else(|e| {
-                    eprintln!("nat-ctl: port mapping: UPnP {} from {from}: {e:#}", action.name);
+                    tracing::warn!("port mapping: UPnP {} from {from}: {e:#}", action.name);
                     Err(upnp::actions::UpnpError::ActionFailed)
                 });
                 let _ = reply.send(answer);
