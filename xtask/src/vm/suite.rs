@@ -142,6 +142,17 @@ pub const VM_TESTS: &[VmTest] = &[
         "port_mapping",
         "port_mapping_survives_a_persist_restart_with_the_lifetime_it_had_left",
     ),
+    // UPnP IGD with upnpc, and the same client steps against miniupnpd with nftables.
+    t(
+        "port_mapping",
+        "port_mapping_upnpc_and_natpmpc_get_the_same_outcomes_from_nat_ctl_as_from_miniupnpd",
+    ),
+    // Reload in place: the mode switched (the data path's filter) and forwards added and
+    // removed, while flows keep their ports.
+    t(
+        "reload",
+        "reload_switches_mode_and_forwards_in_place_and_flows_keep_their_ports",
+    ),
     // Detach leaves nothing; CLI behaviour that depends on the kernel.
     t("cli", "stop_removes_programs_qdisc_and_pins"),
     t("cli", "bad_input_fails_with_one_line_and_attaches_nothing"),
