@@ -10,11 +10,11 @@ pub mod mappings;
 pub mod natpmp;
 pub mod pcp;
 pub mod server;
+pub mod socket;
 pub mod upnp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::{FromRawFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -156,73 +156,10 @@ fn save_state(path: &PathBuf, list: &[Mapping]) {
     }
 }
 
-/// A UDP socket on `addr`:5351 that only `iface`'s packets reach (SO_BINDTODEVICE: with the
-/// weak host model a packet to an internal address arriving on the external interface would
-/// otherwise be accepted; RFC 6887 §18.1: requests from outside are never answered).
+/// The PCP/NAT-PMP socket on `addr`:5351 of `iface`, reachable only through it.
 fn open_socket(iface: &str, addr: Ipv4Addr) -> Result<std::net::UdpSocket> {
-    // SAFETY: plain socket(2) call; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = iface.as_bytes();
-    // SAFETY: the option value is the interface name's bytes, with its length.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!("SO_BINDTODEVICE {iface}: {}", std::io::Error::last_os_error());
-    }
-    let one: libc::c_int = 1;
-    // SAFETY: an int option.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: pcp::SERVER_PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a sockaddr_in with its length.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "binding {addr}:{} on {iface}: {}",
-            pcp::SERVER_PORT,
-            std::io::Error::last_os_error()
-        );
-    }
-    let socket = std::net::UdpSocket::from(owned);
-    Ok(socket)
+    let owned = socket::bound_socket(libc::SOCK_DGRAM, iface, addr, pcp::SERVER_PORT)?;
+    Ok(std::net::UdpSocket::from(owned))
 }
 
 /// Refuses port mapping without internal interfaces (before anything is attached): the

@@ -13,7 +13,6 @@ pub mod ssdp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::{FromRawFd, OwnedFd},
     sync::Arc,
     time::Duration,
 };
@@ -25,6 +24,7 @@ use tokio::{
 };
 
 use self::description::Uuids;
+use super::socket::bound_socket;
 
 /// TCP port of the description and control server on each internal address (the port Windows'
 /// Internet Connection Sharing serves its IGD on; SSDP's LOCATION tells clients anyway).
@@ -51,79 +51,12 @@ fn uuid() -> String {
         })
 }
 
-/// A socket of `kind` on `addr:port`, only reachable through `iface` (SO_BINDTODEVICE).
-fn bound_socket(kind: libc::c_int, iface: &str, addr: Ipv4Addr, port: u16) -> Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = iface.as_bytes();
-    // SAFETY: the option value is the interface name's bytes, with its length.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!("SO_BINDTODEVICE {iface}: {}", std::io::Error::last_os_error());
-    }
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a sockaddr_in with its length.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "binding {addr}:{port} on {iface}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(owned)
-}
-
-fn set_int(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-    // SAFETY: an int option.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// The SSDP socket of `iface`: UDP 1900, in the SSDP group on that interface, sending its
 /// multicast there.
 fn ssdp_socket(iface: &str) -> Result<UdpSocket> {
     let owned = bound_socket(libc::SOCK_DGRAM, iface, Ipv4Addr::UNSPECIFIED, ssdp::PORT)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: a NUL-terminated interface name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        bail!("no interface {iface}");
-    }
+    let index = crate::iface::index(iface)?;
     let mreq = libc::ip_mreqn {
         imr_multiaddr: libc::in_addr {
             s_addr: u32::from(ssdp::GROUP).to_be(),
