@@ -24,6 +24,8 @@ pub mod names {
     pub const USAGE_RELEASED: &str = "NAT_USAGE_RELEASED";
     /// `u32` ifindex -> `u32` (unused): interfaces the fast path may redirect to.
     pub const FAST_PATH_IFACES: &str = "NAT_FAST_PATH_IFACES";
+    /// One `u32`, nonzero while any interface is in `FAST_PATH_IFACES`.
+    pub const FAST_PATH_ON: &str = "NAT_FAST_PATH_ON";
     /// Ring buffer of `ParkedFragment`s for the controller.
     pub const PARKED_FRAGMENTS: &str = "NAT_PARKED_FRAGMENTS";
     /// Ring buffer of `Notice`s for the controller.
@@ -33,7 +35,7 @@ pub mod names {
     /// `SessionUsageKey` -> sessions removed by the controller.
     pub const SESSION_USAGE_RELEASED: &str = "NAT_SESS_USE_RELEASED";
     /// Every map, for pin clean-up.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         BINDINGS_OUT,
         BINDINGS_IN,
@@ -43,6 +45,7 @@ pub mod names {
         USAGE_CREATED,
         USAGE_RELEASED,
         FAST_PATH_IFACES,
+        FAST_PATH_ON,
         PARKED_FRAGMENTS,
         NOTICES,
         SESSION_USAGE_CREATED,
@@ -61,9 +64,6 @@ pub const STATIC_FORWARD_RESERVE: u32 = 4_096;
 pub const SESSIONS_PER_BINDING: u32 = 4;
 /// Capacity of the per-host usage maps: how many internal hosts can hold bindings at once.
 pub const MAX_USAGE_HOSTS: u32 = 65_536;
-/// Key of `FAST_PATH_IFACES` present while any device is registered (no interface has index 0):
-/// one cheap lookup tells the data path whether a route lookup can be worth it.
-pub const FAST_PATH_ANY: u32 = 0;
 /// Most interfaces the fast path redirects between (the external one and the internal ones).
 pub const MAX_FAST_PATH_IFACES: u32 = 64;
 /// Key of the all-hosts total in the usage maps (0.0.0.0 is never an internal host).

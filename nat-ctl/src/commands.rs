@@ -131,7 +131,8 @@ pub fn status(query: &QueryArgs) -> Result<()> {
         .fast_path_ifaces
         .keys()
         .filter_map(|k| k.ok())
-        .filter(|k| *k != nat_common::maps::FAST_PATH_ANY)
+        // Index 0 is no interface (a NAT attached by an older nat-ctl kept its on-switch there).
+        .filter(|k| *k != 0)
         .map(crate::iface::name)
         .collect();
     fast_path.sort();

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
-use nat_common::maps::FAST_PATH_ANY;
 
 use crate::{pinned::PinnedMaps, xdp_features::NetdevFamily};
 
@@ -53,7 +52,6 @@ impl FastPathDevices {
     /// Brings the map in line with what the devices accept now; reports each change on stderr.
     pub fn refresh(&mut self, maps: &mut PinnedMaps) -> Result<()> {
         let Some(netdev) = &self.netdev else { return Ok(()) };
-        let was_on = !self.active.is_empty();
         for (name, ifindex) in &self.candidates {
             let accepts = netdev.accepts_redirects(*ifindex);
             if accepts && self.active.insert(*ifindex) {
@@ -66,13 +64,9 @@ impl FastPathDevices {
                 tracing::info!("fast path off towards {name}: it does not accept XDP-redirected frames (a veth needs GRO or XDP on its peer)");
             }
         }
-        if self.active.is_empty() == was_on {
-            if self.active.is_empty() {
-                let _ = maps.fast_path_ifaces.remove(&FAST_PATH_ANY);
-            } else {
-                maps.fast_path_ifaces.insert(FAST_PATH_ANY, 0, 0)?;
-            }
-        }
+        // Written every time, not only on a change: a switch left on by an earlier daemon
+        // (adoption) is corrected on the first refresh.
+        maps.fast_path_on.set(0, u32::from(!self.active.is_empty()), 0)?;
         Ok(())
     }
 }

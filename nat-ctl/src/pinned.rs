@@ -37,6 +37,8 @@ pub struct PinnedMaps {
     pub usage_released: HashMap<MapData, u32, u64>,
     /// Interfaces the XDP fast path may redirect to.
     pub fast_path_ifaces: HashMap<MapData, u32, u32>,
+    /// Nonzero while `fast_path_ifaces` holds any interface.
+    pub fast_path_on: Array<MapData, u32>,
     /// Sessions created per host, per binding and in all (written by the data path).
     pub session_usage_created: HashMap<MapData, SessionUsageKey, u64>,
     /// Sessions removed per host, per binding and in all (written only by the controller).
@@ -70,6 +72,7 @@ impl PinnedMaps {
             usage_created: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_CREATED)?))?,
             usage_released: HashMap::try_from(Map::HashMap(open(dir, names::USAGE_RELEASED)?))?,
             fast_path_ifaces: HashMap::try_from(Map::HashMap(open(dir, names::FAST_PATH_IFACES)?))?,
+            fast_path_on: Array::try_from(Map::Array(open(dir, names::FAST_PATH_ON)?))?,
             session_usage_created: HashMap::try_from(Map::HashMap(open(dir, names::SESSION_USAGE_CREATED)?))?,
             session_usage_released: HashMap::try_from(Map::HashMap(open(
                 dir,

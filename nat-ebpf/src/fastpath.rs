@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     checksum::replace_u16,
-    maps::{FAST_PATH_ANY, SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT},
+    maps::{SESSION_FLAG_OFFLOAD_IN, SESSION_FLAG_OFFLOAD_OUT},
     packet::Ipv4Header,
     tcp_state::flags as tcp_flags,
     BindingValue, NatConfig, SessionValue,
@@ -31,7 +31,7 @@ use nat_common::{
 use crate::{
     access::{read_at, write_at},
     bindings::{self, OutboundFlow},
-    maps::NAT_FAST_PATH_IFACES,
+    maps::{NAT_FAST_PATH_IFACES, NAT_FAST_PATH_ON},
     sessions,
 };
 
@@ -58,11 +58,11 @@ pub struct Route {
 /// TCP flags of segments that always take the kernel path.
 const KERNEL_PATH_TCP_FLAGS: u8 = tcp_flags::SYN;
 
-/// True while any device is registered for the fast path: one cheap lookup that spares every
-/// other fast-path step when it is off.
+/// True while any device is registered for the fast path: one inlined array load that spares
+/// every other fast-path step when it is off.
 #[inline(always)]
 pub fn enabled() -> bool {
-    NAT_FAST_PATH_IFACES.get_ptr(FAST_PATH_ANY).is_some()
+    NAT_FAST_PATH_ON.get(0).is_some_and(|on| *on != 0)
 }
 
 /// True for TCP segments that open a connection (`tcp_flags` is 0 for other protocols): they

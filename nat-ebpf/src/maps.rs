@@ -78,6 +78,12 @@ pub static NAT_SESS_USE_RELEASED: HashMap<SessionUsageKey, u64> =
 #[map]
 pub static NAT_FAST_PATH_IFACES: HashMap<u32, u32> = HashMap::pinned(MAX_FAST_PATH_IFACES, 0);
 
+/// Nonzero while any interface is registered for the fast path. An array rather than a key of
+/// `NAT_FAST_PATH_IFACES`: the verifier inlines the lookup of an array element
+/// (`array_map_gen_lookup`), so asking costs a load, not a hash lookup, on every packet.
+#[map]
+pub static NAT_FAST_PATH_ON: Array<u32> = Array::pinned(1, 0);
+
 /// Out-of-order inbound fragments handed to the controller (see `ParkedFragment`).
 #[map]
 pub static NAT_PARKED_FRAGMENTS: RingBuf = RingBuf::pinned(PARKED_RING_BYTES, 0);
