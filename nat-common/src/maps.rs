@@ -213,6 +213,21 @@ pub struct BindingKey {
     pub _pad: [u8; 3],
 }
 
+impl BindingKey {
+    /// The endpoint-independent key of `internal` (remote fields zero): a cone-mode binding,
+    /// a forward or a port mapping.
+    pub const fn of_endpoint(proto: u8, internal: core::net::SocketAddrV4) -> Self {
+        BindingKey {
+            internal_addr: u32::from_ne_bytes(internal.ip().octets()),
+            remote_addr: 0,
+            internal_port: internal.port().to_be(),
+            remote_port: 0,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// What an outbound packet is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -241,6 +256,29 @@ pub struct ExternalKey {
     pub proto: u8,
     /// Explicit padding (always zero).
     pub _pad: u8,
+}
+
+impl ExternalKey {
+    /// The key of `external`.
+    pub const fn of_endpoint(proto: u8, external: core::net::SocketAddrV4) -> Self {
+        ExternalKey {
+            external_addr: u32::from_ne_bytes(external.ip().octets()),
+            external_port: external.port().to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    /// The key of an external address and port already in network order, as map values
+    /// hold them.
+    pub const fn of_network_order(proto: u8, external_addr: u32, external_port: u16) -> Self {
+        ExternalKey {
+            external_addr,
+            external_port,
+            proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// The internal endpoint behind an external endpoint, and enough to rebuild the
@@ -434,6 +472,20 @@ pub struct Notice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_keys_hold_network_order() {
+        let endpoint = core::net::SocketAddrV4::new(core::net::Ipv4Addr::new(10, 0, 0, 2), 40_000);
+        let key = BindingKey::of_endpoint(crate::proto::UDP, endpoint);
+        assert_eq!(key.internal_addr.to_ne_bytes(), [10, 0, 0, 2]);
+        assert_eq!(key.internal_port.to_ne_bytes(), 40_000u16.to_be_bytes());
+        assert_eq!((key.remote_addr, key.remote_port), (0, 0));
+        let external = ExternalKey::of_endpoint(crate::proto::UDP, endpoint);
+        assert_eq!(
+            external,
+            ExternalKey::of_network_order(crate::proto::UDP, key.internal_addr, key.internal_port)
+        );
+    }
 
     #[test]
     fn default_session_limits_keep_one_host_from_filling_the_table() {

@@ -8,11 +8,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{bail, Result};
 use nat_common::{
     maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
-    proto, BindingKey, BindingValue, ExternalKey, ExternalValue, NatConfig, SessionKey,
+    proto, BindingKey, ExternalKey, NatConfig, SessionKey,
 };
 use serde::Serialize;
 
-use crate::pinned::{PinnedMaps, BPF_NOEXIST};
+use crate::pinned::{ClaimRefused, PinnedMaps, BPF_NOEXIST};
 
 /// One static forward.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,22 +89,6 @@ pub fn external_addr_for(config: &NatConfig, requested: Option<Ipv4Addr>) -> Res
     }
 }
 
-fn keys(f: &Forward) -> (ExternalKey, BindingKey) {
-    let external = ExternalKey {
-        external_addr: u32::from(*f.external.ip()).to_be(),
-        external_port: f.external.port().to_be(),
-        proto: f.proto,
-        _pad: 0,
-    };
-    let internal = BindingKey {
-        internal_addr: u32::from(*f.internal.ip()).to_be(),
-        internal_port: f.internal.port().to_be(),
-        proto: f.proto,
-        ..Default::default()
-    };
-    (external, internal)
-}
-
 fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
 }
@@ -113,7 +97,8 @@ fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
 /// bound (by a live dynamic binding or another forward).
 pub fn add(maps: &mut PinnedMaps, f: &Forward) -> Result<()> {
     let name = proto::name(f.proto);
-    let (external_key, internal_key) = keys(f);
+    let external_key = ExternalKey::of_endpoint(f.proto, f.external);
+    let internal_key = BindingKey::of_endpoint(f.proto, f.internal);
     if let Ok(existing) = maps.bindings_in.get(&external_key, 0) {
         let holder = endpoint(existing.internal_addr, existing.internal_port);
         if existing.flags & BINDING_FLAG_STATIC != 0 {
@@ -130,45 +115,24 @@ pub fn add(maps: &mut PinnedMaps, f: &Forward) -> Result<()> {
         };
         bail!("{name} {} already has {what} on {bound}", f.internal);
     }
-    let inbound = ExternalValue {
-        internal_addr: internal_key.internal_addr,
-        internal_port: internal_key.internal_port,
-        flags: BINDING_FLAG_STATIC,
-        ..Default::default()
-    };
-    // Claim the external port first, atomically, exactly as the data path does.
-    if maps
-        .bindings_in
-        .insert(external_key, inbound, BPF_NOEXIST)
-        .is_err()
-    {
-        bail!(
+    match maps.claim_static_binding(f.proto, f.external, f.internal, BINDING_FLAG_STATIC) {
+        Ok(()) => Ok(()),
+        Err(ClaimRefused::ExternalTaken) => bail!(
             "{name} {} was just taken by a new flow; try again or choose another port",
             f.external
-        );
+        ),
+        Err(ClaimRefused::InternalTaken) => {
+            bail!(
+                "{name} {} was just bound by a new flow; nothing changed",
+                f.internal
+            )
+        }
     }
-    let outbound = BindingValue {
-        last_seen_ns: crate::clock::monotonic_ns(),
-        external_addr: external_key.external_addr,
-        external_port: external_key.external_port,
-        flags: BINDING_FLAG_STATIC,
-        _pad: 0,
-    };
-    if let Err(e) = maps.bindings_out.insert(internal_key, outbound, BPF_NOEXIST) {
-        let _ = maps.bindings_in.remove(&external_key);
-        bail!("{name} {} could not be bound ({e}); nothing changed", f.internal);
-    }
-    Ok(())
 }
 
 /// Removes the forward on `proto` `external`, returning it.
 pub fn remove(maps: &mut PinnedMaps, proto: u8, external: SocketAddrV4) -> Result<Forward> {
-    let key = ExternalKey {
-        external_addr: u32::from(*external.ip()).to_be(),
-        external_port: external.port().to_be(),
-        proto,
-        _pad: 0,
-    };
+    let key = ExternalKey::of_endpoint(proto, external);
     let name = proto::name(proto);
     match maps.bindings_in.get(&key, 0) {
         Ok(value) if value.flags & BINDING_FLAGS_PORT_MAPPING != 0 => {
@@ -215,8 +179,8 @@ pub fn move_to(maps: &mut PinnedMaps, f: &Forward, to: Ipv4Addr) -> Result<Forwa
         external: SocketAddrV4::new(to, f.external.port()),
         ..f.clone()
     };
-    let (old_key, _) = keys(f);
-    let (new_key, _) = keys(&moved);
+    let old_key = ExternalKey::of_endpoint(f.proto, f.external);
+    let new_key = ExternalKey::of_endpoint(f.proto, moved.external);
     let inbound = match maps.bindings_in.get(&old_key, 0) {
         Ok(value) if value.flags & BINDING_FLAG_STATIC != 0 => value,
         _ => bail!("there is no forward on {name} {}", f.external),

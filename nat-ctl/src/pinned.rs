@@ -1,6 +1,6 @@
 //! Typed access to an instance's pinned maps, used by the daemon and by every CLI subcommand.
 
-use std::path::Path;
+use std::{net::SocketAddrV4, path::Path};
 
 use crate::batch;
 use anyhow::{Context, Result};
@@ -113,7 +113,54 @@ impl PinnedMaps {
     }
 }
 
+/// Why a static binding could not be installed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// The external port is held (by a live binding, a forward or a port mapping), or was
+    /// just taken by a new flow.
+    ExternalTaken,
+    /// The internal endpoint has a binding already (one opened meanwhile included).
+    InternalTaken,
+}
+
 impl PinnedMaps {
+    /// Installs a static binding `external` <-> `internal` with `flags` (a forward, or a port
+    /// mapping with its `BINDING_FLAG_*`): the external port first, atomically
+    /// (`BPF_NOEXIST`), exactly as the data path claims one, so a port a live binding or a
+    /// forward owns is never taken (RFC 6887 §18); then the internal endpoint, giving the port
+    /// back when that fails.
+    pub fn claim_static_binding(
+        &mut self,
+        proto: u8,
+        external: SocketAddrV4,
+        internal: SocketAddrV4,
+        flags: u8,
+    ) -> std::result::Result<(), ClaimRefused> {
+        let key_out = BindingKey::of_endpoint(proto, internal);
+        let key_in = ExternalKey::of_endpoint(proto, external);
+        let inbound = ExternalValue {
+            internal_addr: key_out.internal_addr,
+            internal_port: key_out.internal_port,
+            flags,
+            ..Default::default()
+        };
+        if self.bindings_in.insert(key_in, inbound, BPF_NOEXIST).is_err() {
+            return Err(ClaimRefused::ExternalTaken);
+        }
+        let outbound = BindingValue {
+            last_seen_ns: crate::clock::monotonic_ns(),
+            external_addr: key_in.external_addr,
+            external_port: key_in.external_port,
+            flags,
+            _pad: 0,
+        };
+        if self.bindings_out.insert(key_out, outbound, BPF_NOEXIST).is_err() {
+            let _ = self.bindings_in.remove(&key_in);
+            return Err(ClaimRefused::InternalTaken);
+        }
+        Ok(())
+    }
+
     /// Dynamic bindings `internal_addr` holds now (`USAGE_ALL_HOSTS` for the total).
     pub fn usage(&self, internal_addr: u32) -> u64 {
         let created = self.usage_created.get(&internal_addr, 0).unwrap_or(0);

@@ -7,34 +7,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Result;
 use nat_common::{
     maps::{BINDING_FLAGS_PORT_MAPPING, BINDING_FLAG_STATIC},
-    BindingKey, BindingValue, ExternalKey, ExternalValue, SessionKey,
+    BindingKey, ExternalKey, SessionKey,
 };
 
 use super::mappings::{Dataplane, Holder, Mapping, Via};
-use crate::pinned::{PinnedMaps, BPF_EXIST, BPF_NOEXIST};
+use crate::pinned::{PinnedMaps, BPF_EXIST};
 
 /// The pinned maps as a `Dataplane`.
 pub struct Kernel<'a> {
     /// The NAT's maps.
     pub maps: &'a mut PinnedMaps,
-}
-
-fn out_key(proto: u8, internal: SocketAddrV4) -> BindingKey {
-    BindingKey {
-        internal_addr: u32::from(*internal.ip()).to_be(),
-        internal_port: internal.port().to_be(),
-        proto,
-        ..Default::default()
-    }
-}
-
-fn in_key(proto: u8, addr_be: u32, port_be: u16) -> ExternalKey {
-    ExternalKey {
-        external_addr: addr_be,
-        external_port: port_be,
-        proto,
-        _pad: 0,
-    }
 }
 
 impl Dataplane for Kernel<'_> {
@@ -50,7 +32,11 @@ impl Dataplane for Kernel<'_> {
     }
 
     fn holder(&mut self, proto: u8, internal: SocketAddrV4) -> Holder {
-        match self.maps.bindings_out.get(&out_key(proto, internal), 0) {
+        match self
+            .maps
+            .bindings_out
+            .get(&BindingKey::of_endpoint(proto, internal), 0)
+        {
             Ok(v) if v.flags & BINDING_FLAG_STATIC != 0 => Holder::Static,
             Ok(v) => Holder::Dynamic(u16::from_be(v.external_port)),
             Err(_) => Holder::Free,
@@ -61,54 +47,24 @@ impl Dataplane for Kernel<'_> {
         let Some(addr) = self.external_addr() else {
             return Ok(false);
         };
+        let external = SocketAddrV4::new(addr, external_port);
         let flags = BINDING_FLAG_STATIC | via.flag();
-        let key_out = out_key(proto, internal);
-        let key_in = in_key(proto, u32::from(addr).to_be(), external_port.to_be());
-        let inbound = ExternalValue {
-            internal_addr: key_out.internal_addr,
-            internal_port: key_out.internal_port,
-            flags,
-            ..Default::default()
-        };
-        // The external port first, atomically: a port a live binding or forward owns is
-        // never taken (RFC 6887 §18).
-        if self
+        // Refused when the port is held or the host opened a flow from this endpoint meanwhile.
+        Ok(self
             .maps
-            .bindings_in
-            .insert(key_in, inbound, BPF_NOEXIST)
-            .is_err()
-        {
-            return Ok(false);
-        }
-        let outbound = BindingValue {
-            last_seen_ns: crate::clock::monotonic_ns(),
-            external_addr: key_in.external_addr,
-            external_port: key_in.external_port,
-            flags,
-            _pad: 0,
-        };
-        if self
-            .maps
-            .bindings_out
-            .insert(key_out, outbound, BPF_NOEXIST)
-            .is_err()
-        {
-            // The host opened a flow from this endpoint meanwhile: give the port back.
-            let _ = self.maps.bindings_in.remove(&key_in);
-            return Ok(false);
-        }
-        Ok(true)
+            .claim_static_binding(proto, external, internal, flags)
+            .is_ok())
     }
 
     fn flow_port(&mut self, proto: u8, internal: SocketAddrV4, remote: SocketAddrV4) -> Option<u16> {
-        let mut key = out_key(proto, internal);
+        let mut key = BindingKey::of_endpoint(proto, internal);
         key.remote_addr = u32::from(*remote.ip()).to_be();
         key.remote_port = remote.port().to_be();
-        let value = self
-            .maps
-            .bindings_out
-            .get(&key, 0)
-            .or_else(|_| self.maps.bindings_out.get(&out_key(proto, internal), 0));
+        let value = self.maps.bindings_out.get(&key, 0).or_else(|_| {
+            self.maps
+                .bindings_out
+                .get(&BindingKey::of_endpoint(proto, internal), 0)
+        });
         value.ok().map(|v| u16::from_be(v.external_port))
     }
 
@@ -133,7 +89,7 @@ impl Dataplane for Kernel<'_> {
                 true,
             );
         }
-        let key_out = out_key(m.proto, m.internal);
+        let key_out = BindingKey::of_endpoint(m.proto, m.internal);
         let Ok(value) = self.maps.bindings_out.get(&key_out, 0) else {
             return Ok(());
         };
@@ -141,7 +97,7 @@ impl Dataplane for Kernel<'_> {
             // Not a mapping any more (an operator's forward now): leave it.
             return Ok(());
         }
-        let key_in = in_key(m.proto, value.external_addr, value.external_port);
+        let key_in = ExternalKey::of_network_order(m.proto, value.external_addr, value.external_port);
         let _ = self.maps.bindings_in.remove(&key_in);
         let _ = self.maps.bindings_out.remove(&key_out);
         // Its sessions go with it: left behind, they would admit their remotes (ADF/APDF) to
@@ -170,11 +126,11 @@ fn set_flags(
     f: impl Fn(u8) -> u8,
     touch: bool,
 ) -> Result<()> {
-    let key_out = out_key(proto, internal);
+    let key_out = BindingKey::of_endpoint(proto, internal);
     let Ok(mut value) = maps.bindings_out.get(&key_out, 0) else {
         return Ok(());
     };
-    let key_in = in_key(proto, value.external_addr, value.external_port);
+    let key_in = ExternalKey::of_network_order(proto, value.external_addr, value.external_port);
     if let Ok(mut inbound) = maps.bindings_in.get(&key_in, 0) {
         inbound.flags = f(inbound.flags);
         maps.bindings_in.insert(key_in, inbound, BPF_EXIST)?;
