@@ -339,6 +339,34 @@ pub struct SessionKey {
     pub _pad: [u8; 2],
 }
 
+impl SessionKey {
+    /// The session of kind `kind` between the binding's external endpoint and a remote, fields
+    /// in network order as packets carry them. An address-only session has no remote port.
+    #[inline(always)]
+    pub const fn new(
+        proto: u8,
+        kind: u8,
+        external_addr: u32,
+        external_port: u16,
+        remote_addr: u32,
+        remote_port: u16,
+    ) -> Self {
+        SessionKey {
+            external_addr,
+            remote_addr,
+            external_port,
+            remote_port: if kind == SESSION_KIND_ADDRESS {
+                0
+            } else {
+                remote_port
+            },
+            proto,
+            kind,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `SessionValue::flags`: an outbound packet of this session has passed the kernel's forwarding
 /// path (forward chain, rp_filter, routing) and left through the external interface, where TC
 /// egress saw it. Only then may the XDP fast path take the session's outbound packets.

@@ -74,15 +74,14 @@ pub fn session_of_syn(packet: &[u8]) -> Option<SessionKey> {
             .get(l4 + off..l4 + off + 2)
             .map(|b| u16::from_ne_bytes([b[0], b[1]]))
     };
-    Some(SessionKey {
-        external_addr: ip.daddr,
-        remote_addr: ip.saddr,
-        external_port: port(L4_DST_PORT_OFF)?,
-        remote_port: port(L4_SRC_PORT_OFF)?,
-        proto: proto::TCP,
-        kind: SESSION_KIND_ENDPOINT,
-        _pad: [0; 2],
-    })
+    Some(SessionKey::new(
+        proto::TCP,
+        SESSION_KIND_ENDPOINT,
+        ip.daddr,
+        port(L4_DST_PORT_OFF)?,
+        ip.saddr,
+        port(L4_SRC_PORT_OFF)?,
+    ))
 }
 
 /// Reads notices and sends the ICMP errors they call for.

@@ -167,12 +167,7 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
         max: probe.range_max,
     };
     let port = candidate_port(range, probe.internal_port, probe.random, attempt as u32).to_be();
-    let external_key = ExternalKey {
-        external_addr: probe.external_addr,
-        external_port: port,
-        proto: probe.proto,
-        _pad: 0,
-    };
+    let external_key = ExternalKey::of_network_order(probe.proto, probe.external_addr, port);
     match NAT_BINDINGS_IN.insert(external_key, probe.inbound, BPF_NOEXIST as u64) {
         Ok(()) => {
             probe.claimed_port = port;
@@ -240,12 +235,7 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Option<NonNull<BindingValue>> 
         );
     }
     let external_key = match probe.outcome {
-        PROBE_CLAIMED => ExternalKey {
-            external_addr,
-            external_port: probe.claimed_port,
-            proto: key.proto,
-            _pad: 0,
-        },
+        PROBE_CLAIMED => ExternalKey::of_network_order(key.proto, external_addr, probe.claimed_port),
         PROBE_TABLE_FULL => {
             count(Counter::TableFull);
             return None;
@@ -329,12 +319,7 @@ pub fn inbound_binding(
     remote_addr: u32,
     remote_port: u16,
 ) -> Result<ExternalValue, Refusal> {
-    let key = ExternalKey {
-        external_addr,
-        external_port,
-        proto,
-        _pad: 0,
-    };
+    let key = ExternalKey::of_network_order(proto, external_addr, external_port);
     // SAFETY: plain data copied out at once.
     let binding = unsafe { NAT_BINDINGS_IN.get(key) }
         .copied()

@@ -309,12 +309,7 @@ fn icmp_error(cfg: &NatConfig, (l3, l4, end): Headers, icmp_len: usize) -> u32 {
     if !cfg.is_external_addr(emb.ip.saddr) {
         return icmp_error_dropped();
     }
-    let key = ExternalKey {
-        external_addr: emb.ip.saddr,
-        external_port: emb.src_port,
-        proto: emb.ip.proto,
-        _pad: 0,
-    };
+    let key = ExternalKey::of_network_order(emb.ip.proto, emb.ip.saddr, emb.src_port);
     // SAFETY: plain data copied out at once.
     let Some(binding) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
         return icmp_error_dropped();

@@ -212,12 +212,7 @@ fn hairpin_transport(
     let Some(head) = read_at::<L4Head>(l4, end, 0) else {
         return XDP_PASS;
     };
-    let key = ExternalKey {
-        external_addr: ip.daddr,
-        external_port: head.dst,
-        proto: ip.proto,
-        _pad: 0,
-    };
+    let key = ExternalKey::of_network_order(ip.proto, ip.daddr, head.dst);
     if NAT_BINDINGS_IN.get_ptr(key).is_none() {
         // A service of the gateway itself, not another host's binding.
         return XDP_PASS;
@@ -308,12 +303,7 @@ fn hairpin_icmp_error(cfg: &NatConfig, l3: usize, l4: usize, end: usize) -> u32 
     // SAFETY: map value pointer from a successful lookup.
     let reporter_binding = unsafe { reporter_binding.as_ref() };
     let (reporter_addr, reporter_port) = (reporter_binding.external_addr, reporter_binding.external_port);
-    let key = ExternalKey {
-        external_addr: emb.ip.saddr,
-        external_port: emb.src_port,
-        proto: emb.ip.proto,
-        _pad: 0,
-    };
+    let key = ExternalKey::of_network_order(emb.ip.proto, emb.ip.saddr, emb.src_port);
     // SAFETY: plain data copied out at once.
     let Some(origin) = (unsafe { NAT_BINDINGS_IN.get(key) }).copied() else {
         count(Counter::IcmpErrorDropped);

@@ -26,30 +26,6 @@ use crate::{
 /// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
 const EEXIST: i32 = 17;
 
-#[inline(always)]
-fn key(
-    proto: u8,
-    external_addr: u32,
-    external_port: u16,
-    remote_addr: u32,
-    remote_port: u16,
-    kind: u8,
-) -> SessionKey {
-    SessionKey {
-        external_addr,
-        remote_addr,
-        external_port,
-        remote_port: if kind == SESSION_KIND_ADDRESS {
-            0
-        } else {
-            remote_port
-        },
-        proto,
-        kind,
-        _pad: [0; 2],
-    }
-}
-
 /// True if the binding `external_addr:external_port` has a session of `kind` with the remote.
 #[inline(always)]
 pub fn exists(
@@ -61,13 +37,13 @@ pub fn exists(
     kind: u8,
 ) -> bool {
     NAT_SESSIONS
-        .get_ptr(key(
+        .get_ptr(SessionKey::new(
             proto,
+            kind,
             external_addr,
             external_port,
             remote_addr,
             remote_port,
-            kind,
         ))
         .is_some()
 }
@@ -82,13 +58,13 @@ pub fn endpoint(
     remote_addr: u32,
     remote_port: u16,
 ) -> Option<*mut SessionValue> {
-    NAT_SESSIONS.get_ptr_mut(key(
+    NAT_SESSIONS.get_ptr_mut(SessionKey::new(
         proto,
+        SESSION_KIND_ENDPOINT,
         external_addr,
         external_port,
         remote_addr,
         remote_port,
-        SESSION_KIND_ENDPOINT,
     ))
 }
 
@@ -136,13 +112,13 @@ pub fn touch_outbound(
     if flow.proto == proto::TCP {
         seg.track(&mut value, Direction::Outbound);
     }
-    let endpoint = key(
+    let endpoint = SessionKey::new(
         flow.proto,
+        SESSION_KIND_ENDPOINT,
         external_addr,
         external_port,
         flow.remote_addr,
         flow.remote_port,
-        SESSION_KIND_ENDPOINT,
     );
     match NAT_SESSIONS.insert(endpoint, value, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -156,13 +132,13 @@ pub fn touch_outbound(
             return Err(());
         }
     }
-    let address = key(
+    let address = SessionKey::new(
         flow.proto,
+        SESSION_KIND_ADDRESS,
         external_addr,
         external_port,
         flow.remote_addr,
         0,
-        SESSION_KIND_ADDRESS,
     );
     // The address-only twin is only looked for; it needs no endpoint or fast-path bits.
     value.flags = 0;
@@ -272,13 +248,13 @@ pub fn set_flags(
     remote_port: u16,
     flags: u8,
 ) {
-    let endpoint = key(
+    let endpoint = SessionKey::new(
         proto,
+        SESSION_KIND_ENDPOINT,
         external_addr,
         external_port,
         remote_addr,
         remote_port,
-        SESSION_KIND_ENDPOINT,
     );
     if let Some(session) = NAT_SESSIONS.get_ptr_mut(endpoint) {
         // SAFETY: map value pointer from a successful lookup; a racing byte write is benign.

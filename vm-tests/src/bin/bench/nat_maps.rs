@@ -65,14 +65,7 @@ impl Entries {
     /// `offload`: the session's fast-path bits are set (see `SESSION_FLAG_OFFLOAD_OUT`), as the
     /// data path sets them only in an instance whose fast path is on.
     fn of(b: &Binding, now_ns: u64, offload: bool) -> Entries {
-        let out_key = BindingKey {
-            internal_addr: be(*b.internal.ip()),
-            remote_addr: 0,
-            internal_port: be16(b.internal.port()),
-            remote_port: 0,
-            proto: proto::UDP,
-            _pad: [0; 3],
-        };
+        let out_key = BindingKey::of_endpoint(proto::UDP, b.internal);
         let out_value = BindingValue {
             last_seen_ns: now_ns,
             external_addr: be(*b.external.ip()),
@@ -80,12 +73,7 @@ impl Entries {
             flags: 0,
             _pad: 0,
         };
-        let in_key = ExternalKey {
-            external_addr: out_value.external_addr,
-            external_port: out_value.external_port,
-            proto: proto::UDP,
-            _pad: 0,
-        };
+        let in_key = ExternalKey::of_endpoint(proto::UDP, b.external);
         let in_value = ExternalValue {
             internal_addr: out_key.internal_addr,
             remote_addr: 0,
@@ -94,14 +82,15 @@ impl Entries {
             flags: 0,
             _pad: [0; 3],
         };
-        let session_key = |kind, remote_port| SessionKey {
-            external_addr: in_key.external_addr,
-            remote_addr: be(*b.remote.ip()),
-            external_port: in_key.external_port,
-            remote_port,
-            proto: proto::UDP,
-            kind,
-            _pad: [0; 2],
+        let session_key = |kind, remote_port| {
+            SessionKey::new(
+                proto::UDP,
+                kind,
+                in_key.external_addr,
+                in_key.external_port,
+                be(*b.remote.ip()),
+                remote_port,
+            )
         };
         Entries {
             out_key,
