@@ -5,7 +5,7 @@ use core::{ffi::c_void, ptr::NonNull};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, generated::bpf_loop},
+    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
 };
 use nat_common::{
     alloc::{candidate_port, external_addr_index, range_for, PortRange, MAX_PORT_PROBES},
@@ -15,6 +15,8 @@ use nat_common::{
 };
 
 use crate::{
+    clock::{self, now_ns},
+    flow::OutboundFlow,
     maps::{NAT_BINDINGS_IN, NAT_BINDINGS_OUT},
     sessions,
     stats::count,
@@ -24,47 +26,6 @@ use crate::{
 
 /// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
 const EEXIST: i32 = 17;
-
-/// Timestamps are written back only when they are at least this stale, so established flows
-/// do not bounce a cache line between CPUs on every packet. Far below any timeout.
-pub const REFRESH_GRANULARITY_NS: u64 = 100_000_000;
-
-/// The clock shared by data path and controller (CLOCK_MONOTONIC, coarse).
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: helper with no arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// The endpoints of an outbound flow as the internal host sent it (ports in network order; for
-/// ICMP echo the identifier is `internal_port` and `remote_port` is zero).
-#[derive(Clone, Copy)]
-pub struct OutboundFlow {
-    /// IP protocol.
-    pub proto: u8,
-    /// Internal host address.
-    pub internal_addr: u32,
-    /// Internal port or echo identifier.
-    pub internal_port: u16,
-    /// Remote address.
-    pub remote_addr: u32,
-    /// Remote port, zero for ICMP.
-    pub remote_port: u16,
-}
-
-impl OutboundFlow {
-    #[inline(always)]
-    fn key(&self, with_remote: bool) -> BindingKey {
-        BindingKey {
-            internal_addr: self.internal_addr,
-            remote_addr: if with_remote { self.remote_addr } else { 0 },
-            internal_port: self.internal_port,
-            remote_port: if with_remote { self.remote_port } else { 0 },
-            proto: self.proto,
-            _pad: [0; 3],
-        }
-    }
-}
 
 /// The binding for `flow`, creating it when `create` is set; `None` when there is none and
 /// none could be made (the reason is counted where it happens).
@@ -273,13 +234,8 @@ fn allocate(cfg: &NatConfig, key: &BindingKey) -> Option<NonNull<BindingValue>> 
 /// Marks a binding as used now (outbound refresh, RFC 4787 REQ-6).
 #[inline(always)]
 pub fn refresh(binding: NonNull<BindingValue>, now: u64) {
-    let binding = binding.as_ptr();
     // SAFETY: map value pointer from a successful lookup; a racing write of a timestamp is benign.
-    unsafe {
-        if now.wrapping_sub((*binding).last_seen_ns) > REFRESH_GRANULARITY_NS {
-            (*binding).last_seen_ns = now;
-        }
-    }
+    unsafe { clock::refresh(&mut (*binding.as_ptr()).last_seen_ns, now) }
 }
 
 /// Everything an outbound packet does to NAT state: finds or creates its binding, refreshes it,

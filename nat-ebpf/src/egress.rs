@@ -22,8 +22,10 @@ use nat_common::{
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
-    bindings::{self, external_addr_for, OutboundFlow},
-    fastpath, fragments, icmp,
+    bindings::{self, external_addr_for},
+    fastpath,
+    flow::OutboundFlow,
+    fragments, icmp,
     maps::NAT_CONFIG,
     notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_check_off},

@@ -30,7 +30,8 @@ use nat_common::{
 
 use crate::{
     access::{read_at, write_at},
-    bindings::{self, OutboundFlow},
+    bindings,
+    flow::OutboundFlow,
     maps::{NAT_FAST_PATH_IFACES, NAT_FAST_PATH_ON},
     sessions,
 };

@@ -27,8 +27,10 @@ use nat_common::{
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at, write_at},
-    bindings::{self, OutboundFlow, Refusal},
-    fastpath, icmp,
+    bindings::{self, Refusal},
+    clock, fastpath,
+    flow::OutboundFlow,
+    icmp,
     maps::{NAT_BINDINGS_IN, NAT_CONFIG},
     notices::{self, Source},
     rewrite::{set_ipv4_addr, transport_checksum_is_partial, update_transport_checksum},
@@ -156,7 +158,7 @@ fn outbound(
     };
     // Not yet forwarded by the kernel: it decides on this packet.
     let (binding, session) = fastpath::confirmed_binding(cfg, &flow)?;
-    let now = bindings::now_ns();
+    let now = clock::now_ns();
     bindings::refresh(binding, now);
     sessions::use_outbound(session, &flow, &seg, now, false);
     // SAFETY: map value pointer from a successful lookup.

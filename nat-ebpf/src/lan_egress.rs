@@ -18,8 +18,8 @@ use nat_common::{
 
 use crate::{
     access::{ptr_at, read_at, read_u8_at},
-    bindings::{self, OutboundFlow},
-    fastpath,
+    bindings, fastpath,
+    flow::OutboundFlow,
     maps::NAT_CONFIG,
 };
 

@@ -8,8 +8,10 @@
 
 mod access;
 mod bindings;
+mod clock;
 mod egress;
 mod fastpath;
+mod flow;
 mod fragments;
 mod icmp;
 mod ingress;

@@ -14,14 +14,7 @@ use nat_common::{
     Counter, NatConfig, SessionKey, SessionValue,
 };
 
-use crate::{
-    bindings::{OutboundFlow, REFRESH_GRANULARITY_NS},
-    fastpath,
-    maps::NAT_SESSIONS,
-    stats::count,
-    tcp::Tcp,
-    usage,
-};
+use crate::{clock, fastpath, flow::OutboundFlow, maps::NAT_SESSIONS, stats::count, tcp::Tcp, usage};
 
 /// `-EEXIST`, returned by a `BPF_NOEXIST` insert when the key is taken.
 const EEXIST: i32 = 17;
@@ -167,9 +160,7 @@ pub fn use_outbound(session: *mut SessionValue, flow: &OutboundFlow, seg: &Tcp, 
         if flow.proto == proto::TCP && seg.track(&mut *session, Direction::Outbound) != Verdict::Pass {
             count(Counter::TcpOutOfWindow);
         }
-        if now.wrapping_sub((*session).last_seen_ns) > REFRESH_GRANULARITY_NS {
-            (*session).last_seen_ns = now;
-        }
+        clock::refresh(&mut (*session).last_seen_ns, now);
         let old = (*session).flags;
         let mut flags = old;
         if (*session).internal_addr == flow.internal_addr {
